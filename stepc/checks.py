@@ -1,0 +1,75 @@
+"""Cross-field checks and default resolution: the one place where spec fields meet.
+
+`normalize` returns a Spec with every default that depends on other fields filled in
+(kv heads, MLP width, stage count), so the manifest records exactly what will run.
+"""
+
+from __future__ import annotations
+
+from stepc.errors import UserError
+from stepc.spec import Spec
+
+
+def normalize(spec: Spec, file: str) -> Spec:
+    """Fill field-dependent defaults, then check every cross-field rule."""
+    model, memory, experiment = spec.model, spec.memory, spec.experiment
+    model = model.model_copy(update={
+        "num_key_value_heads": model.num_key_value_heads or model.num_attention_heads,
+        "intermediate_size": model.intermediate_size or round(8 / 3 * model.hidden_size),
+    })
+    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method == "step" else 1)
+    memory = memory.model_copy(update={"stages": memory.stages if memory.stages is not None else default_stages})
+    spec = spec.model_copy(update={"model": model, "memory": memory})
+    for key, problem, fix in _problems(spec):
+        raise UserError(problem, file=file, key=key, fix=fix)
+    return spec
+
+
+def _problems(spec: Spec):
+    """Yield (key, problem, fix) for each violated rule, in the order a reader checks a spec."""
+    m, mem, exp, tr, st, la = spec.model, spec.memory, spec.experiment, spec.train, spec.step, spec.launch
+    if m.hidden_size % m.num_attention_heads:
+        yield "model.num_attention_heads", f"{m.num_attention_heads} heads do not divide hidden_size {m.hidden_size}", "choose a head count that divides hidden_size"
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        yield "model.num_attention_heads", f"head dimension {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one", "choose heads so hidden_size / heads is even"
+    if m.num_attention_heads % m.num_key_value_heads:
+        yield "model.num_key_value_heads", f"{m.num_key_value_heads} key/value heads do not divide {m.num_attention_heads} attention heads", "choose a divisor of num_attention_heads"
+    if exp.method != "step" and mem.stages != 1:
+        yield "memory.stages", f"method '{exp.method}' trains in one stage, got stages = {mem.stages!r}", "set stages = 1 (or remove it), or use method = \"step\""
+    if mem.stages == "auto" and mem.budget is None:
+        yield "memory.budget", "stages = \"auto\" needs a budget to fit", "set budget, e.g. budget = \"3.5GB\", or give stages as an int"
+    if isinstance(mem.stages, int) and mem.stages > m.num_layers:
+        yield "memory.stages", f"{mem.stages} stages cannot each add a layer to a {m.num_layers}-layer model", f"use at most {m.num_layers} stages"
+    if mem.layers is not None:
+        if exp.method != "step" and len(mem.layers) != 1:
+            yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
+        if sum(mem.layers) != m.num_layers:
+            yield "memory.layers", f"pinned layers {mem.layers} sum to {sum(mem.layers)}, not model.num_layers = {m.num_layers}", "make the per-stage counts add up to num_layers"
+        if mem.stages not in ("auto", len(mem.layers)):
+            yield "memory.stages", f"stages = {mem.stages} but layers pins {len(mem.layers)} stages", "remove stages or make it match len(layers)"
+        if mem.stages == "auto":
+            yield "memory.stages", "stages = \"auto\" cannot be combined with pinned layers", "remove one of stages = \"auto\" and layers"
+    if st.lora_rank > m.hidden_size:
+        yield "step.lora_rank", f"rank {st.lora_rank} exceeds hidden_size {m.hidden_size}", "use a rank below hidden_size (the paper uses 128)"
+    ranks = la.nnodes * la.nproc_per_node
+    per_micro = m.seq_len * tr.micro_batch_size * ranks
+    if tr.global_batch_tokens % per_micro:
+        yield "train.global_batch_tokens", (
+            f"{tr.global_batch_tokens} tokens is not a multiple of seq_len * micro_batch_size * ranks = "
+            f"{m.seq_len} * {tr.micro_batch_size} * {ranks} = {per_micro}"), f"use a multiple of {per_micro}, or change micro_batch_size"
+    if exp.method == "relora" and st.relora_warm_start_steps >= tr.reference_steps:
+        yield "step.relora_warm_start_steps", "the warm start covers the whole run", "use fewer warm-start steps than train.reference_steps"
+    if exp.method == "galore" and la.nnodes * la.nproc_per_node != 1:
+        yield "launch.nproc_per_node", "GaLoreAdamW is not FSDP-aware; stepc runs GaLore on a single rank", "set nnodes = 1 and nproc_per_node = 1 for method = \"galore\""
+    if m.vocab_size < 256 and spec.data.tokenizer != "gpt2":
+        yield "model.vocab_size", f"vocab_size {m.vocab_size} cannot hold a byte-level tokenizer", "use at least 256 (and at least the tokenizer's size)"
+    if spec.data.tokenizer == "gpt2" and m.vocab_size < 50257:
+        yield "model.vocab_size", f"the GPT-2 tokenizer has 50257 tokens but vocab_size = {m.vocab_size}", "set vocab_size = 50257 or use tokenizer = \"bpe-<N>\" with N <= vocab_size"
+    if spec.data.tokenizer.startswith("bpe-"):
+        size = spec.data.tokenizer[4:]
+        if not size.isdigit() or not 256 < int(size) <= m.vocab_size:
+            yield "data.tokenizer", f"{spec.data.tokenizer!r} needs N between 257 and vocab_size = {m.vocab_size}", "write e.g. tokenizer = \"bpe-4096\""
+    for name in spec.data.validation:
+        if name == "heldout" or not name.replace("-", "_").isidentifier():
+            yield f"data.validation.{name}", f"validation set name {name!r} is reserved or not a plain name", "use letters, digits, '_' or '-', and not 'heldout'"
+

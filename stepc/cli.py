@@ -1,0 +1,170 @@
+"""The `stepc` command line: a thin layer over the compiler passes.
+
+Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (one paragraph, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from stepc import __version__
+from stepc.errors import UserError
+
+DEFAULT_SPEC = "specs/tiny-cpu.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepc", description="Compile STEP pre-training specs into reproducible run directories.")
+    parser.add_argument("--version", action="version", version=f"stepc {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="validate a spec, solve the stage layout, write runs/<name>/")
+    p.add_argument("spec", help="the TOML spec")
+    p.add_argument("--out", default="runs", help="output root; the run directory is OUT/<experiment.name> (default: runs)")
+    p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("plan", help="print the plan table of one or more specs; writes nothing")
+    p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("diff", help="semantic diff of two manifests or run directories (exit 1 when they differ)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("verify", help="recompile a run directory's spec and check every hash (exit 1 on mismatch)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("run", help="run a compiled run directory's stage scripts locally, in order")
+    p.add_argument("run_dir")
+    p.add_argument("--stage", type=int, help="run only this stage")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
+    p.set_defaults(func=cmd_help_spec)
+    return parser
+
+
+def _compile(spec_path: str):
+    from stepc.load import load_spec
+    from stepc.plan import make_plan
+
+    spec, text = load_spec(spec_path)
+    try:
+        plan = make_plan(spec)
+    except UserError as err:
+        err.file = err.file or spec_path
+        raise
+    return spec, text, plan
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from stepc.emit import compile_files, write_run_dir
+    from stepc.report import plan_summary, plan_table
+
+    spec, text, plan = _compile(args.spec)
+    manifest, files = compile_files(spec, plan, text)
+    run_dir = Path(args.out) / spec.experiment.name
+    try:
+        write_run_dir(run_dir, files, args.force)
+    except UserError as err:
+        err.file = err.file or args.spec
+        raise
+    print(plan_table(plan))
+    print(plan_summary(plan))
+    print(f"wrote {run_dir}/ ({manifest['hash'][:19]}); run it with: stepc run {run_dir}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from stepc.report import plan_summary, plan_table
+
+    for i, path in enumerate(args.specs):
+        spec, _, plan = _compile(path)
+        if len(args.specs) > 1:
+            print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
+        print(plan_table(plan))
+        print(plan_summary(plan))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from stepc.diff import diff, load_manifest, render
+
+    changes = diff(load_manifest(args.a), load_manifest(args.b))
+    print(render(changes))
+    return 1 if changes else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from stepc.verify import verify_run_dir
+
+    problems = verify_run_dir(Path(args.run_dir))
+    for problem in problems:
+        print(problem)
+    print(f"{args.run_dir}: {'FAILED' if problems else 'verified'}")
+    return 1 if problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stepc.diff import load_manifest
+
+    run_dir = Path(args.run_dir)
+    manifest = load_manifest(run_dir)
+    indices = [s["index"] for s in manifest["plan"]["stages"]]
+    if args.stage is not None:
+        if args.stage not in indices:
+            raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
+        indices = [args.stage]
+    for index in indices:
+        print(f"== stage {index} of {len(manifest['plan']['stages'])}", flush=True)
+        code = subprocess.call(["bash", str(run_dir / f"stage-{index}.sh")])
+        if code:
+            print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_help_spec(args: argparse.Namespace) -> int:
+    from stepc.spec import Spec
+
+    print(spec_reference(Spec))
+    return 0
+
+
+def spec_reference(model, prefix: str = "") -> str:
+    """Every key with its default and docstring, generated from the pydantic models."""
+    from pydantic import BaseModel
+
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"\n[{prefix}{name}]  {field.description or ''}")
+            lines.append(spec_reference(ann, f"{prefix}{name}."))
+        else:
+            default = "(required)" if field.is_required() else repr(field.default)
+            lines.append(f"  {name} = {default}\n      {field.description or ''}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

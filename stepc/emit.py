@@ -1,0 +1,93 @@
+"""The emit pass: render the run directory's files and write them atomically.
+
+`render_files` is pure (spec, plan -> name -> bytes); `write_run_dir` is the only code in the
+compiler that touches the disk. Files are staged in a temporary sibling directory and moved in,
+so a crash never leaves a half-written run directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from stepc import __version__
+from stepc.errors import UserError
+from stepc.figure import memory_png
+from stepc.manifest import dumps, freeze
+from stepc.report import plan_table
+from stepc.spec import Spec
+from stepc.units import format_bytes
+
+RUNTIME_OUTPUTS = ("checkpoints", "logs", "metrics.jsonl", "export")  # kept by --force
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("stepc.templates"))),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))  # every spec string reaching a shell is quoted
+    return env
+
+
+def render_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> dict[str, bytes]:
+    """Every compiled file except manifest.json, by name."""
+    env = _environment()
+    common = {"name": spec.experiment.name, "version": __version__, "stages": plan["stages"], "launch": spec.launch,
+              "slurm": spec.launch.slurm, "plan": plan}
+    files: dict[str, bytes] = {"spec.toml": spec_text.encode()}
+    for stage in plan["stages"]:
+        summary = f"{stage['frozen_layers']} frozen + {stage['new_layers']} new layers, {stage['steps']} steps"
+        files[f"stage-{stage['index']}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
+    files["run.sbatch"] = env.get_template("run.sbatch.j2").render(common).encode()
+    files["plan.md"] = env.get_template("plan.md.j2").render(
+        common, table=plan_table(plan), vanilla=format_bytes(plan["vanilla_peak_bytes"]), peak=format_bytes(plan["peak_bytes"]),
+        reduction=f"{100 * plan['reduction']:.1f}%", budget=format_bytes(plan["budget_bytes"]) if plan["budget_bytes"] else None,
+    ).encode()
+    files["memory.png"] = memory_png(plan, f"{spec.experiment.name}: model states per stage")
+    return files
+
+
+def compile_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and all files, manifest.json included."""
+    files = render_files(spec, plan, spec_text)
+    manifest = freeze(spec, plan, files)
+    files["manifest.json"] = dumps(manifest).encode()
+    return manifest, files
+
+
+def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool) -> None:
+    """Write `files` into `run_dir`; with `force`, replace compiled files but keep checkpoints and logs."""
+    if run_dir.exists() and not force:
+        raise UserError(f"run directory {run_dir} already exists", key="experiment.name",
+                        fix="pass --force to recompile it (checkpoints, logs and metrics are kept), or choose another experiment.name")
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory: {exc}", fix="choose a writable --out directory") from None
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a run directory is shared like any other
+        for name, data in files.items():
+            path = staging / name
+            path.write_bytes(data)
+            os.chmod(path, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+        if not run_dir.exists():
+            os.replace(staging, run_dir)
+            return
+        for stale in run_dir.glob("stage-*.sh"):  # a recompile with fewer stages must not leave old scripts behind
+            if stale.name not in files:
+                stale.unlink()
+        for name in sorted(files, key=lambda n: n == "manifest.json"):  # the manifest last: it vouches for the rest
+            os.replace(staging / name, run_dir / name)
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run_dir}: {exc}", fix="check permissions and free disk space") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Parse a TOML spec into a validated, normalised `Spec`, turning every problem into a `UserError`.
+
+Errors name the file, the TOML key path, what was wrong and the field's docstring as the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from stepc.checks import normalize
+from stepc.errors import UserError
+from stepc.spec import Spec
+
+
+def load_spec(path: str | Path) -> tuple[Spec, str]:
+    """Read, validate and normalise a spec file; return the spec and the file's text as given."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the spec: {exc}", file=str(path), fix="pass a readable UTF-8 TOML file") from None
+    return parse_spec(text, str(path)), text
+
+
+def parse_spec(text: str, file: str = "<spec>") -> Spec:
+    """Validate TOML text; `file` is only used in messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already carries "(at line L, column C)".
+        raise UserError(f"TOML syntax error: {exc}", file=file, fix="correct the TOML syntax at that line and column") from None
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise _to_user_error(exc, raw, file) from None
+    return normalize(spec, file)
+
+
+def _to_user_error(exc: ValidationError, raw: dict[str, Any], file: str) -> UserError:
+    """Describe every pydantic error on its own line, keyed by its TOML path."""
+    lines = [_describe(err, raw) for err in exc.errors(include_url=False)]
+    first = exc.errors(include_url=False)[0]
+    key, fix = _key_and_fix(first)
+    message = lines[0].split("] ", 1)[1] if len(lines) == 1 else "invalid spec:\n  - " + "\n  - ".join(lines)
+    return UserError(message, file=file, key=key, fix=fix)
+
+
+def _key_and_fix(err: dict[str, Any]) -> tuple[str, str]:
+    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return key, "remove the key or correct its spelling; `stepc help-spec` lists every key"
+    field = _field_info(err["loc"])
+    doc = field.description if field is not None and field.description else "see `stepc help-spec`"
+    return key, f"{key}: {doc}"
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = err["loc"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else f"; known keys here: {', '.join(known)}"
+        return f"[{key}] unknown key{hint}"
+    if err["type"] == "missing":
+        return f"[{key}] is required but missing"
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, dict) else "a table"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"[{key}] {err['msg']} (got {shown})"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the table at `loc`, or None for dicts/lists."""
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field_info(loc: tuple[Any, ...]):
+    names = [part for part in loc if isinstance(part, str)]
+    if not names:
+        return None
+    owner = _model_at(tuple(names[:-1]))
+    return owner.model_fields.get(names[-1]) if owner is not None else None

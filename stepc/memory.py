@@ -1,0 +1,96 @@
+"""The memory model: bytes of model states per stage as a linear function of the stage layout.
+
+A stage that adds `new` layers on top of `old` frozen ones holds
+    TRAINED bytes x (new * P_layer + old * E + fixed)  +  FROZEN bytes x old * P_layer  (+ step scalars)
+which is Eq. 2 of the paper when P_layer = 12 d^2 + 2 d (Eq. 4), E = 19 r d (Eq. 5), fixed = 0,
+16 bytes per trained and 2 per frozen parameter. "exact" counts the real LlamaForCausalLM instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stepc.spec import Spec
+
+TRAINED_BYTES = 16  # fp16/bf16 weight + gradient + fp32 master, momentum, variance (Eq. 1), or fp32 param+grad+2 moments
+STEP_SCALAR_BYTES = 4  # torch AdamW keeps one fp32 `step` tensor per parameter tensor
+LINEAR_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Parameter and tensor counts that make stage bytes linear in (new layers, old layers)."""
+
+    layer_params: int  # P_layer
+    adapter_params: int  # E(P_layer): adapter parameters on one frozen layer
+    fixed_params: int  # embeddings, head, final norm: trained in every stage (0 in the paper's model)
+    frozen_bytes: int  # bytes per frozen parameter
+    layer_tensors: int = 0  # parameter tensors per layer (for AdamW step scalars; 0 = not counted)
+    adapter_tensors: int = 0
+    fixed_tensors: int = 0
+    step_bytes: int = 0
+
+    def stage_bytes(self, new: int, old: int) -> int:
+        """Model-state bytes of a stage that trains `new` layers above `old` frozen, adapted layers."""
+        trained = new * self.layer_params + old * self.adapter_params + self.fixed_params
+        tensors = new * self.layer_tensors + old * self.adapter_tensors + self.fixed_tensors
+        return TRAINED_BYTES * trained + self.frozen_bytes * old * self.layer_params + self.step_bytes * tensors
+
+    def trainable_params(self, new: int, old: int) -> int:
+        return new * self.layer_params + old * self.adapter_params + self.fixed_params
+
+    def frozen_params(self, new: int, old: int) -> int:
+        return old * self.layer_params
+
+
+def paper_costs(d: int, r: int) -> Costs:
+    """Eq. 4 and Eq. 5 exactly: a LLaMA layer without GQA, MLP width 8/3 d, rank-r adapters."""
+    return Costs(layer_params=12 * d * d + 2 * d, adapter_params=19 * r * d, fixed_params=0, frozen_bytes=2)
+
+
+def exact_layer_params(spec: Spec) -> tuple[int, int, int]:
+    """(layer, adapter, fixed) parameter counts of the real transformers LlamaForCausalLM."""
+    m = spec.model
+    d, inter = m.hidden_size, m.intermediate_size
+    kv = m.num_key_value_heads * (d // m.num_attention_heads)
+    shapes = {  # (in, out) of each linear map; LLaMA has no biases
+        "q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+        "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d),
+    }
+    layer = sum(i * o for i, o in shapes.values()) + 2 * d  # two RMSNorm weights
+    adapter = sum(spec.step.lora_rank * (i + o) for i, o in shapes.values())
+    fixed = m.vocab_size * d * (1 if m.tie_embeddings else 2) + d  # embeddings, head, final norm
+    return layer, adapter, fixed
+
+
+def exact_costs(spec: Spec) -> Costs:
+    """Counts of the model the runtime builds; frozen weights are bf16 under bf16 precision, else fp32."""
+    layer, adapter, fixed = exact_layer_params(spec)
+    fixed_tensors = 2 if spec.model.tie_embeddings else 3
+    return Costs(
+        layer_params=layer, adapter_params=adapter, fixed_params=fixed,
+        frozen_bytes=2 if spec.train.precision == "bf16" else 4,
+        layer_tensors=len(LINEAR_MAPS) + 2, adapter_tensors=2 * len(LINEAR_MAPS), fixed_tensors=fixed_tensors,
+        step_bytes=STEP_SCALAR_BYTES,
+    )
+
+
+def costs_for(spec: Spec) -> Costs:
+    """The cost model named by memory.accounting ("device" adds activations in the runtime issue)."""
+    if spec.memory.accounting == "paper":
+        return paper_costs(spec.model.hidden_size, spec.step.lora_rank)
+    return exact_costs(spec)
+
+
+def vanilla_bytes(costs: Costs, num_layers: int) -> int:
+    """Eq. 1: all layers trained at once."""
+    return costs.stage_bytes(num_layers, 0)
+
+
+def layout_peaks(costs: Costs, layers: list[int]) -> list[int]:
+    """Bytes of every stage of a layout (new layers per stage), Eq. 2 for each i."""
+    peaks, old = [], 0
+    for new in layers:
+        peaks.append(costs.stage_bytes(new, old))
+        old += new
+    return peaks

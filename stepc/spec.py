@@ -1,0 +1,209 @@
+"""The experiment spec: every TOML key, its type, its default and its docstring.
+
+Field docstrings are read by pydantic (`use_attribute_docstrings`) and reused verbatim by error
+messages, `stepc compile --help-spec` and the README, so they are written for researchers.
+Single-field ranges live here; checks that involve several fields live in `stepc/checks.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from stepc.units import parse_bytes
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Common config: unknown keys are errors, field docstrings become descriptions, no coercion of types."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, frozen=True)
+
+
+class Experiment(Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=100)
+    """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is runs/<name>."""
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
+    method: Literal["step", "vanilla", "relora", "galore"] = "step"
+    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines)."""
+
+
+class Model(Section):
+    hidden_size: PositiveInt
+    """Hidden dimension d of the TARGET LLaMA model."""
+    num_layers: PositiveInt
+    """Number of decoder layers L of the target model (the last stage's total)."""
+    num_attention_heads: PositiveInt
+    """Attention heads; must divide hidden_size."""
+    num_key_value_heads: PositiveInt | None = None
+    """Key/value heads for grouped-query attention; must divide num_attention_heads. Default: num_attention_heads."""
+    intermediate_size: PositiveInt | None = None
+    """MLP width. Default: round(8/3 * hidden_size), the width the paper's Eq. 4 assumes."""
+    vocab_size: PositiveInt = 50257
+    """Vocabulary size (50257 = GPT-2, as in the paper); must cover the tokenizer's vocabulary."""
+    seq_len: PositiveInt = 1024
+    """Training sequence length in tokens."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output head (LLaMA does not)."""
+
+
+class Memory(Section):
+    budget: int | str | None = None
+    """Memory budget per model: an int of bytes or a string with a unit, B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB (powers of 1024); the paper's "G" is 1e9. Required when stages = "auto"."""
+    stages: PositiveInt | Literal["auto"] | None = None
+    """Number of stages K (an int >= 1, at most num_layers) or "auto" (the fewest stages whose optimum fits the budget). Default: 2 for method "step", 1 otherwise."""
+    solver: Literal["glpk", "highs"] = "glpk"
+    """ILP solver: "glpk" (Pyomo + glpsol, apt package glpk-utils) or "highs" (Pyomo appsi_highs, pip package highspy)."""
+    accounting: Literal["paper", "exact", "device"] = "paper"
+    """Memory accounting: "paper" (Eq. 1-5 exactly), "exact" (parameter counts of the real model incl. embeddings, GQA and optimizer step scalars), "device" (per-GPU peak: exact model states sharded by FSDP plus activations)."""
+    layers: list[PositiveInt] | None = None
+    """Optional: pin the number of new layers per stage, e.g. [7, 5]; the solver is skipped but the layout is still checked."""
+
+    @field_validator("budget")
+    @classmethod
+    def _parse_budget(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+
+class Step(Section):
+    growth_operator: Literal["interpolation-mean", "interpolation-copy"] = "interpolation-mean"
+    """How a new layer is initialised: the mean of its two neighbours, or a copy of the lower one (Appendix A)."""
+    position: Literal["upper", "intermediate", "lower", "random"] = "upper"
+    """Where new layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower" or "random" (seeded)."""
+    fpi: bool = False
+    """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
+    grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
+    """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
+    lora_rank: PositiveInt = 128
+    """Rank r of the ReLoRA adapters on frozen layers (Table 6: 128)."""
+    lora_alpha: float = Field(default=32.0, gt=0.0, allow_inf_nan=False)
+    """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B A."""
+    relora_reset_every: PositiveInt = 5000
+    """Merge adapters into the frozen weights and re-initialise them every this many steps (Table 6: 5000)."""
+    restart_warmup_steps: int = Field(default=500, ge=0)
+    """Steps of linear LR re-warm after each adapter merge, the jagged cosine (Table 6: 500)."""
+    optimizer_reset: Literal["zero", "magnitude"] = "zero"
+    """Adapter optimizer state at a merge: "zero" (zeroed in place) or "magnitude" (keep the largest 1 - prune_ratio)."""
+    prune_ratio: float = Field(default=0.9, ge=0.0, lt=1.0, allow_inf_nan=False)
+    """Fraction of adapter optimizer state pruned by optimizer_reset = "magnitude"."""
+    relora_warm_start_steps: int = Field(default=1000, ge=0)
+    """method = "relora" only: full-rank training steps before LoRA takes over (ReLoRA's warm start)."""
+    galore_rank: PositiveInt = 128
+    """method = "galore" only: projection rank (Table 6: 128)."""
+    galore_update_gap: PositiveInt = 200
+    """method = "galore" only: steps between projection updates (Table 6: 200)."""
+    galore_scale: float = Field(default=0.25, gt=0.0, allow_inf_nan=False)
+    """method = "galore" only: scale of the projected update (Table 6: 0.25)."""
+
+
+class Train(Section):
+    reference_steps: PositiveInt = 20000
+    """Steps of the vanilla reference run; with global_batch_tokens it fixes the FLOPs budget (Appendix E)."""
+    global_batch_tokens: PositiveInt = 368640
+    """Tokens per optimizer step across all ranks; a multiple of seq_len * micro_batch_size * ranks."""
+    micro_batch_size: PositiveInt = 5  # 5 x 8 ranks x 9 accumulation steps = the paper's 360 sequences
+    """Sequences per rank per forward/backward; gradient accumulation makes up the global batch."""
+    lr: float = Field(default=5e-4, gt=0.0, le=1.0, allow_inf_nan=False)
+    """Peak learning rate (Table 7: 5e-4 for 368M, 4e-4 for 680M, 3e-4 for 1.2B, 1e-2 for GaLore)."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
+    """Final learning rate of the cosine as a fraction of lr."""
+    warmup_steps: int = Field(default=1000, ge=0)
+    """Linear warmup steps at the start of every stage (Appendix F: the LR re-warms at each stage)."""
+    schedule: Literal["cosine"] = "cosine"
+    """Learning-rate schedule: linear warmup then cosine decay to min_lr_ratio * lr."""
+    betas: list[float] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
+    """AdamW betas [beta1, beta2], each in [0, 1)."""
+    weight_decay: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)
+    """AdamW decoupled weight decay (not applied to norms)."""
+    grad_clip: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Compute precision: "bf16" (mixed precision, fp32 master weights, frozen weights stored in bf16) or "fp32"."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass to save memory."""
+    flops_accounting: Literal["paper", "backprop"] = "paper"
+    """FLOPs per token of a frozen parameter: "paper" counts 2 (Appendix E); "backprop" counts 4, because a frozen layer with adapters still back-propagates activations."""
+    checkpoint_every: PositiveInt = 1000
+    """Write a resumable checkpoint every this many steps (and at the end of every stage)."""
+    keep_checkpoints: PositiveInt = 2
+    """How many periodic checkpoints to keep per stage."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: list[float]) -> list[float]:
+        for beta in value:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"each beta must be in [0, 1), got {beta}")
+        return value
+
+
+class Data(Section):
+    train: list[str] = ["data/corpus/train/*.txt"]
+    """Training files: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are launched from."""
+    text_field: str = Field(default="text", min_length=1)
+    """Column (parquet) or key (jsonl) that holds the document text."""
+    tokenizer: str = Field(default="gpt2", min_length=1)
+    """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files), or a local Hugging Face tokenizer directory."""
+    holdout_fraction: float = Field(default=0.01, ge=0.0, lt=0.5, allow_inf_nan=False)
+    """Fraction of training blocks held out as the "heldout" validation set."""
+    validation: dict[str, str] = {}
+    """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"."""
+
+
+class Eval(Section):
+    every_steps: PositiveInt = 1000
+    """Evaluate validation perplexity every this many steps (and at the end of every stage)."""
+    max_tokens: PositiveInt = 10_000_000
+    """At most this many tokens per validation set and evaluation."""
+
+
+class Slurm(Section):
+    partition: str = "gpu"
+    """SLURM partition (#SBATCH --partition)."""
+    time: str = Field(default="24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    """Wall-clock limit (#SBATCH --time), e.g. "24:00:00" or "2-00:00:00"."""
+    account: str | None = None
+    """SLURM account (#SBATCH --account); omitted when unset."""
+    qos: str | None = None
+    """Quality of service (#SBATCH --qos); omitted when unset."""
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    """GPUs per node (#SBATCH --gpus-per-node). Default: nproc_per_node on GPU clusters; set 0 for CPU-only clusters."""
+    cpus_per_task: PositiveInt | None = None
+    """CPUs per task (one task per node runs torchrun). Default: leave it to the cluster."""
+    extra: list[str] = []
+    """Extra #SBATCH lines, e.g. ["--exclusive", "--mem=0"]."""
+
+
+class Launch(Section):
+    nnodes: PositiveInt = 1
+    """Number of nodes."""
+    nproc_per_node: PositiveInt = 8
+    """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
+    rdzv_port: int = Field(default=29500, ge=1024, le=65535)
+    """TCP port of the torchrun c10d rendezvous on the head node."""
+    slurm: Slurm = Slurm()
+    """SLURM settings for run.sbatch."""
+
+
+class Spec(Section):
+    """A whole experiment. Only [experiment] name, [model] and [memory] are required."""
+
+    experiment: Experiment
+    """Name, seed and method of the experiment."""
+    model: Model
+    """The target LLaMA model."""
+    memory: Memory
+    """Memory budget, stage count and the stage-layout solver."""
+    step: Step = Step()
+    """STEP growth and ReLoRA adapter settings (and the baselines' method settings)."""
+    train: Train = Train()
+    """Optimisation and the FLOPs budget."""
+    data: Data = Data()
+    """Training and validation data."""
+    eval: Eval = Eval()
+    """Validation perplexity schedule."""
+    launch: Launch = Launch()
+    """torchrun and SLURM launch settings."""

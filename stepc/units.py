@@ -1,0 +1,44 @@
+"""Byte sizes as researchers write them: an int, or "3.5GB" (powers of 1000) / "8GiB" (powers of 1024)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+UNITS = {
+    "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: int | str) -> int:
+    """Return the number of bytes, rounded down; raise ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte count, got a boolean")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected an int or a string like \"3.5GB\", got {type(value).__name__}")
+    match = _PATTERN.match(value)
+    unit = (match.group(2) if match else "").upper() or "B"
+    if not match or unit not in UNITS:
+        raise ValueError(
+            f"cannot read {value!r} as a size; write an int of bytes or a number with one of the units "
+            "B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB (powers of 1024), e.g. \"3.5GB\""
+        )
+    try:
+        amount = Decimal(match.group(1)) * UNITS[unit]
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
+        raise ValueError(f"cannot read {value!r} as a number") from exc
+    if amount < 1:
+        raise ValueError(f"must be at least 1 byte, got {value!r}")
+    return int(amount)
+
+
+def format_bytes(n: float) -> str:
+    """Decimal gigabytes with three decimals, the unit the paper reports (5.899 GB)."""
+    return f"{n / 1e9:.3f} GB"

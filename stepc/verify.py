@@ -1,0 +1,32 @@
+"""`stepc verify`: a run directory is exactly what its embedded spec compiles to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stepc.diff import Change, diff, load_manifest
+from stepc.emit import compile_files
+from stepc.load import parse_spec
+from stepc.manifest import content_hash, sha256_bytes
+from stepc.plan import make_plan
+
+
+def verify_run_dir(run_dir: Path) -> list[str]:
+    """Problems found (empty when the directory verifies)."""
+    problems: list[str] = []
+    manifest = load_manifest(run_dir)
+    if manifest.get("hash") != content_hash(manifest):
+        problems.append(f"manifest.json: content hash mismatch (recorded {manifest.get('hash')}, actual {content_hash(manifest)}): it was edited")
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        path = run_dir / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+        elif sha256_bytes(path.read_bytes()) != digest:
+            problems.append(f"{name}: content differs from the hash recorded in manifest.json")
+    spec_path = run_dir / "spec.toml"
+    if spec_path.exists():
+        spec = parse_spec(spec_path.read_text(encoding="utf-8"), str(spec_path))
+        fresh, _ = compile_files(spec, make_plan(spec), spec_path.read_text(encoding="utf-8"))
+        changes: list[Change] = diff(manifest, fresh)
+        problems += [f"recompiling spec.toml gives a different {c.path}: {c.old!r} -> {c.new!r}" for c in changes]
+    return problems
