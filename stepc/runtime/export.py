@@ -1,0 +1,53 @@
+"""Hugging Face export of a stage: adapters merged, standard LLaMA keys, safetensors, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaForCausalLM
+
+from stepc.runtime.model import llama_config
+
+DONE = "EXPORT_COMPLETE"
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold `...proj.lora_B @ lora_A` into `...proj.base.weight` and rename to `...proj.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((".lora_A", ".lora_B")):
+            continue
+        if key.endswith(".base.weight"):
+            prefix = key[: -len(".base.weight")]
+            delta = (state[prefix + ".lora_B"].float() @ state[prefix + ".lora_A"].float()) * scale
+            out[prefix + ".weight"] = value.float() + delta
+        elif ".base." in key:
+            out[key.replace(".base.", ".")] = value.float()
+        else:
+            out[key] = value.float()
+    return out
+
+
+def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layers: int, dest: Path) -> None:
+    """Rank 0 only: build a plain LlamaForCausalLM from the merged weights and save_pretrained it."""
+    merged = merged_state_dict(state, spec["step"]["lora_alpha"] / spec["step"]["lora_rank"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(spec["model"], num_layers))
+    model.load_state_dict(merged, strict=True, assign=True)
+    if spec["model"]["tie_embeddings"]:
+        model.tie_weights()
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / DONE).write_text("ok\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def is_exported(path: Path) -> bool:
+    return (path / DONE).is_file()

