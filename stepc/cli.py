@@ -140,6 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if code:
             print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
             return 1
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if (run_dir / "export").is_dir():
+        print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
