@@ -9,7 +9,7 @@ from typing import Any
 
 from stepc.errors import UserError
 from stepc.layout import Layout, pinned_layout, solve_layout
-from stepc.memory import Costs, costs_for, exact_costs, layout_peaks, vanilla_bytes
+from stepc.memory import Costs, costs_for, exact_costs, vanilla_bytes
 from stepc.schedule import StageSchedule, flops_per_token, stage_schedule
 from stepc.spec import Spec
 from stepc.units import format_bytes
@@ -19,26 +19,26 @@ AUTO_STAGES_LIMIT = 64  # "auto" tries K = 1, 2, ... up to this (or L); peaks fl
 
 def make_plan(spec: Spec) -> dict[str, Any]:
     """Solve the layout and the schedule for `spec` (already normalised)."""
-    costs = costs_for(spec)
+    costs, exact = costs_for(spec), exact_costs(spec)
     layout = choose_layout(spec, costs)
     method = spec.experiment.method
-    if method == "galore":
-        peaks = [galore_bytes(spec, costs)]
-    else:  # vanilla and relora hold the full model's states at their peak (ReLoRA's warm start is full-rank)
-        peaks = layout_peaks(costs, layout.layers)
-    schedule = _schedule(spec, costs, layout.layers)
-    exact = exact_costs(spec)
-    stages, old = [], 0
-    for i, (new, peak, sched) in enumerate(zip(layout.layers, peaks, schedule), start=1):
+    stages, data_offset = [], 0
+    for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
+        new, old, sched = phase["new"], phase["old"], phase["schedule"]
+        galore = method == "galore"
         stages.append({
             "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": old,
             "trainable_params": costs.trainable_params(new, old), "frozen_params": costs.frozen_params(new, old),
-            "peak_bytes": peak, "exact_model_state_bytes": exact.stage_bytes(new, old),
+            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(new, old),
+            # GaLore's projected moments live in optimizer objects the runtime does not measure tensor by tensor.
+            "exact_model_state_bytes": None if galore else exact.stage_bytes(new, old),
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,
+            "lr_offset": phase["lr_offset"],
+            "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
         })
-        old += new
+        data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
-    peak = max(peaks)
+    peak = max(s["peak_bytes"] for s in stages)
     return {
         "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
@@ -46,6 +46,40 @@ def make_plan(spec: Spec) -> dict[str, Any]:
         "flops_budget": float(6 * spec.model.num_layers * costs.layer_params * spec.train.reference_steps * spec.train.global_batch_tokens),
         "layers": layout.layers, "stages": stages,
     }
+
+
+def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:
+    """The runtime stages of each method: (new layers, frozen layers, schedule, global LR offset).
+
+    STEP and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
+    start, then a phase that adds no layer and puts adapters on all of them, on one global jagged
+    cosine (so the second phase's LR continues at `lr_offset`). GaLore: one stage.
+    """
+    tr, st, L = spec.train, spec.step, spec.model.num_layers
+    P, E = costs.layer_params, costs.adapter_params
+    if spec.experiment.method == "relora":
+        warm, batch = st.relora_warm_start_steps, tr.global_batch_tokens
+        budget = 6 * L * P * tr.reference_steps * batch
+        lora_step = flops_per_token(L * E, L * P, tr.flops_accounting) * batch
+        lora_steps = (budget - 6 * L * P * warm * batch) // lora_step
+        total = warm + lora_steps
+        return [
+            {"new": L, "old": 0, "lr_offset": 0,
+             "schedule": StageSchedule(warm, total, warm * batch, float(6 * L * P * warm * batch))},
+            {"new": 0, "old": L, "lr_offset": warm,
+             "schedule": StageSchedule(lora_steps, total, lora_steps * batch, float(lora_steps * lora_step))},
+        ]
+    trainable, frozen, old = [], [], 0
+    for new in layers:
+        trainable.append(new * P + old * E)
+        frozen.append(old * P)
+        old += new
+    schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at, tr.flops_accounting)
+    phases, old = [], 0
+    for new, sched in zip(layers, schedule):
+        phases.append({"new": new, "old": old, "lr_offset": 0, "schedule": sched})
+        old += new
+    return phases
 
 
 def choose_layout(spec: Spec, costs: Costs) -> Layout:
@@ -76,24 +110,6 @@ def _raise_infeasible(spec: Spec, costs: Costs, tried: Layout | None = None) -> 
         f"{what}, over the budget of {format_bytes(mem.budget)} ({mem.accounting} accounting). "
         f"Smallest achievable peak per stage count: {table}",
         key="memory.budget", fix="raise the budget, use more stages (or stages = \"auto\"), or a lower lora_rank")
-
-
-def _schedule(spec: Spec, costs: Costs, layers: list[int]):
-    tr, st, method, L = spec.train, spec.step, spec.experiment.method, spec.model.num_layers
-    P, E = costs.layer_params, costs.adapter_params
-    if method == "relora":  # full-rank warm start, then adapters on every layer (ReLoRA, Lialin et al.)
-        warm = st.relora_warm_start_steps
-        budget = 6 * L * P * tr.reference_steps * tr.global_batch_tokens
-        lora_step = flops_per_token(L * E, L * P, tr.flops_accounting) * tr.global_batch_tokens
-        steps = warm + (budget - 6 * L * P * warm * tr.global_batch_tokens) // lora_step
-        return [StageSchedule(steps=steps, nominal_steps=steps, tokens=steps * tr.global_batch_tokens,
-                              flops=float(6 * L * P * warm * tr.global_batch_tokens + (steps - warm) * lora_step))]
-    trainable, frozen, old = [], [], 0
-    for new in layers:
-        trainable.append(new * P + old * E)
-        frozen.append(old * P)
-        old += new
-    return stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at, tr.flops_accounting)
 
 
 def galore_bytes(spec: Spec, costs: Costs) -> int:

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM
 
+from stepc.runtime.guard import EXPORT_DONE as DONE
+from stepc.runtime.guard import is_exported
 from stepc.runtime.model import llama_config
 
-DONE = "EXPORT_COMPLETE"
+__all__ = ["DONE", "is_exported", "merged_state_dict", "write_export"]
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -47,7 +49,3 @@ def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layer
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
-
-
-def is_exported(path: Path) -> bool:
-    return (path / DONE).is_file()

@@ -12,9 +12,15 @@ from typing import Any
 
 from stepc import __version__
 from stepc.manifest import content_hash, sha256_bytes
-from stepc.runtime.export import is_exported
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
+# Written last into an export directory (see export.py); kept here so this module stays free of
+# torch/transformers imports and the stage scripts' preflight starts in well under a second.
+EXPORT_DONE = "EXPORT_COMPLETE"
+
+
+def is_exported(path: Path) -> bool:
+    return (path / EXPORT_DONE).is_file()
 
 
 class RuntimeFailure(Exception):
@@ -44,6 +50,22 @@ def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
         raise RuntimeFailure(f"this run was compiled with different versions ({what}); results may not match. "
                              "Recompile with `stepc compile SPEC --force`, or pass --allow-version-change")
     return manifest
+
+
+def preflight(manifest_path: Path, stage_index: int, allow: set[str]) -> tuple[dict[str, Any], bool]:
+    """Every check that needs no torch: (verified manifest, stage already complete?).
+
+    Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
+    torchrun turns any worker's exit code into 1 and would hide the 2; the workers repeat it.
+    """
+    manifest = load_verified_manifest(manifest_path, allow)
+    stages = manifest["plan"]["stages"]
+    if not 1 <= stage_index <= len(stages):
+        raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{len(stages)}")
+    if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
+        return manifest, True
+    previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
+    return manifest, False
 
 
 def previous_stage_export(run_dir: Path, stage: int) -> Path | None:

@@ -25,8 +25,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.data import BlockSampler, PackedDataset, expand_patterns, holdout_split, iter_eval_batches
-from stepc.runtime.export import is_exported, write_export
-from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, load_verified_manifest, previous_stage_export
+from stepc.runtime.export import write_export
+from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.metrics import MetricsWriter, model_state_bytes, peak_memory_bytes
@@ -56,6 +56,10 @@ class Stage:
         return self.run_dir / "checkpoints" / f"stage-{self.index}"
 
     @property
+    def sharded(self) -> bool:
+        return self.spec["experiment"]["method"] != "galore"
+
+    @property
     def grad_accum(self) -> int:
         tr, seq = self.spec["train"], self.spec["model"]["seq_len"]
         return tr["global_batch_tokens"] // (seq * tr["micro_batch_size"] * self.world)
@@ -63,16 +67,14 @@ class Stage:
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
-    manifest = load_verified_manifest(manifest_path, allow)
-    stages = manifest["plan"]["stages"]
-    if not 1 <= stage_index <= len(stages):
-        raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{len(stages)}")
-    info = stages[stage_index - 1]
+    manifest, complete = preflight(manifest_path, stage_index, allow)
+    info = manifest["plan"]["stages"][stage_index - 1]
     final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
-    if is_exported(final_export):
-        print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
+    if complete:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
         return 0
-    prev_export = previous_stage_export(run_dir, stage_index)  # refuses when stage i-1 has not finished
+    prev_export = previous_stage_export(run_dir, stage_index)
 
     device, backend = _device_and_backend()
     dist.init_process_group(backend)
@@ -105,8 +107,11 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         model = fresh_model(spec, st.info["total_layers"], spec["experiment"]["seed"])
     else:
         model, st.adapters, _ = grown_model(spec, prev_export, st.info)
-    _shard(model, st)
-    optimizer = _optimizer(model, tr)
+    if st.sharded:
+        _shard(model, st)
+    else:  # GaLoreAdamW projects whole gradients and is not FSDP-aware: one unsharded rank (checks.py enforces it)
+        model.to(st.device).train()
+    optimizer = _optimizer(model, spec)
 
     start = 0
     found = ckpt.newest_complete(st.dir)
@@ -115,7 +120,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         ckpt.load(path, model, optimizer)
         _log(st, f"resumed stage {st.index} from {path} at step {start}")
 
-    steps, merges_from = st.info["steps"], 0
+    steps, offset = st.info["steps"], st.info["lr_offset"]  # offset > 0: ReLoRA's LoRA phase continues one schedule
     reset_every = spec["step"]["relora_reset_every"] if st.adapters else None
     metrics = MetricsWriter(st.run_dir / "metrics.jsonl", enabled=st.rank == 0)
     predicted = _predicted_state_bytes(st, model)
@@ -125,8 +130,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
     last_time, last_step = time.perf_counter(), start
     for step in range(start, steps):
-        lr = lr_at(step, tr["lr"], tr["warmup_steps"], st.info["nominal_steps"], tr["min_lr_ratio"],
-                   reset_every, spec["step"]["restart_warmup_steps"], merges_from)
+        lr = lr_at(offset + step, tr["lr"], tr["warmup_steps"], st.info["nominal_steps"], tr["min_lr_ratio"],
+                   reset_every, spec["step"]["restart_warmup_steps"], offset)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _train_step(st, model, optimizer, sampler, step)
@@ -135,7 +140,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             metrics.write(event="nonfinite_loss", stage=st.index, step=done, loss=str(loss))
             raise RuntimeFailure(f"non-finite loss {loss} at stage {st.index} step {done}; the last good checkpoint is kept "
                                  f"under {st.dir} (lower train.lr or check the data, then rerun the stage script to resume)")
-        if reset_every and is_merge_step(done, reset_every, merges_from):
+        if reset_every and is_merge_step(offset + done, reset_every, offset):
             _merge_adapters(st, optimizer, done)
             metrics.write(event="merge", stage=st.index, step=done)
         if done % 10 == 0 or done == steps:
@@ -159,8 +164,10 @@ def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -
     tr = st.spec["train"]
     total = torch.zeros((), dtype=torch.float64)
     for micro in range(st.grad_accum):
-        batch = torch.from_numpy(sampler.batch(step, micro, st.rank, st.world, tr["micro_batch_size"], st.grad_accum)).to(st.device)
-        model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
+        data_step = st.info["data_step_offset"] + step  # stages read on where the previous one stopped
+        batch = torch.from_numpy(sampler.batch(data_step, micro, st.rank, st.world, tr["micro_batch_size"], st.grad_accum)).to(st.device)
+        if st.sharded:
+            model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
         out = model(input_ids=batch, labels=batch)
         (out.loss.float() / st.grad_accum).backward()
         total += out.loss.detach().double().cpu()
@@ -198,21 +205,36 @@ def _shard(model, st: Stage) -> None:
     model.train()
 
 
-def _optimizer(model, tr: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW; decay on matrices (incl. adapters and embeddings), none on norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+def _optimizer(model, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW; decay on matrices (incl. adapters and embeddings), none on norms.
+
+    method = "galore": GaLoreAdamW, projecting the gradients of the decoder layers' 2-D weights.
+    """
+    tr, st = spec["train"], spec["step"]
+    galore = spec["experiment"]["method"] == "galore"
+    decay, no_decay, projected = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if galore and p.ndim == 2 and ".layers." in name:
+            projected.append(p)
+        else:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tr["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: the per-parameter path is the one whose results do not depend on tensor grouping.
+    if galore:
+        from galore_torch import GaLoreAdamW  # optional extra: pip install 'stepc[galore]'
+
+        groups.append({"params": projected, "weight_decay": tr["weight_decay"], "rank": st["galore_rank"],
+                       "update_proj_gap": st["galore_update_gap"], "scale": st["galore_scale"], "proj_type": "std"})
+        return GaLoreAdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), no_deprecation_warning=True)
     # foreach=False: the per-parameter path, whose results do not depend on how tensors are grouped.
-    optimizer = torch.optim.AdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), foreach=False)
-    return optimizer
+    return torch.optim.AdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), foreach=False)
 
 
-def _predicted_state_bytes(st: Stage, model) -> int:
+def _predicted_state_bytes(st: Stage, model) -> int | None:
     """The compiler's exact prediction, plus AdamW step scalars that every rank holds for its shards."""
+    if st.info["exact_model_state_bytes"] is None:  # GaLore: no tensor-level prediction
+        return None
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     return st.info["exact_model_state_bytes"] + 4 * tensors * (st.world - 1)
 
