@@ -58,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, help="run only this stage")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("eval", help="perplexity of a run's exported model (and lm-evaluation-harness tasks)")
+    p.add_argument("run_dir")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
+    p.add_argument("--include-path", type=Path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", type=Path, default=Path("runs/report"), help="where report.md and loss.png go (default: runs/report)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
     p.set_defaults(func=cmd_help_spec)
     return parser
@@ -95,14 +107,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from stepc.report import plan_summary, plan_table
+    from stepc.report import compare_plans, plan_summary, plan_table
 
+    plans = []
     for i, path in enumerate(args.specs):
         spec, _, plan = _compile(path)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))
         print(plan_summary(plan))
+        plans.append((spec.experiment.name, plan))
+    if len(plans) > 1:
+        print("\n" + compare_plans(plans))
     return 0
 
 
@@ -143,6 +159,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     if (run_dir / "export").is_dir():
         print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stepc.evaluate import evaluate_run, render
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
+    print(render(result))
+    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from stepc.comparison import write_report
+
+    print(write_report([Path(d) for d in args.run_dirs], args.out))
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'loss.png'}")
     return 0
 
 

@@ -31,3 +31,17 @@ def plan_summary(plan: dict[str, Any]) -> str:
         over = plan["peak_bytes"] > plan["budget_bytes"]
         text += f", budget {format_bytes(plan['budget_bytes'])}{' EXCEEDED' if over else ''}"
     return text
+
+
+def compare_plans(plans: list[tuple[str, dict[str, Any]]]) -> str:
+    """Several plans side by side: method, layout, peak, reduction, total steps, tokens and FLOPs."""
+    rows = [("spec", "method", "layout", "peak", "vs vanilla", "steps", "tokens", "FLOPs")]
+    for name, plan in plans:
+        stages = plan["stages"]
+        rows.append((name, plan["method"], "+".join(str(s["new_layers"]) for s in stages), format_bytes(plan["peak_bytes"]),
+                     f"-{100 * plan['reduction']:.1f}%", str(sum(s["steps"] for s in stages)),
+                     f"{sum(s['tokens'] for s in stages) / 1e9:.2f}B", f"{sum(s['flops'] for s in stages):.3e}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from stepc.runtime.tokenizer import eos_id, tokenizer_hash
+from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
 
 # Bump when packing or the cache layout changes: old caches then simply miss.
 PACK_FORMAT_VERSION = 1
@@ -375,3 +375,12 @@ def eval_num_batches(num_blocks: int, batch_size: int, world: int, seq_len: int,
     """How many batches :func:`iter_eval_batches` yields per rank (for progress bars)."""
     n = num_blocks if not max_tokens or max_tokens <= 0 else min(num_blocks, max(1, max_tokens // seq_len))
     return math.ceil((n // world) / batch_size)
+
+
+def open_datasets(data: dict[str, Any], seq_len: int, cache: Path) -> tuple[Tokenizer, PackedDataset, dict[str, PackedDataset]]:
+    """The spec's tokenizer, training blocks and named validation sets (shared by training and `stepc eval`)."""
+    tok, tok_hash = load_tokenizer(data["tokenizer"], expand_patterns(data["train"]), cache, data["text_field"])
+    train = PackedDataset(data["train"], tok, seq_len, cache, data["text_field"], tok_hash)
+    named = {name: PackedDataset([pattern], tok, seq_len, cache, data["text_field"], tok_hash)
+             for name, pattern in sorted(data["validation"].items())}
+    return tok, train, named

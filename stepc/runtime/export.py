@@ -34,8 +34,13 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str,
     return out
 
 
-def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layers: int, dest: Path) -> None:
-    """Rank 0 only: build a plain LlamaForCausalLM from the merged weights and save_pretrained it."""
+def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layers: int, dest: Path,
+                 tokenizer: Any = None) -> None:
+    """Rank 0 only: build a plain LlamaForCausalLM from the merged weights and save_pretrained it.
+
+    With the tokenizer saved beside it, the directory loads with AutoModelForCausalLM and
+    AutoTokenizer alone, which is what lm-evaluation-harness's `--model hf` needs.
+    """
     merged = merged_state_dict(state, spec["step"]["lora_alpha"] / spec["step"]["lora_rank"])
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(spec["model"], num_layers))
@@ -45,6 +50,14 @@ def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layer
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        from stepc.runtime.tokenizer import eos_id
+
+        eos = tokenizer.id_to_token(eos_id(tokenizer))
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,
+                                model_max_length=spec["model"]["seq_len"]).save_pretrained(tmp)
     (tmp / DONE).write_text("ok\n")
     if dest.exists():
         shutil.rmtree(dest)

@@ -24,14 +24,13 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.runtime import checkpoint as ckpt
-from stepc.runtime.data import BlockSampler, PackedDataset, expand_patterns, holdout_split, iter_eval_batches
+from stepc.runtime.data import BlockSampler, PackedDataset, holdout_split, iter_eval_batches, open_datasets
 from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.metrics import MetricsWriter, model_state_bytes, peak_memory_bytes
 from stepc.runtime.model import fresh_model, grown_model
-from stepc.runtime.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Stage:
     world: int
     device: torch.device
     adapters: list[LoRALinear] = field(default_factory=list)
+    tokenizer: Any = None  # tokenizers.Tokenizer, saved beside the export
 
     @property
     def index(self) -> int:
@@ -243,14 +243,9 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any
     """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
     data, seq = st.spec["data"], st.spec["model"]["seq_len"]
     cache = st.run_dir / "cache"
-    files = expand_patterns(data["train"])
 
     def build():
-        tok, tok_hash = load_tokenizer(data["tokenizer"], files, cache, data["text_field"])
-        train = PackedDataset(data["train"], tok, seq, cache, data["text_field"], tok_hash)
-        named = {name: PackedDataset([pattern], tok, seq, cache, data["text_field"], tok_hash)
-                 for name, pattern in sorted(data["validation"].items())}
-        return tok, train, named
+        return open_datasets(data, seq, cache)
 
     if st.rank == 0:
         tok, train, named = build()
@@ -259,6 +254,7 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any
         tok, train, named = build()
     if tok.get_vocab_size() > st.spec["model"]["vocab_size"]:
         raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
+    st.tokenizer = tok
     fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
     check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
     train_idx, heldout_idx = holdout_split(train.num_blocks, data["holdout_fraction"], st.spec["experiment"]["seed"])
@@ -297,10 +293,10 @@ def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
     state = ckpt.full_model_state(model)
     final = st.dir / "final"
     if st.rank == 0:
-        write_export(state, st.spec, st.info["total_layers"], final)
+        write_export(state, st.spec, st.info["total_layers"], final, st.tokenizer)
         if st.index == len(st.plan["stages"]):
             export = st.run_dir / "export"
-            write_export(state, st.spec, st.info["total_layers"], export)
+            write_export(state, st.spec, st.info["total_layers"], export, st.tokenizer)
             _log(st, f"exported the trained model to {export} (Hugging Face format, safetensors)")
         metrics.write(event="stage_end", stage=st.index, step=steps)
     dist.barrier()

@@ -1,0 +1,91 @@
+"""`stepc eval RUN_DIR`: perplexity of the exported model on the spec's validation sets, and
+optionally lm-evaluation-harness tasks (the paper's Appendix G) on the same export.
+
+Runs in one process on the best local device; writes RUN_DIR/eval.json atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from stepc.errors import UserError
+
+
+def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None,
+                 batch_size: int = 8) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stepc.diff import load_manifest
+    from stepc.runtime.data import holdout_split, iter_eval_batches, open_datasets
+
+    manifest = load_manifest(run_dir)
+    export = run_dir / "export"
+    if not (export / "EXPORT_COMPLETE").is_file():
+        raise UserError("this run has no complete export yet", file=str(run_dir),
+                        fix=f"finish training first (stepc run {run_dir}); the last stage writes {export}")
+    spec = manifest["spec"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).to(device).eval()
+    try:
+        tok, train, named = open_datasets(spec["data"], spec["model"]["seq_len"], run_dir / "cache")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read the run's data: {exc}", file=str(run_dir),
+                        fix="run from the directory the spec's data paths are relative to") from None
+    sets: dict[str, tuple[Any, Any]] = {}
+    _, heldout = holdout_split(train.num_blocks, spec["data"]["holdout_fraction"], spec["experiment"]["seed"])
+    if len(heldout):
+        sets["heldout"] = (train.blocks, heldout)
+    sets.update({name: (ds.blocks, None) for name, ds in named.items()})
+    result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
+    with torch.no_grad():
+        for name, (blocks, indices) in sets.items():
+            total, count = 0.0, 0
+            for batch in iter_eval_batches(blocks, batch_size, 0, 1, spec["eval"]["max_tokens"], indices):
+                x = torch.from_numpy(batch).to(device)
+                n = x.shape[0] * (x.shape[1] - 1)
+                total += model(input_ids=x, labels=x).loss.item() * n
+                count += n
+            result["perplexity"][name] = math.exp(total / count)
+    if tasks:
+        result["tasks"] = _lm_eval(model, export, tasks, include_path, limit, batch_size, device)
+    _write_json(run_dir / "eval.json", result)
+    return result
+
+
+def _lm_eval(model, export: Path, tasks: list[str], include_path: Path | None, limit: int | None,
+             batch_size: int, device: str) -> dict[str, Any]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("lm-evaluation-harness is not installed", key="--tasks",
+                        fix="pip install 'stepc[lm-eval]' (or pip install lm-eval accelerate)") from None
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tasks must come from local files or a warm cache
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"perplexity {name}: {value:.3f}" for name, value in result["perplexity"].items()]
+    for task, metrics in result["tasks"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "stderr" not in k)
+        lines.append(f"{task}: {shown}")
+    return "\n".join(lines)
