@@ -1,0 +1,159 @@
+"""A small-scale Table 2 on CPU: vanilla, ReLoRA, GaLore and 2-stage STEP at equal FLOPs.
+
+Each method is compiled from the same base spec (only [experiment] method and the method's own
+settings differ), trained on the bundled corpus with the emitted stage scripts (1 CPU rank each,
+so GaLore, which is not FSDP-aware, runs under the same conditions), then scored with `stepc eval`
+on the same held-out split and validation set. Peak model-state memory is reported three ways:
+the paper's Eq. 1-5 (decoder layers only, as the paper's Table 2 does), the exact prediction for
+the whole model, and the bytes measured from the live tensors during training.
+
+    python bench/quality.py [--reference-steps 600]    # ~25 min on 2 cores; table + bench/results/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("vanilla", "relora", "galore", "step")
+
+BASE = """
+[experiment]
+name = "quality-{method}"
+seed = 7
+method = "{method}"
+
+[model]
+hidden_size = 128
+num_layers = 8
+num_attention_heads = 4
+num_key_value_heads = 2
+vocab_size = 2048
+seq_len = 128
+tie_embeddings = true
+
+[memory]
+accounting = "{accounting}"
+{stages}
+
+[step]
+lora_rank = 16
+lora_alpha = 32
+relora_reset_every = {reset}
+restart_warmup_steps = 20
+relora_warm_start_steps = {warm}
+galore_rank = 32
+galore_update_gap = 50
+galore_scale = 0.25
+
+[train]
+reference_steps = {steps}
+global_batch_tokens = 2048
+micro_batch_size = 16
+lr = {lr}
+warmup_steps = {warmup}
+precision = "fp32"
+checkpoint_every = {ckpt}
+
+[data]
+train = ["{root}/data/corpus/train/*.txt"]
+tokenizer = "bpe-2048"
+
+[data.validation]
+milton = "{root}/data/corpus/validation/*.txt"
+
+[eval]
+every_steps = {ckpt}
+max_tokens = 131072
+
+[launch]
+nproc_per_node = 1
+"""
+
+
+def spec_text(method: str, steps: int, accounting: str = "exact") -> str:
+    return BASE.format(
+        method=method, accounting=accounting, stages="stages = 2" if method == "step" else "",
+        steps=steps, reset=max(20, steps // 4), warm=max(10, steps // 10), warmup=max(5, steps // 20),
+        ckpt=max(10, steps // 2), lr=1e-2 if method == "galore" else 3e-3, root=ROOT.as_posix(),
+    )
+
+
+def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stepc.cli", *args], check=True, text=True, capture_output=True, cwd=ROOT, **kw)
+
+
+def run_method(method: str, steps: int, out: Path) -> dict:
+    spec_path = out / f"{method}.toml"
+    spec_path.write_text(spec_text(method, steps))
+    stepc("compile", str(spec_path), "--out", str(out), "--force")
+    run_dir = out / f"quality-{method}"
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir)], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    stepc("eval", str(run_dir))
+    evaluation = json.loads((run_dir / "eval.json").read_text())["perplexity"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = max(r["model_state_bytes"] for r in records if r.get("event") == "train")
+    paper_spec = out / f"{method}-paper.toml"
+    paper_spec.write_text(spec_text(method, steps, accounting="paper"))
+    paper_peak = _plan_peak(paper_spec)
+    plan = manifest["plan"]
+    return {
+        "method": method, "layout": plan["layers"], "steps": sum(s["steps"] for s in plan["stages"]),
+        "tokens": sum(s["tokens"] for s in plan["stages"]), "flops": sum(s["flops"] for s in plan["stages"]),
+        "ppl_heldout": evaluation["heldout"], "ppl_milton": evaluation["milton"],
+        "paper_peak_bytes": paper_peak, "exact_peak_bytes": plan["peak_bytes"], "measured_peak_bytes": measured,
+        "wall_s": round(wall, 1),
+    }
+
+
+def _plan_peak(spec_path: Path) -> int:
+    sys.path.insert(0, str(ROOT))
+    from stepc.load import load_spec
+    from stepc.plan import make_plan
+
+    spec, _ = load_spec(spec_path)
+    return make_plan(spec)["peak_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reference-steps", type=int, default=600)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-quality")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in METHODS:
+        rows.append(run_method(method, args.reference_steps, args.out))
+        print(f"done {method} in {rows[-1]['wall_s']} s", flush=True)
+    vanilla = rows[0]
+    header = (f"{'method':8} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "
+              f"{'Eq.1-5 peak':>12} {'exact peak':>11} {'measured':>10} {'vs vanilla (Eq./meas.)':>23}")
+    print(header)
+    for r in rows:
+        less_paper = 100 * (1 - r["paper_peak_bytes"] / vanilla["paper_peak_bytes"])
+        less_measured = 100 * (1 - r["measured_peak_bytes"] / vanilla["measured_peak_bytes"])
+        r["ppl_vs_vanilla_pct"] = round(100 * (r["ppl_heldout"] / vanilla["ppl_heldout"] - 1), 2)
+        r["paper_peak_reduction_pct"], r["measured_peak_reduction_pct"] = round(less_paper, 1), round(less_measured, 1)
+        print(f"{r['method']:8} {'+'.join(map(str, r['layout'])):>8} {r['steps']:6d} {r['tokens']:10,d} {r['flops']:10.3e} "
+              f"{r['ppl_heldout']:13.2f} {r['ppl_milton']:11.2f} {r['paper_peak_bytes'] / 1e6:9.2f} MB "
+              f"{r['exact_peak_bytes'] / 1e6:8.2f} MB {r['measured_peak_bytes'] / 1e6:7.2f} MB "
+              f"{less_paper:10.1f}% / {less_measured:5.1f}%")
+    out = ROOT / "bench" / "results" / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
