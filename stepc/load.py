@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -44,27 +44,58 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
 
 
 def _to_user_error(exc: ValidationError, raw: dict[str, Any], file: str) -> UserError:
-    """Describe every pydantic error on its own line, keyed by its TOML path."""
-    lines = [_describe(err, raw) for err in exc.errors(include_url=False)]
-    first = exc.errors(include_url=False)[0]
-    key, fix = _key_and_fix(first)
+    """Describe every problem on its own line, keyed by its TOML path.
+
+    A value that matches no member of a union (e.g. `stages = 0` for `int | "auto"`) yields one pydantic
+    error per member, located under member tags such as `memory.stages.constrained-int`; those are merged
+    into one line under the key the user wrote.
+    """
+    errors = exc.errors(include_url=False)
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for err in errors:
+        grouped.setdefault(_key_path(err["loc"], indices=True)[0], []).append(err)
+    lines = [_describe(path, errs) for path, errs in grouped.items()]
+    key, fix = _key_and_fix(errors[0])
     message = lines[0].split("] ", 1)[1] if len(lines) == 1 else "invalid spec:\n  - " + "\n  - ".join(lines)
     return UserError(message, file=file, key=key, fix=fix)
 
 
+def _key_path(loc: tuple[Any, ...], indices: bool = False) -> tuple[str, Any]:
+    """(the TOML key path of a pydantic location, the FieldInfo of its last spec field or None).
+
+    Tables and keys are kept, as is the user's own key inside a dict-valued field (data.validation.<name>);
+    union-member tags are dropped, list indices too unless `indices` (then shown as `[i]`).
+    """
+    path, model, field, dict_key_open = "", Spec, None, False
+    for part in loc:
+        if model is not None:  # inside a table: the part is a field name or an unknown key
+            path = f"{path}.{part}" if path else str(part)
+            field = model.model_fields.get(str(part))
+            if field is None:
+                break
+            annotation = field.annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            dict_key_open = model is None and get_origin(annotation) is dict
+        elif isinstance(part, int):
+            if indices:
+                path += f"[{part}]"
+        elif dict_key_open:
+            path, dict_key_open = f"{path}.{part}", False
+        # any other string after a leaf field names a union member: not a key the user wrote
+    return path or "(top level)", field
+
+
 def _key_and_fix(err: dict[str, Any]) -> tuple[str, str]:
-    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
-    key = ".".join(loc) or "(top level)"
+    key, field = _key_path(err["loc"])
     if err["type"] == "extra_forbidden":
         return key, "remove the key or correct its spelling; `stepc help-spec` lists every key"
-    field = _field_info(err["loc"])
     doc = field.description if field is not None and field.description else "see `stepc help-spec`"
     return key, f"{key}: {doc}"
 
 
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+def _describe(key: str, errs: list[dict[str, Any]]) -> str:
+    err = errs[0]
     loc = err["loc"]
-    key = ".".join(str(part) for part in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent is not None else []
@@ -77,7 +108,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     shown = repr(given) if not isinstance(given, dict) else "a table"
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return f"[{key}] {err['msg']} (got {shown})"
+    messages = list(dict.fromkeys(e["msg"] for e in errs))
+    return f"[{key}] {' or '.join(messages)} (got {shown})"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -90,11 +122,3 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         model = annotation
     return model
-
-
-def _field_info(loc: tuple[Any, ...]):
-    names = [part for part in loc if isinstance(part, str)]
-    if not names:
-        return None
-    owner = _model_at(tuple(names[:-1]))
-    return owner.model_fields.get(names[-1]) if owner is not None else None

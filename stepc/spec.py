@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from stepc.units import parse_bytes
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _one_line(value: str) -> str:
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must be one line without control characters (it is written into an #SBATCH line of run.sbatch)")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+"""A string that reaches an `#SBATCH` comment line: a newline there would start a shell command."""
 
 
 class Section(BaseModel):
@@ -34,8 +44,8 @@ class Experiment(Section):
 class Model(Section):
     hidden_size: PositiveInt
     """Hidden dimension d of the TARGET LLaMA model."""
-    num_layers: PositiveInt
-    """Number of decoder layers L of the target model (the last stage's total)."""
+    num_layers: int = Field(gt=0, le=1024)  # the layout search is O(stages * L) in time and memory
+    """Number of decoder layers L of the target model (the last stage's total), at most 1024."""
     num_attention_heads: PositiveInt
     """Attention heads; must divide hidden_size."""
     num_key_value_heads: PositiveInt | None = None
@@ -161,19 +171,19 @@ class Eval(Section):
 
 
 class Slurm(Section):
-    partition: str = "gpu"
+    partition: OneLine = "gpu"
     """SLURM partition (#SBATCH --partition)."""
-    time: str = Field(default="24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    time: str = Field(default="24:00:00", pattern=r"^([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}$")  # [0-9]: \d matches any Unicode digit
     """Wall-clock limit (#SBATCH --time), e.g. "24:00:00" or "2-00:00:00"."""
-    account: str | None = None
+    account: OneLine | None = None
     """SLURM account (#SBATCH --account); omitted when unset."""
-    qos: str | None = None
+    qos: OneLine | None = None
     """Quality of service (#SBATCH --qos); omitted when unset."""
     gpus_per_node: int | None = Field(default=None, ge=0)
     """GPUs per node (#SBATCH --gpus-per-node). Default: nproc_per_node on GPU clusters; set 0 for CPU-only clusters."""
     cpus_per_task: PositiveInt | None = None
     """CPUs per task (one task per node runs torchrun). Default: leave it to the cluster."""
-    extra: list[str] = []
+    extra: list[OneLine] = []
     """Extra #SBATCH lines, e.g. ["--exclusive", "--mem=0"]."""
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 UNITS = {
     "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
+MAX_BYTES = 10**18  # 1 EB: larger budgets are typos, and would overflow the float arithmetic of the report
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -20,7 +21,7 @@ def parse_bytes(value: int | str) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"must be positive, got {value}")
-        return value
+        return _at_most_max(value, value)
     if not isinstance(value, str):
         raise ValueError(f"expected an int or a string like \"3.5GB\", got {type(value).__name__}")
     match = _PATTERN.match(value)
@@ -32,11 +33,18 @@ def parse_bytes(value: int | str) -> int:
         )
     try:
         amount = Decimal(match.group(1)) * UNITS[unit]
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
-        raise ValueError(f"cannot read {value!r} as a number") from exc
+    except ArithmeticError as exc:  # decimal.Overflow for exponents like "1e999999GB"
+        raise ValueError(f"{value!r} is too large; a budget is at most {MAX_BYTES:.0e} bytes") from exc
     if amount < 1:
         raise ValueError(f"must be at least 1 byte, got {value!r}")
-    return int(amount)
+    return _at_most_max(int(min(amount, MAX_BYTES + 1)), value)  # no million-digit ints for "1e999999B"
+
+
+def _at_most_max(n: int, given: int | str) -> int:
+    if n > MAX_BYTES:
+        shown = repr(given) if len(repr(given)) <= 30 else repr(given)[:27] + "..."
+        raise ValueError(f"{shown} is too large; a budget is at most {MAX_BYTES:.0e} bytes (1 EB)")
+    return n
 
 
 def format_bytes(n: float) -> str:
