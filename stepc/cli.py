@@ -133,9 +133,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from stepc.verify import verify_run_dir
 
-    problems = verify_run_dir(Path(args.run_dir))
-    for problem in problems:
-        print(problem)
+    notes: list[str] = []
+    problems = verify_run_dir(Path(args.run_dir), notes)
+    for line in problems + notes:
+        print(line)
     print(f"{args.run_dir}: {'FAILED' if problems else 'verified'}")
     return 1 if problems else 0
 

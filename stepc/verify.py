@@ -11,8 +11,12 @@ from stepc.manifest import content_hash, sha256_bytes
 from stepc.plan import make_plan
 
 
-def verify_run_dir(run_dir: Path) -> list[str]:
-    """Problems found (empty when the directory verifies)."""
+def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
+    """Problems found (empty when the directory verifies).
+
+    Version differences between the recorded and the current environment are not problems (the
+    directory is still exactly what the spec compiles to); they are appended to `notes`.
+    """
     problems: list[str] = []
     manifest = load_manifest(run_dir)
     if manifest.get("hash") != content_hash(manifest):
@@ -28,5 +32,8 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         spec = parse_spec(spec_path.read_text(encoding="utf-8"), str(spec_path))
         fresh, _ = compile_files(spec, make_plan(spec), spec_path.read_text(encoding="utf-8"))
         changes: list[Change] = diff(manifest, fresh)
-        problems += [f"recompiling spec.toml gives a different {c.path}: {c.old!r} -> {c.new!r}" for c in changes]
+        problems += [f"recompiling spec.toml gives a different {c.path}: {c.old!r} -> {c.new!r}"
+                     for c in changes if c.section != "environment"]
+        if notes is not None:
+            notes += [f"note: compiled under {c.path} = {c.old!r}, now {c.new!r}" for c in changes if c.section == "environment"]
     return problems
