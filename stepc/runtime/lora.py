@@ -116,7 +116,10 @@ class LoRALinear(nn.Module):
         # all-gathered the adapters in the compute dtype.
         a = self.lora_A.to(x.dtype)
         b = self.lora_B.to(x.dtype)
-        return self.base(x) + F.linear(F.linear(x, a), b) * self.scale
+        # Frozen weights may be stored in bf16 (Eq. 2's 2 bytes) while activations are fp32 (CPU, or
+        # no mixed-precision policy): run the frozen path in the weight's dtype, return x's dtype.
+        base = self.base(x.to(self.base.weight.dtype)).to(x.dtype)
+        return base + F.linear(F.linear(x, a), b) * self.scale
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale}"

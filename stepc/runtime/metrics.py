@@ -47,3 +47,19 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by a substring of the device name.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world: int) -> float | None:
+    """Model FLOPs utilisation by the plan's FLOPs accounting; None where the GPU's peak is unknown."""
+    return None if not peak else tokens_per_s * flops_per_token / (peak * world)

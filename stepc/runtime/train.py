@@ -29,7 +29,7 @@ from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
-from stepc.runtime.metrics import MetricsWriter, model_state_bytes, peak_memory_bytes
+from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, mfu, model_state_bytes, peak_memory_bytes
 from stepc.runtime.model import fresh_model, grown_model
 
 
@@ -125,6 +125,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     metrics = MetricsWriter(st.run_dir / "metrics.jsonl", enabled=st.rank == 0)
     predicted = _predicted_state_bytes(st, model)
     tokens_per_step = tr["global_batch_tokens"]
+    peak_flops = gpu_peak_flops(st.device)
     if start == 0:
         metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"],
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
@@ -148,7 +149,9 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             tps = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, done
             measured = model_state_bytes(model, optimizer)
+            utilisation = mfu(tps, st.info["flops"] / max(1, st.info["tokens"]), peak_flops, st.world)
             metrics.write(event="train", stage=st.index, step=done, loss=loss, lr=lr, tokens_per_s=round(tps, 1),
+                          mfu=None if utilisation is None else round(utilisation, 4),
                           model_state_bytes=measured, predicted_model_state_bytes=predicted,
                           peak_memory_bytes=peak_memory_bytes(st.device))
             _progress(st, done, steps, loss, lr, tps)
