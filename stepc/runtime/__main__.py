@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2
         return 0
+    _die_with_launcher()
     from stepc.runtime.train import main as train  # heavy imports after argument parsing
 
     try:
@@ -34,6 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeFailure as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)
         return 2
+
+
+def _die_with_launcher() -> None:
+    """Linux: have the kernel SIGKILL this worker when its torchrun agent dies.
+
+    torchrun starts every worker in a session of its own, so `kill -9` of the stage script (or of
+    its process group) kills only torchrun: the orphaned workers would go on training and writing
+    checkpoints and exports into the run directory while a rerun resumes from the same files.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":
