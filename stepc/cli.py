@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, help="run only this stage")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="submit a compiled run directory to SLURM (run from the project root)")
+    p.add_argument("run_dir")
+    p.add_argument("--chain", action="store_true", help="one job per stage, each --dependency=afterok on the previous one")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("eval", help="perplexity of a run's exported model (and lm-evaluation-harness tasks)")
     p.add_argument("run_dir")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
@@ -160,6 +165,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     if (run_dir / "export").is_dir():
         print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from stepc.submit import submit
+
+    ids = submit(Path(args.run_dir), args.chain)
+    print(f"submitted {args.run_dir}: job{'s' if len(ids) > 1 else ''} {' '.join(ids)}")
     return 0
 
 

@@ -78,6 +78,28 @@ FINISHED_STATES = frozenset({
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes incl. the NUL
 
+# Clusters started by this process and not yet stopped. The daemons run in their own session, so
+# a test run killed with SIGTERM (e.g. `timeout`, a CI job cancel) would leave them running for
+# good: atexit does not run on a signal. A SIGTERM handler (installed only where none was set)
+# stops them, then lets the signal take its default course.
+_LIVE: "set[SlurmCluster]" = set()
+
+
+def _stop_live_clusters_on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
+    for cluster in list(_LIVE):
+        cluster._atexit_stop()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_cleanup() -> None:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _stop_live_clusters_on_sigterm)
+
 
 class SlurmClusterError(RuntimeError):
     """The cluster could not be started / a client command failed."""
@@ -300,6 +322,8 @@ class SlurmCluster:
         if not self._atexit_registered:
             atexit.register(self._atexit_stop)
             self._atexit_registered = True
+        _LIVE.add(self)
+        _install_sigterm_cleanup()
         try:
             self._write_config()
             self._start_munged()
@@ -573,6 +597,7 @@ JobRequeue=1
         self._kill_leftover_job_processes()
         self._procs.clear()
         self._started = False
+        _LIVE.discard(self)
         if self.dir is not None and self._own_dir and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

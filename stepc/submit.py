@@ -1,0 +1,84 @@
+"""`stepc submit RUN_DIR [--chain]`: hand a compiled run directory to SLURM.
+
+Without `chain`: one job, `sbatch RUN_DIR/run.sbatch`, that runs every stage in order.
+With `chain`: one job per stage, each `--dependency=afterok:<previous job>` (and cancelled at once
+when the previous stage fails), so every stage gets the full `launch.slurm.time` and its own
+queue slot. The chained jobs run the same verified run.sbatch; STEPC_STAGES picks their stage.
+
+sbatch runs in the current directory, which becomes the jobs' working directory: relative data
+paths in the spec are relative to it (submit from the project root). STEPC_RUN_DIR tells
+run.sbatch where the run directory is (SLURM runs a spooled copy of the script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from stepc.errors import UserError
+
+_JOB_ID = re.compile(r"^\s*(\d+)(;\S+)?\s*$")
+
+
+def _stages(run_dir: Path) -> list[int]:
+    manifest_path = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return [int(stage["index"]) for stage in manifest["plan"]["stages"]]
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a compiled run directory (no manifest.json)", file=str(run_dir),
+                        fix="pass the directory `stepc compile` wrote, e.g. runs/<experiment.name>") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read {manifest_path}: {exc}", file=str(run_dir),
+                        fix="recompile the spec with `stepc compile SPEC --force`") from None
+
+
+def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:
+    argv = ["sbatch", "--parsable", *args, str(script)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"sbatch failed: {exc}", fix="check that the SLURM controller is reachable (`sinfo`)") from None
+    match = _JOB_ID.match(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "")
+    if result.returncode != 0 or match is None:
+        detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise UserError(f"sbatch rejected {script}: {detail}",
+                        fix="check launch.slurm (partition, time, account, cpus_per_task) against `sinfo`, recompile and resubmit")
+    return match.group(1)
+
+
+def submit(run_dir: Path, chain: bool) -> list[str]:
+    """Submit the run; return the job ids (one, or one per stage in order with `chain`)."""
+    run_dir = Path(run_dir)
+    if shutil.which("sbatch") is None:
+        raise UserError("SLURM not found: `sbatch` is not on PATH",
+                        fix="run this on a SLURM login node (or load the slurm module), or run the stages locally with `stepc run RUN_DIR`")
+    script = run_dir / "run.sbatch"
+    stages = _stages(run_dir)
+    if not script.is_file():
+        raise UserError(f"{script} is missing", file=str(run_dir), fix="recompile the spec with `stepc compile SPEC --force`")
+    script = script.resolve()
+    env = {k: v for k, v in os.environ.items() if k != "STEPC_STAGES"}
+    env["STEPC_RUN_DIR"] = str(run_dir.resolve())
+    if not chain:
+        return [_sbatch(script, ["--export=ALL"], env)]
+    name = _job_name(script)
+    ids: list[str] = []
+    for index in stages:
+        args = ["--export=ALL", f"--job-name={name}-stage-{index}"]
+        if ids:
+            args += [f"--dependency=afterok:{ids[-1]}", "--kill-on-invalid-dep=yes"]
+        ids.append(_sbatch(script, args, {**env, "STEPC_STAGES": str(index)}))
+    return ids
+
+
+def _job_name(script: Path) -> str:
+    """The `#SBATCH --job-name` of run.sbatch (the experiment name)."""
+    for line in script.read_text().splitlines():
+        if line.startswith("#SBATCH --job-name="):
+            return line.split("=", 1)[1].strip().strip("'\"")
+    return script.parent.name
