@@ -29,12 +29,18 @@ class Costs:
     adapter_tensors: int = 0
     fixed_tensors: int = 0
     step_bytes: int = 0
+    ranks: int = 1  # "device": FSDP shards parameters, gradients and moments over this many ranks
+    activation_layer_bytes: int = 0  # "device": activations one decoder layer keeps per rank
+    activation_fixed_bytes: int = 0  # "device": logits, all-gather buffers, a recomputed layer
 
     def stage_bytes(self, new: int, old: int) -> int:
-        """Model-state bytes of a stage that trains `new` layers above `old` frozen, adapted layers."""
+        """Bytes of a stage that trains `new` layers above `old` frozen, adapted layers (per rank if ranks > 1)."""
         trained = new * self.layer_params + old * self.adapter_params + self.fixed_params
         tensors = new * self.layer_tensors + old * self.adapter_tensors + self.fixed_tensors
-        return TRAINED_BYTES * trained + self.frozen_bytes * old * self.layer_params + self.step_bytes * tensors
+        sharded = TRAINED_BYTES * trained + self.frozen_bytes * old * self.layer_params
+        # AdamW's step scalars are not sharded: every rank holds one per parameter tensor.
+        return (-(-sharded // self.ranks) + self.step_bytes * tensors
+                + (new + old) * self.activation_layer_bytes + self.activation_fixed_bytes)
 
     def trainable_params(self, new: int, old: int) -> int:
         return new * self.layer_params + old * self.adapter_params + self.fixed_params
@@ -75,10 +81,39 @@ def exact_costs(spec: Spec) -> Costs:
     )
 
 
+def device_costs(spec: Spec) -> Costs:
+    """Per-GPU peak estimate: exact model states sharded over the ranks, plus activations.
+
+    Activations per token of one decoder layer (kept for backward, in the compute dtype): the two
+    norm inputs and outputs, q/k/v, the attention output, gate, up, SiLU(gate) and their product
+    (6 d + 2 kv + 4 I elements; sdpa/flash attention keeps no s x s scores), plus the norms' fp32
+    upcasts (2 d x 4 bytes). With activation checkpointing a layer keeps only its input (d) and
+    one layer is recomputed at a time. Fixed: the fp32 logits and their gradient (V x 8 bytes per
+    token, plus the compute-dtype logits), two layers' all-gathered parameters (FSDP prefetch) and
+    the unsharded root (embeddings, head). Frozen layers with adapters still back-propagate, so
+    they keep activations too. An estimate: not yet checked against a GPU measurement here.
+    """
+    base = exact_costs(spec)
+    m, tr, la = spec.model, spec.train, spec.launch
+    ranks = 1 if spec.experiment.method == "galore" else la.nnodes * la.nproc_per_node
+    elt = 2 if tr.precision == "bf16" else 4
+    d, inter = m.hidden_size, m.intermediate_size
+    kv = m.num_key_value_heads * (d // m.num_attention_heads)
+    tokens = tr.micro_batch_size * m.seq_len
+    full_layer = tokens * (elt * (6 * d + 2 * kv + 4 * inter) + 8 * 2 * d)
+    per_layer = tokens * elt * d if tr.activation_checkpointing else full_layer
+    fixed = tokens * m.vocab_size * (elt + 8) + 2 * elt * base.layer_params + elt * base.fixed_params
+    if tr.activation_checkpointing:
+        fixed += full_layer
+    return Costs(**{**base.__dict__, "ranks": ranks, "activation_layer_bytes": per_layer, "activation_fixed_bytes": fixed})
+
+
 def costs_for(spec: Spec) -> Costs:
-    """The cost model named by memory.accounting ("device" adds activations in the runtime issue)."""
+    """The cost model named by memory.accounting."""
     if spec.memory.accounting == "paper":
         return paper_costs(spec.model.hidden_size, spec.step.lora_rank)
+    if spec.memory.accounting == "device":
+        return device_costs(spec)
     return exact_costs(spec)
 
 

@@ -5,11 +5,13 @@
     -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
 
 Launched by stage-<i>.sh through torchrun; every rank runs this file.
+
+Fault injection (tests only): STEPC_FAULT_NONFINITE_AT_STEP=N treats the loss of (1-based) step N
+as NaN, exercising the non-finite-loss stop without waiting for a real divergence.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -67,7 +68,7 @@ class Stage:
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
-    manifest, complete = preflight(manifest_path, stage_index, allow)
+    manifest, complete = preflight(manifest_path, stage_index, allow, data=False)  # data: _load_data checks it all
     info = manifest["plan"]["stages"][stage_index - 1]
     final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
     if complete:
@@ -137,6 +138,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             group["lr"] = lr
         loss = _train_step(st, model, optimizer, sampler, step)
         done = step + 1
+        if done == _fault_step("STEPC_FAULT_NONFINITE_AT_STEP"):
+            loss = float("nan")
         if not math.isfinite(loss):
             metrics.write(event="nonfinite_loss", stage=st.index, step=done, loss=str(loss))
             raise RuntimeFailure(f"non-finite loss {loss} at stage {st.index} step {done}; the last good checkpoint is kept "
@@ -158,9 +161,33 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         if done % spec["eval"]["every_steps"] == 0 and done != steps:
             _evaluate(st, model, evals, metrics, done)
         if done % tr["checkpoint_every"] == 0 and done != steps:
-            ckpt.save(st.dir, done, model, optimizer, {"step": done}, tr["keep_checkpoints"])
+            _save_checkpoint(st, done, model, optimizer)
     _evaluate(st, model, evals, metrics, steps)
     _finish(st, model, metrics, steps)
+
+
+def _fault_step(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
+    """ckpt.save, with a failed write (disk full, permissions) turned into a RuntimeFailure that names it."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        ckpt.save(st.dir, done, model, optimizer, {"step": done}, st.spec["train"]["keep_checkpoints"])
+    except (OSError, CheckpointException) as exc:
+        cause = exc
+        if isinstance(exc, CheckpointException):  # DCP wraps each rank's error: report the first OSError
+            cause = next((e for e, _ in exc.failures.values() if isinstance(e, OSError)), exc)
+            if not isinstance(cause, OSError):
+                raise
+        found = ckpt.newest_complete(st.dir, warn=False)
+        kept = f"the last complete checkpoint {found[1]} is kept" if found else "no complete checkpoint exists yet"
+        raise RuntimeFailure(f"cannot write checkpoint {ckpt.step_dir(st.dir, done)} (stage {st.index} step {done}): "
+                             f"{cause}; {kept}. Free disk space (or fix permissions), then rerun the stage script "
+                             "to resume") from None
 
 
 def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -> float:
