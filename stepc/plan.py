@@ -22,10 +22,10 @@ def make_plan(spec: Spec) -> dict[str, Any]:
     costs, exact = costs_for(spec), exact_costs(spec)
     layout = choose_layout(spec, costs)
     method = spec.experiment.method
+    galore = method == "galore"
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
         new, old, sched = phase["new"], phase["old"], phase["schedule"]
-        galore = method == "galore"
         stages.append({
             "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": old,
             "trainable_params": costs.trainable_params(new, old), "frozen_params": costs.frozen_params(new, old),
