@@ -23,7 +23,8 @@ class Change:
 
     @property
     def section(self) -> str:
-        return self.path.split(".", 1)[0].split("[", 1)[0]
+        top = self.path.split(".", 1)[0].split("[", 1)[0]
+        return "environment" if top == "stepc_version" else top  # a version, like torch's: not the experiment
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

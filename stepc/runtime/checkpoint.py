@@ -9,6 +9,7 @@ the checkpoint is skipped with a warning that names it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
+LOW_SPACE = 64 << 20  # a failed write with less free space than this is reported as a full disk
 
 
 def step_dir(stage_dir: Path, step: int) -> Path:
@@ -62,26 +64,42 @@ def newest_complete(stage_dir: Path, warn: bool = True) -> tuple[int, Path] | No
 
 def save(stage_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          extra: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    A failed write (e.g. a full disk) removes the partial ".tmp" directory where it can, frees
+    its space, and re-raises; the previous complete checkpoints are untouched.
+    """
     final = step_dir(stage_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        # Per-rank RNG and loop state: small, so plain torch.save beside the shards.
+        torch.save({"rng": torch.get_rng_state(), **extra}, tmp / f"extra-rank{rank}.pt")
+        _fsync_dir_files(tmp)
+        dist.barrier()
+        if rank == 0:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException as exc:  # DCP raises CheckpointException, a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        free = _free_bytes(stage_dir)  # measured before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)  # never picked anyway (".tmp"), but it holds disk space
+        if not isinstance(exc, OSError) and free is not None and free < LOW_SPACE:
+            # A full disk does not always surface as ENOSPC: torch.save's zip writer reports "unexpected pos".
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {tmp} ({free} bytes free; "
+                                        f"{_first_line(exc)})") from exc
+        raise
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    # Per-rank RNG and loop state: small, so plain torch.save beside the shards.
-    torch.save({"rng": torch.get_rng_state(), **extra}, tmp / f"extra-rank{rank}.pt")
-    _fsync_dir_files(tmp)
-    dist.barrier()
-    if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         _prune(stage_dir, keep)
     dist.barrier()
     return final
@@ -118,6 +136,21 @@ def _write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        exc = next(iter(failures.values()))[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _fsync_dir_files(path: Path) -> None:

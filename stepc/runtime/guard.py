@@ -52,11 +52,12 @@ def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
     return manifest
 
 
-def preflight(manifest_path: Path, stage_index: int, allow: set[str]) -> tuple[dict[str, Any], bool]:
+def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True) -> tuple[dict[str, Any], bool]:
     """Every check that needs no torch: (verified manifest, stage already complete?).
 
     Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
-    torchrun turns any worker's exit code into 1 and would hide the 2; the workers repeat it.
+    torchrun turns any worker's exit code into 1 and would hide the 2; the workers repeat it
+    (with data=False: they compare the full data fingerprint themselves after loading the data).
     """
     manifest = load_verified_manifest(manifest_path, allow)
     stages = manifest["plan"]["stages"]
@@ -65,6 +66,8 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str]) -> tuple[d
     if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
         return manifest, True
     previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
+    if data:
+        check_data_files(manifest_path.parent, manifest["spec"]["data"], allow)
     return manifest, False
 
 
@@ -79,6 +82,45 @@ def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
     return export
 
 
+def check_data_files(run_dir: Path, data: dict[str, Any], allow: set[str]) -> None:
+    """Preflight half of check_data_fingerprint: the data files (paths, sizes, contents) recorded by an
+    earlier stage or attempt must still be there unchanged. Names each file that differs."""
+    path = run_dir / "data-fingerprint.json"
+    if "data-change" in allow or not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
+                             "or pass --allow-data-change") from None
+    from stepc.runtime.data import _sha256_file, expand_patterns  # numpy/tokenizers, no torch
+
+    changed: list[str] = []
+    datasets = {"train": data["train"], **{name: [pattern] for name, pattern in data.get("validation", {}).items()}}
+    for name, patterns in sorted(datasets.items()):
+        before = {e["path"]: e for e in recorded.get(name, {}).get("files", [])}
+        try:
+            files = expand_patterns(patterns)
+        except ValueError as exc:
+            changed.append(f"{name}: {exc}")
+            continue
+        now = {f.as_posix() for f in files}
+        changed += [f"{name}: {gone} is gone" for gone in sorted(set(before) - now)]
+        for file in files:
+            entry = before.get(file.as_posix())
+            if entry is None:
+                changed.append(f"{name}: {file} is new")
+            elif file.stat().st_size != entry["size"]:
+                changed.append(f"{name}: {file} changed size ({entry['size']} -> {file.stat().st_size} bytes)")
+            elif _sha256_file(file) != entry["sha256"]:
+                changed.append(f"{name}: {file} changed content (sha256)")
+    if changed:
+        more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise RuntimeFailure(f"the data differs from what this run read before (data fingerprint mismatch: "
+                             f"{'; '.join(changed[:5])}{more}; recorded in {path}). Restore the original files, "
+                             "or pass --allow-data-change to continue on the new data")
+
+
 def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int, allow: set[str]) -> None:
     """The first stage records the data it read; later stages and resumes must read the same."""
     path = run_dir / "data-fingerprint.json"
@@ -86,7 +128,8 @@ def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int
         recorded = json.loads(path.read_text())
         if recorded != fingerprint and "data-change" not in allow:
             names = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-            raise RuntimeFailure(f"the data differs from what this run read before ({', '.join(names)}; recorded in {path}). "
+            raise RuntimeFailure(f"the data differs from what this run read before (data fingerprint mismatch: "
+                                 f"{', '.join(names)}; recorded in {path}). "
                                  "Restore the original files, or pass --allow-data-change to continue on the new data")
         return
     if rank == 0:
