@@ -123,27 +123,11 @@ def test_galore_needs_a_single_rank(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """Three plays and one validation text from the bundled corpus: enough for a tokenizer, fast to pack."""
-    from stepc.corpus import build_corpus
-
-    source = ROOT / "data" / "corpus"
-    if not (source / "COMPLETE").exists():
-        build_corpus(source)
-    dest = tmp_path_factory.mktemp("corpus")
-    for sub, names in (("train", sorted((source / "train").glob("*.txt"))[:3]), ("validation", sorted((source / "validation").glob("*.txt"))[:1])):
-        (dest / sub).mkdir()
-        for path in names:
-            (dest / sub / path.name).write_bytes(path.read_bytes())
-    return dest
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, corpus_dir):
+def trained_run(tmp_path_factory, small_corpus):
     """A vanilla run of 8 steps on one rank: small, but a real torchrun stage and a real export."""
     out = tmp_path_factory.mktemp("methods")
     spec = out / "spec.toml"
-    spec.write_text(spec_for("vanilla", steps=8, corpus=corpus_dir, name="eval-run"))
+    spec.write_text(spec_for("vanilla", steps=8, corpus=small_corpus, name="eval-run"))
     subprocess.run([sys.executable, "-m", "stepc.cli", "compile", str(spec), "--out", str(out)], check=True, capture_output=True)
     run_dir = out / "eval-run"
     subprocess.run(["bash", str(run_dir / "stage-1.sh")], check=True, capture_output=True, cwd=out,
