@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,8 +93,9 @@ def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
 def run_method(method: str, steps: int, out: Path) -> dict:
     spec_path = out / f"{method}.toml"
     spec_path.write_text(spec_text(method, steps))
-    stepc("compile", str(spec_path), "--out", str(out), "--force")
     run_dir = out / f"quality-{method}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # --force keeps checkpoints: a rerun would train nothing
+    stepc("compile", str(spec_path), "--out", str(out))
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir)], check=True, cwd=ROOT, env=env,
