@@ -282,3 +282,34 @@ def test_disk_full_during_checkpoint_keeps_previous_and_resumes(fast_run):
         again = check_ok(run_stage(run_dir, 1, timeout=STAGE_TIMEOUT))
         _resumed_from(again, stage_dir, 2)
         _finished(run_dir)
+
+
+def test_force_recompile_with_a_different_plan_never_resumes_the_old_checkpoints(tmp_path):
+    """`stepc compile --force` keeps checkpoints; a changed spec must not train on top of them."""
+    import subprocess
+    import sys
+
+    from stepc.cli import main
+
+    spec = tmp_path / "spec.toml"
+    base = ('[experiment]\nname = "ident"\n[model]\nhidden_size = 64\nnum_layers = 4\nnum_attention_heads = 4\n'
+            'vocab_size = 512\nseq_len = 64\n[memory]\nlayers = {layers}\n[train]\nglobal_batch_tokens = 512\n'
+            'micro_batch_size = 1\n[step]\nlora_rank = 8\n[data]\ntokenizer = "bpe-512"\n')
+
+    def preflight():
+        return subprocess.run([sys.executable, "-m", "stepc.runtime", "--preflight", "--manifest",
+                               str(tmp_path / "runs" / "ident" / "manifest.json"), "--stage", "1"],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    spec.write_text(base.format(layers="[2, 2]"))
+    assert main(["compile", str(spec), "--out", str(tmp_path / "runs")]) == 0
+    first = preflight()
+    assert first.returncode == 0, first.stderr  # records the experiment beside the (future) checkpoints
+    spec.write_text(base.format(layers="[3, 1]"))
+    assert main(["compile", str(spec), "--out", str(tmp_path / "runs"), "--force"]) == 0
+    changed = preflight()
+    assert changed.returncode == 2
+    assert "different spec or plan" in changed.stderr and "Traceback" not in changed.stderr
+    spec.write_text(base.format(layers="[2, 2]"))
+    assert main(["compile", str(spec), "--out", str(tmp_path / "runs"), "--force"]) == 0
+    assert preflight().returncode == 0  # the original experiment resumes

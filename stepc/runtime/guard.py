@@ -5,13 +5,15 @@ Each refusal says what differs and how to proceed; `--allow-<what>` overrides on
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from stepc import __version__
-from stepc.manifest import content_hash, sha256_bytes
+from stepc.manifest import canonical_json, content_hash, sha256_bytes
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
 # Written last into an export directory (see export.py); kept here so this module stays free of
@@ -63,12 +65,39 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     stages = manifest["plan"]["stages"]
     if not 1 <= stage_index <= len(stages):
         raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{len(stages)}")
+    if "edited-manifest" not in allow:  # who accepts an edited manifest accepts the checkpoints made before the edit
+        check_experiment_identity(manifest_path.parent, manifest)
     if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
         return manifest, True
     previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
     if data:
         check_data_files(manifest_path.parent, manifest["spec"]["data"], allow)
     return manifest, False
+
+
+def experiment_identity(manifest: dict[str, Any]) -> str:
+    """Hash of what is trained (normalised spec and plan), not of versions or script bytes."""
+    return "sha256:" + hashlib.sha256(canonical_json([manifest["spec"], manifest["plan"]]).encode()).hexdigest()
+
+
+def check_experiment_identity(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Checkpoints belong to one experiment: `stepc compile --force` keeps them, so a recompile that
+    changed the spec or the plan must not resume from (or grow out of) the old run's weights."""
+    record = run_dir / "checkpoints" / "EXPERIMENT"
+    identity = experiment_identity(manifest)
+    if not record.exists():
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".part")
+        tmp.write_text(identity + "\n")
+        os.replace(tmp, record)
+        return
+    recorded = record.read_text().strip()
+    if recorded != identity:
+        raise RuntimeFailure(
+            f"the checkpoints in {record.parent} were trained for a different spec or plan than manifest.json "
+            f"describes ({recorded[:19]} vs {identity[:19]}): `stepc compile --force` keeps training outputs. "
+            f"Move {record.parent} aside to start this experiment afresh, recompile the original spec to resume it, "
+            "or pass --allow-edited-manifest to train this manifest on top of them")
 
 
 def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
