@@ -21,7 +21,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     from transformers import AutoModelForCausalLM
 
     from stepc.diff import load_manifest
-    from stepc.runtime.data import holdout_split, iter_eval_batches, open_datasets
+    from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
+    from stepc.runtime.metrics import loss_sums
 
     manifest = load_manifest(run_dir)
     export = run_dir / "export"
@@ -36,21 +37,11 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read the run's data: {exc}", file=str(run_dir),
                         fix="run from the directory the spec's data paths are relative to") from None
-    sets: dict[str, tuple[Any, Any]] = {}
-    _, heldout = holdout_split(train.num_blocks, spec["data"]["holdout_fraction"], spec["experiment"]["seed"])
-    if len(heldout):
-        sets["heldout"] = (train.blocks, heldout)
-    sets.update({name: (ds.blocks, None) for name, ds in named.items()})
+    _, sets = eval_sets(train, named, spec["data"]["holdout_fraction"], spec["experiment"]["seed"])
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
-    with torch.no_grad():
-        for name, (blocks, indices) in sets.items():
-            total, count = 0.0, 0
-            for batch in iter_eval_batches(blocks, batch_size, 0, 1, spec["eval"]["max_tokens"], indices):
-                x = torch.from_numpy(batch).to(device)
-                n = x.shape[0] * (x.shape[1] - 1)
-                total += model(input_ids=x, labels=x).loss.item() * n
-                count += n
-            result["perplexity"][name] = math.exp(total / count)
+    for name, (blocks, indices) in sets.items():
+        total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec["eval"]["max_tokens"], indices), device).tolist()
+        result["perplexity"][name] = math.exp(total / count)
     if tasks:
         result["tasks"] = _lm_eval(model, export, tasks, include_path, limit, batch_size, device)
     _write_json(run_dir / "eval.json", result)

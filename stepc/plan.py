@@ -10,7 +10,7 @@ from typing import Any
 from stepc.errors import UserError
 from stepc.layout import Layout, pinned_layout, solve_layout
 from stepc.memory import Costs, costs_for, exact_costs, vanilla_bytes
-from stepc.schedule import StageSchedule, flops_per_token, stage_schedule
+from stepc.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
 from stepc.spec import Spec
 from stepc.units import format_bytes
 
@@ -43,7 +43,7 @@ def make_plan(spec: Spec) -> dict[str, Any]:
         "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
-        "flops_budget": float(6 * spec.model.num_layers * costs.layer_params * spec.train.reference_steps * spec.train.global_batch_tokens),
+        "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
         "layers": layout.layers, "stages": stages,
     }
 
@@ -59,7 +59,7 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
     P, E = costs.layer_params, costs.adapter_params
     if spec.experiment.method == "relora":
         warm, batch = st.relora_warm_start_steps, tr.global_batch_tokens
-        budget = 6 * L * P * tr.reference_steps * batch
+        budget = vanilla_flops(P, L, tr.reference_steps, batch)
         lora_step = flops_per_token(L * E, L * P, tr.flops_accounting) * batch
         lora_steps = (budget - 6 * L * P * warm * batch) // lora_step
         total = warm + lora_steps

@@ -28,12 +28,17 @@ def flops_per_token(trainable: int, frozen: int, accounting: str) -> int:
     return 6 * trainable + FROZEN_FLOPS[accounting] * frozen
 
 
+def vanilla_flops(layer_params: int, num_layers: int, reference_steps: int, batch_tokens: int) -> int:
+    """The budget every method gets: C = 6 N T of the vanilla reference run (Appendix E)."""
+    return 6 * num_layers * layer_params * reference_steps * batch_tokens
+
+
 def stage_schedule(
     trainable: list[int], frozen: list[int], vanilla_params: int,
     reference_steps: int, batch_tokens: int, grow_at: float, accounting: str,
 ) -> list[StageSchedule]:
     """Steps per stage for non-embedding trainable/frozen parameter counts per stage."""
-    budget = 6 * vanilla_params * reference_steps * batch_tokens
+    budget = vanilla_flops(vanilla_params, 1, reference_steps, batch_tokens)
     out: list[StageSchedule] = []
     spent = 0
     last = len(trainable) - 1

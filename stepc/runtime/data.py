@@ -384,3 +384,17 @@ def open_datasets(data: dict[str, Any], seq_len: int, cache: Path) -> tuple[Toke
     named = {name: PackedDataset([pattern], tok, seq_len, cache, data["text_field"], tok_hash)
              for name, pattern in sorted(data["validation"].items())}
     return tok, train, named
+
+
+def eval_sets(train: PackedDataset, named: dict[str, PackedDataset], holdout_fraction: float,
+              seed: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
+    """(training block indices, {name: (blocks, indices)}): the held-out split plus the named sets.
+
+    One definition for the runtime's evaluations and `stepc eval`, so both score the same blocks.
+    """
+    train_idx, heldout_idx = holdout_split(train.num_blocks, holdout_fraction, seed)
+    sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    if len(heldout_idx):
+        sets["heldout"] = (train.blocks, heldout_idx)
+    sets.update({name: (ds.blocks, None) for name, ds in named.items()})
+    return train_idx, sets

@@ -63,3 +63,15 @@ def gpu_peak_flops(device: torch.device) -> float | None:
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world: int) -> float | None:
     """Model FLOPs utilisation by the plan's FLOPs accounting; None where the GPU's peak is unknown."""
     return None if not peak else tokens_per_s * flops_per_token / (peak * world)
+
+
+@torch.no_grad()
+def loss_sums(model: torch.nn.Module, batches, device: torch.device) -> torch.Tensor:
+    """[sum of token losses, predicted tokens] over `batches` (numpy token blocks); perplexity is
+    exp(sum / tokens) once summed over ranks. Shared by the runtime's evaluations and `stepc eval`."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        x = torch.from_numpy(batch).to(device)
+        n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
+        sums += torch.tensor([model(input_ids=x, labels=x).loss.item() * n, n], dtype=torch.float64)
+    return sums

@@ -25,12 +25,12 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.runtime import checkpoint as ckpt
-from stepc.runtime.data import BlockSampler, PackedDataset, holdout_split, iter_eval_batches, open_datasets
+from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
 from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
-from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, mfu, model_state_bytes, peak_memory_bytes
+from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, loss_sums, mfu, model_state_bytes, peak_memory_bytes
 from stepc.runtime.model import fresh_model, grown_model
 
 
@@ -289,13 +289,8 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any
     st.tokenizer = tok
     fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
     check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
-    train_idx, heldout_idx = holdout_split(train.num_blocks, data["holdout_fraction"], st.spec["experiment"]["seed"])
-    evals: dict[str, Any] = {"_train_idx": train_idx}
-    if len(heldout_idx):
-        evals["heldout"] = (train.blocks, heldout_idx)
-    for name, ds in named.items():
-        evals[name] = (ds.blocks, None)
-    return train, evals
+    train_idx, evals = eval_sets(train, named, data["holdout_fraction"], st.spec["experiment"]["seed"])
+    return train, {"_train_idx": train_idx, **evals}
 
 
 @torch.no_grad()
@@ -303,13 +298,9 @@ def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, s
     model.eval()
     result = {}
     for name, (blocks, indices) in evals.items():
-        sums = torch.zeros(2, dtype=torch.float64)
-        for batch in iter_eval_batches(blocks, st.spec["train"]["micro_batch_size"], st.rank, st.world,
-                                       st.spec["eval"]["max_tokens"], indices):
-            x = torch.from_numpy(batch).to(st.device)
-            loss = model(input_ids=x, labels=x).loss.double().cpu()
-            n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
-            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        batches = iter_eval_batches(blocks, st.spec["train"]["micro_batch_size"], st.rank, st.world,
+                                    st.spec["eval"]["max_tokens"], indices)
+        sums = loss_sums(model, batches, st.device)
         dist.all_reduce(sums)
         if sums[1] > 0:
             result[name] = math.exp(sums[0].item() / sums[1].item())
