@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from stepc.errors import UserError
+from stepc.layout import layout_allowed
 from stepc.spec import Spec
 
 
@@ -49,6 +50,7 @@ def _problems(spec: Spec):
             yield "memory.stages", f"stages = {mem.stages} but layers pins {len(mem.layers)} stages", "remove stages or make it match len(layers)"
         if mem.stages == "auto":
             yield "memory.stages", "stages = \"auto\" cannot be combined with pinned layers", "remove one of stages = \"auto\" and layers"
+    yield from _growth_problems(spec)
     if st.lora_rank > m.hidden_size:
         yield "step.lora_rank", f"rank {st.lora_rank} exceeds hidden_size {m.hidden_size}", "use a rank below hidden_size (the paper uses 128)"
     ranks = la.nnodes * la.nproc_per_node
@@ -73,3 +75,23 @@ def _problems(spec: Spec):
         if name == "heldout" or not name.replace("-", "_").isidentifier():
             yield f"data.validation.{name}", f"validation set name {name!r} is reserved or not a plain name", "use letters, digits, '_' or '-', and not 'heldout'"
 
+
+
+STACK_OPERATORS = ("stack", "stack-middle")
+
+
+def _growth_problems(spec: Spec):
+    """Growth-operator rules: stacking places its own layers, and a fixed block must fit every growth."""
+    st, mem, L = spec.step, spec.memory, spec.model.num_layers
+    stacking = st.growth_operator in STACK_OPERATORS
+    if stacking and "position" in st.model_fields_set:
+        yield "step.position", f"growth_operator = \"{st.growth_operator}\" places the copied block itself; position = \"{st.position}\" would be ignored", "remove position (or use an interpolation operator)"
+    if st.stack_block is None or spec.experiment.method != "step":
+        return
+    b = st.stack_block
+    if not stacking:
+        yield "step.stack_block", f"stack_block only applies to the stacking operators, not growth_operator = \"{st.growth_operator}\"", "remove stack_block, or set growth_operator = \"stack\" or \"stack-middle\""
+    elif mem.layers is not None and not layout_allowed(mem.layers, b):
+        yield "memory.layers", f"pinned layers {mem.layers} do not grow by whole {b}-layer blocks (stage 1 needs >= {b} layers, every later stage a multiple of {b})", f"pin multiples of {b}, or change step.stack_block"
+    elif isinstance(mem.stages, int) and mem.stages > 1 and L < b * mem.stages:
+        yield "step.stack_block", f"{mem.stages} stages of whole {b}-layer blocks need at least {b * mem.stages} layers; the model has {L}", f"use a block of at most {L // mem.stages} layers, or fewer stages"

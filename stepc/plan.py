@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.layout import Layout, pinned_layout, solve_layout
+from stepc.layout import Layout, layout_feasible, pinned_layout, solve_layout
 from stepc.memory import Costs, costs_for, exact_costs, vanilla_bytes
 from stepc.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
 from stepc.spec import Spec
@@ -82,28 +82,40 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
     return phases
 
 
+def layer_multiple(spec: Spec) -> int:
+    """Every growth must add a multiple of this many layers (1: no constraint): a stacking operator
+    with a fixed block (step.stack_block) copies whole blocks."""
+    st = spec.step
+    if spec.experiment.method == "step" and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
+        return st.stack_block
+    return 1
+
+
 def choose_layout(spec: Spec, costs: Costs) -> Layout:
     """Pinned, fixed-K optimum, or the fewest stages that fit the budget; infeasible budgets are user errors."""
     mem, L = spec.memory, spec.model.num_layers
+    multiple = layer_multiple(spec)
     if mem.layers is not None:
         layout = pinned_layout(costs, mem.layers)
     elif mem.stages == "auto":
         for k in range(1, min(L, AUTO_STAGES_LIMIT) + 1):
-            layout = solve_layout(costs, L, k, mem.solver)
+            if not layout_feasible(L, k, multiple):
+                break
+            layout = solve_layout(costs, L, k, mem.solver, multiple)
             if layout.peak_bytes <= mem.budget:
                 return layout
         _raise_infeasible(spec, costs)
     else:
-        layout = solve_layout(costs, L, mem.stages, mem.solver)
+        layout = solve_layout(costs, L, mem.stages, mem.solver, multiple)
     if mem.budget is not None and spec.experiment.method == "step" and layout.peak_bytes > mem.budget:
         _raise_infeasible(spec, costs, layout)
     return layout
 
 
 def _raise_infeasible(spec: Spec, costs: Costs, tried: Layout | None = None) -> None:
-    mem, L = spec.memory, spec.model.num_layers
-    counts = sorted({1, 2, 3, 4, 6, 8, min(L, AUTO_STAGES_LIMIT)} & set(range(1, L + 1)))
-    best = {k: solve_layout(costs, L, k, mem.solver).peak_bytes for k in counts}
+    mem, L, multiple = spec.memory, spec.model.num_layers, layer_multiple(spec)
+    counts = sorted(k for k in {1, 2, 3, 4, 6, 8, min(L, AUTO_STAGES_LIMIT)} if k <= L and layout_feasible(L, k, multiple))
+    best = {k: solve_layout(costs, L, k, mem.solver, multiple).peak_bytes for k in counts}
     table = ", ".join(f"K={k}: {format_bytes(b)}" for k, b in best.items())
     what = f"layout {tried.layers} peaks at {format_bytes(tried.peak_bytes)}" if tried else "no stage count fits"
     raise UserError(

@@ -79,10 +79,12 @@ class Memory(Section):
 
 
 class Step(Section):
-    growth_operator: Literal["interpolation-mean", "interpolation-copy"] = "interpolation-mean"
-    """How a new layer is initialised: the mean of its two neighbours, or a copy of the lower one (Appendix A)."""
-    position: Literal["upper", "intermediate", "lower", "random"] = "upper"
-    """Where new layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower" or "random" (seeded)."""
+    growth_operator: Literal["interpolation-mean", "interpolation-copy", "stack", "stack-middle"] = "interpolation-mean"
+    """How new layers are made: "interpolation-mean" (mean of the two neighbours, Appendix A), "interpolation-copy" (copy of the lower neighbour), "stack" (G_stack: copies of the top block of the current model, placed on top; n_i = current depth stacks the whole model) or "stack-middle" (MIDAS: copies of the middle block, placed right above it). The stacking operators place layers themselves: do not set position."""
+    position: Literal["upper", "intermediate", "lower", "random", "spread"] = "upper"
+    """Where interpolated layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower", "random" (seeded) or "spread" (evenly, one after each of n_i equal groups: LLaMA-Pro's block expansion with interpolation-copy and fpi = true)."""
+    stack_block: PositiveInt | None = None
+    """growth_operator = "stack"/"stack-middle" only: copy a block of this many layers, repeated n_i / stack_block times; the layout solver then makes every growth a multiple of it (and the first stage at least this deep). Default: the block is min(n_i, current depth) layers, no constraint."""
     fpi: bool = False
     """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)

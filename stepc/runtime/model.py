@@ -42,7 +42,8 @@ def grown_model(spec: dict[str, Any], previous_export: Path, stage: dict[str, An
     seed = spec["experiment"]["seed"] + 1000 * stage["index"]
     new_layers = []
     if stage["new_layers"]:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
-        new_layers = grow_layers(model, stage["new_layers"], step["growth_operator"], step["position"], step["fpi"], seed)
+        new_layers = grow_layers(model, stage["new_layers"], step["growth_operator"], step["position"], step["fpi"], seed,
+                                 block=step["stack_block"])
     old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
     generator = torch.Generator().manual_seed(seed)
     adapters = apply_adapters(model, old, step["lora_rank"], step["lora_alpha"], generator)
