@@ -86,6 +86,9 @@ def _growth_problems(spec: Spec):
     stacking = st.growth_operator in STACK_OPERATORS
     if stacking and "position" in st.model_fields_set:
         yield "step.position", f"growth_operator = \"{st.growth_operator}\" places the copied block itself; position = \"{st.position}\" would be ignored", "remove position (or use an interpolation operator)"
+    yield from _grow_at_tokens_problems(spec)
+    if st.carry_optimizer_state and spec.experiment.method in ("vanilla", "galore"):
+        yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", "remove carry_optimizer_state (it applies to method = \"step\" and \"relora\")"
     if st.stack_block is None or spec.experiment.method != "step":
         return
     b = st.stack_block
@@ -95,3 +98,26 @@ def _growth_problems(spec: Spec):
         yield "memory.layers", f"pinned layers {mem.layers} do not grow by whole {b}-layer blocks (stage 1 needs >= {b} layers, every later stage a multiple of {b})", f"pin multiples of {b}, or change step.stack_block"
     elif isinstance(mem.stages, int) and mem.stages > 1 and L < b * mem.stages:
         yield "step.stack_block", f"{mem.stages} stages of whole {b}-layer blocks need at least {b * mem.stages} layers; the model has {L}", f"use a block of at most {L // mem.stages} layers, or fewer stages"
+
+
+def _grow_at_tokens_problems(spec: Spec):
+    """grow_at_tokens: instead of grow_at, one strictly increasing count per growth, each a whole step."""
+    st, mem, tr = spec.step, spec.memory, spec.train
+    tokens = st.grow_at_tokens
+    if tokens is None:
+        return
+    if spec.experiment.method != "step":
+        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", "remove grow_at_tokens (it applies to method = \"step\")"
+        return
+    if "grow_at" in st.model_fields_set:
+        yield "step.grow_at_tokens", "grow_at and grow_at_tokens both set the growth times", "keep one of them"
+    growths = len(mem.layers) - 1 if mem.layers is not None else (mem.stages - 1 if isinstance(mem.stages, int) else None)
+    if growths is not None and len(tokens) != growths:
+        yield "step.grow_at_tokens", f"{len(tokens)} growth times for {growths} growths ({growths + 1} stages)", f"give {growths} token counts, one per growth"
+    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+        yield "step.grow_at_tokens", f"{tokens} is not strictly increasing (the counts are cumulative tokens since the start of the run)", "list increasing token counts"
+    if tokens[0] < tr.global_batch_tokens:
+        yield "step.grow_at_tokens", f"{tokens[0]} tokens is less than one optimizer step of train.global_batch_tokens = {tr.global_batch_tokens}", f"grow after at least {tr.global_batch_tokens} tokens"
+    steps = [t // tr.global_batch_tokens for t in tokens]
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        yield "step.grow_at_tokens", f"{tokens} rounds down to the optimizer steps {steps} (global_batch_tokens = {tr.global_batch_tokens}): a stage would train no step", "space the growths at least one global batch apart"

@@ -36,6 +36,10 @@ def make_plan(spec: Spec) -> dict[str, Any]:
             "lr_offset": phase["lr_offset"],
             "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
         })
+        if spec.step.carry_optimizer_state:
+            # Parameters whose AdamW state stage i-1 hands over (embeddings, final norm, head: see
+            # stepc/runtime/carry.py). Memory is unchanged: they hold those moments from step 1 either way.
+            stages[-1]["carried_optimizer_params"] = exact.fixed_params if i > 1 else 0
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s["peak_bytes"] for s in stages)
@@ -74,7 +78,8 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
         trainable.append(new * P + old * E)
         frozen.append(old * P)
         old += new
-    schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at, tr.flops_accounting)
+    schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at,
+                              tr.flops_accounting, st.grow_at_tokens)
     phases, old = [], 0
     for new, sched in zip(layers, schedule):
         phases.append({"new": new, "old": old, "lr_offset": 0, "schedule": sched})

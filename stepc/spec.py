@@ -87,8 +87,12 @@ class Step(Section):
     """growth_operator = "stack"/"stack-middle" only: copy a block of this many layers, repeated n_i / stack_block times; the layout solver then makes every growth a multiple of it (and the first stage at least this deep). Default: the block is min(n_i, current depth) layers, no constraint."""
     fpi: bool = False
     """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
+    carry_optimizer_state: bool = False
+    """Carry the AdamW moments and step counts of parameters that survive a growth (in STEP: embeddings, final norm, head) into the next stage instead of restarting them; new layers and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
     """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
+    grow_at_tokens: list[PositiveInt] | None = None
+    """Alternative to grow_at: the cumulative training-token counts at which each growth happens, one per growth (stages - 1 entries), strictly increasing, e.g. [2_000_000_000] grows after 2B tokens. Each is rounded down to whole optimizer steps of train.global_batch_tokens; a stage's cosine spans max(reference_steps, its steps). The last stage still gets the rest of the FLOPs budget, which these must leave room for."""
     lora_rank: PositiveInt = 128
     """Rank r of the ReLoRA adapters on frozen layers (Table 6: 128)."""
     lora_alpha: float = Field(default=32.0, gt=0.0, allow_inf_nan=False)

@@ -51,6 +51,8 @@ def test_whole_block_layout_reaches_the_manifest(tmp_path, capsys):
      "memory.layers", "whole 2-layer blocks"),
     ({"step": {"growth_operator": "stack", "stack_block": 4}, "memory": {"layers": [2, 4], "stages": None}},
      "memory.layers", "whole 4-layer blocks"),
+    ({"experiment": {"method": "vanilla"}, "memory": {"stages": None}, "step": {"carry_optimizer_state": True}},
+     "step.carry_optimizer_state", "no next stage"),
 ])
 def test_growth_misuse_is_a_user_error(tmp_path, capsys, tables, key, words):
     code, err, run_dir = compile_doc(tmp_path, with_(**tables), capsys)
