@@ -10,6 +10,8 @@ from stepc.errors import UserError
 from stepc.layout import layout_allowed
 from stepc.spec import Spec
 
+STAGED = ("step", "growth")  # methods that grow the model over several stages
+
 
 def normalize(spec: Spec, file: str) -> Spec:
     """Fill field-dependent defaults, then check every cross-field rule."""
@@ -18,7 +20,7 @@ def normalize(spec: Spec, file: str) -> Spec:
         "num_key_value_heads": model.num_key_value_heads or model.num_attention_heads,
         "intermediate_size": model.intermediate_size or round(8 / 3 * model.hidden_size),
     })
-    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method == "step" else 1)
+    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method in STAGED else 1)
     memory = memory.model_copy(update={"stages": memory.stages if memory.stages is not None else default_stages})
     spec = spec.model_copy(update={"model": model, "memory": memory})
     for key, problem, fix in _problems(spec):
@@ -35,14 +37,16 @@ def _problems(spec: Spec):
         yield "model.num_attention_heads", f"head dimension {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one", "choose heads so hidden_size / heads is even"
     if m.num_attention_heads % m.num_key_value_heads:
         yield "model.num_key_value_heads", f"{m.num_key_value_heads} key/value heads do not divide {m.num_attention_heads} attention heads", "choose a divisor of num_attention_heads"
-    if exp.method != "step" and mem.stages != 1:
+    if exp.method == "growth" and mem.layers is None:
+        yield "memory.layers", "method \"growth\" trains the whole model in every stage, so memory cannot choose the layout (its peak is always the last stage's)", "pin the layers per stage, e.g. layers = [4, 4] (the whole-model stack of G_stack)"
+    if exp.method not in STAGED and mem.stages != 1:
         yield "memory.stages", f"method '{exp.method}' trains in one stage, got stages = {mem.stages!r}", "set stages = 1 (or remove it), or use method = \"step\""
     if mem.stages == "auto" and mem.budget is None:
         yield "memory.budget", "stages = \"auto\" needs a budget to fit", "set budget, e.g. budget = \"3.5GB\", or give stages as an int"
     if isinstance(mem.stages, int) and mem.stages > m.num_layers:
         yield "memory.stages", f"{mem.stages} stages cannot each add a layer to a {m.num_layers}-layer model", f"use at most {m.num_layers} stages"
     if mem.layers is not None:
-        if exp.method != "step" and len(mem.layers) != 1:
+        if exp.method not in STAGED and len(mem.layers) != 1:
             yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
         if sum(mem.layers) != m.num_layers:
             yield "memory.layers", f"pinned layers {mem.layers} sum to {sum(mem.layers)}, not model.num_layers = {m.num_layers}", "make the per-stage counts add up to num_layers"
@@ -89,7 +93,7 @@ def _growth_problems(spec: Spec):
     yield from _grow_at_tokens_problems(spec)
     if st.carry_optimizer_state and spec.experiment.method in ("vanilla", "galore"):
         yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", "remove carry_optimizer_state (it applies to method = \"step\" and \"relora\")"
-    if st.stack_block is None or spec.experiment.method != "step":
+    if st.stack_block is None or spec.experiment.method not in STAGED:
         return
     b = st.stack_block
     if not stacking:
@@ -106,8 +110,8 @@ def _grow_at_tokens_problems(spec: Spec):
     tokens = st.grow_at_tokens
     if tokens is None:
         return
-    if spec.experiment.method != "step":
-        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", "remove grow_at_tokens (it applies to method = \"step\")"
+    if spec.experiment.method not in STAGED:
+        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", "remove grow_at_tokens (it applies to method = \"step\" and \"growth\")"
         return
     if "grow_at" in st.model_fields_set:
         yield "step.grow_at_tokens", "grow_at and grow_at_tokens both set the growth times", "keep one of them"

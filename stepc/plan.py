@@ -26,20 +26,24 @@ def make_plan(spec: Spec) -> dict[str, Any]:
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
         new, old, sched = phase["new"], phase["old"], phase["schedule"]
+        # method "growth" trains every layer: the stage costs what a vanilla model of old + new layers does
+        trained, frozen = (new + old, 0) if method == "growth" else (new, old)
         stages.append({
-            "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": old,
-            "trainable_params": costs.trainable_params(new, old), "frozen_params": costs.frozen_params(new, old),
-            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(new, old),
+            "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": frozen,
+            "trainable_params": costs.trainable_params(trained, frozen), "frozen_params": costs.frozen_params(trained, frozen),
+            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(trained, frozen),
             # GaLore's projected moments live in optimizer objects the runtime does not measure tensor by tensor.
-            "exact_model_state_bytes": None if galore else exact.stage_bytes(new, old),
+            "exact_model_state_bytes": None if galore else exact.stage_bytes(trained, frozen),
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,
             "lr_offset": phase["lr_offset"],
             "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
         })
         if spec.step.carry_optimizer_state:
-            # Parameters whose AdamW state stage i-1 hands over (embeddings, final norm, head: see
-            # stepc/runtime/carry.py). Memory is unchanged: they hold those moments from step 1 either way.
-            stages[-1]["carried_optimizer_params"] = exact.fixed_params if i > 1 else 0
+            # Parameters whose AdamW state stage i-1 hands over (embeddings, final norm, head; with method
+            # "growth" the old layers too: see stepc/runtime/carry.py). Memory is unchanged: they hold
+            # those moments from their first step on either way.
+            carried = exact.fixed_params + (old * exact.layer_params if method == "growth" else 0)
+            stages[-1]["carried_optimizer_params"] = carried if i > 1 else 0
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s["peak_bytes"] for s in stages)
@@ -55,7 +59,7 @@ def make_plan(spec: Spec) -> dict[str, Any]:
 def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:
     """The runtime stages of each method: (new layers, frozen layers, schedule, global LR offset).
 
-    STEP and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
+    STEP, growth and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
     start, then a phase that adds no layer and puts adapters on all of them, on one global jagged
     cosine (so the second phase's LR continues at `lr_offset`). GaLore: one stage.
     """
@@ -75,8 +79,12 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
         ]
     trainable, frozen, old = [], [], 0
     for new in layers:
-        trainable.append(new * P + old * E)
-        frozen.append(old * P)
+        if spec.experiment.method == "growth":  # the whole grown model trains
+            trainable.append((old + new) * P)
+            frozen.append(0)
+        else:
+            trainable.append(new * P + old * E)
+            frozen.append(old * P)
         old += new
     schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at,
                               tr.flops_accounting, st.grow_at_tokens)
@@ -91,7 +99,7 @@ def layer_multiple(spec: Spec) -> int:
     """Every growth must add a multiple of this many layers (1: no constraint): a stacking operator
     with a fixed block (step.stack_block) copies whole blocks."""
     st = spec.step
-    if spec.experiment.method == "step" and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
+    if spec.experiment.method in ("step", "growth") and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
         return st.stack_block
     return 1
 
@@ -100,7 +108,9 @@ def choose_layout(spec: Spec, costs: Costs) -> Layout:
     """Pinned, fixed-K optimum, or the fewest stages that fit the budget; infeasible budgets are user errors."""
     mem, L = spec.memory, spec.model.num_layers
     multiple = layer_multiple(spec)
-    if mem.layers is not None:
+    if spec.experiment.method == "growth":  # checks require pinned layers; the last stage is the vanilla model
+        layout = Layout(list(mem.layers), costs.stage_bytes(L, 0), "pinned")
+    elif mem.layers is not None:
         layout = pinned_layout(costs, mem.layers)
     elif mem.stages == "auto":
         for k in range(1, min(L, AUTO_STAGES_LIMIT) + 1):
@@ -112,7 +122,7 @@ def choose_layout(spec: Spec, costs: Costs) -> Layout:
         _raise_infeasible(spec, costs)
     else:
         layout = solve_layout(costs, L, mem.stages, mem.solver, multiple)
-    if mem.budget is not None and spec.experiment.method == "step" and layout.peak_bytes > mem.budget:
+    if mem.budget is not None and spec.experiment.method in ("step", "growth") and layout.peak_bytes > mem.budget:
         _raise_infeasible(spec, costs, layout)
     return layout
 

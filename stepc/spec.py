@@ -37,8 +37,8 @@ class Experiment(Section):
     """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is runs/<name>."""
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
-    method: Literal["step", "vanilla", "relora", "galore"] = "step"
-    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines)."""
+    method: Literal["step", "vanilla", "relora", "galore", "growth"] = "step"
+    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), or "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers)."""
 
 
 class Model(Section):
