@@ -30,16 +30,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# row name -> (experiment.method, extra [step] lines)
+# row name -> (experiment.method, extra [step] lines). STEP rows: the ILP's 2-stage layout (5+3 here).
+# "growth" rows train the whole grown model (G_stack and MIDAS as published) on a pinned 4+4 layout:
+# G_stack doubles the model (whole-model stack), MIDAS copies its middle 2-layer block twice.
 VARIANTS = {
     "vanilla": ("vanilla", ""),
     "relora": ("relora", ""),
     "galore": ("galore", ""),
     "step": ("step", ""),  # the paper's choice: interpolation-mean, upper
-    "step-stack": ("step", 'growth_operator = "stack"'),  # G_stack's operator
-    "step-stack-middle": ("step", 'growth_operator = "stack-middle"'),  # MIDAS's operator
+    "step-stack": ("step", 'growth_operator = "stack"'),  # G_stack's operator inside STEP
+    "step-stack-middle": ("step", 'growth_operator = "stack-middle"'),  # MIDAS's operator inside STEP
     "step-llama-pro": ("step", 'growth_operator = "interpolation-copy"\nposition = "spread"\nfpi = true'),
     "step-carry": ("step", "carry_optimizer_state = true"),
+    "gstack": ("growth", 'growth_operator = "stack"'),
+    "midas": ("growth", 'growth_operator = "stack-middle"\nstack_block = 2'),
 }
 METHODS = tuple(VARIANTS)
 
@@ -101,7 +105,7 @@ nproc_per_node = 1
 def spec_text(name: str, steps: int, accounting: str = "exact") -> str:
     method, step_extra = VARIANTS[name]
     return BASE.format(
-        name=name, method=method, step_extra=step_extra, accounting=accounting, stages="stages = 2" if method == "step" else "",
+        name=name, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
         steps=steps, reset=max(20, steps // 4), warm=max(10, steps // 10), warmup=max(5, steps // 20),
         ckpt=max(10, steps // 2), lr=1e-2 if method == "galore" else 3e-3, root=ROOT.as_posix(),
     )
