@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from stepc.load import parse_spec
-from stepc.plan import make_plan
+from stepc.compiler.load import parse_spec
+from stepc.compiler.plan import make_plan
 from test_growth_spec import compile_doc, with_
 
 D, R, L, REF, BATCH = 128, 16, 6, 300, 1024
@@ -41,7 +41,7 @@ tokenizer = "bpe-4096"
 [launch]
 nproc_per_node = 2
 """
-    return make_plan(parse_spec(text, "tokens.toml"))
+    return make_plan(parse_spec(text, "tokens.toml")).model_dump()
 
 
 def test_two_stages_grow_after_the_given_tokens():

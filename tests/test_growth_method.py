@@ -10,8 +10,8 @@ import subprocess
 import torch
 
 from conftest import STAGE_TIMEOUT, check_ok, load_weights, read_metrics, run_stage, stage_env
-from stepc.load import parse_spec
-from stepc.plan import make_plan
+from stepc.compiler.load import parse_spec
+from stepc.compiler.plan import make_plan
 from test_grow_at_tokens import BATCH, D, L, P, R, REF
 from test_growth_spec import compile_doc, with_
 from test_optimizer_carry import _dcp_state
@@ -45,7 +45,7 @@ nproc_per_node = 2
 
 
 def test_growth_plan_trains_every_layer_at_vanilla_cost_per_layer():
-    plan = make_plan(parse_spec(GROWTH_SPEC, "g.toml"))
+    plan = make_plan(parse_spec(GROWTH_SPEC, "g.toml")).model_dump()
     budget = 6 * L * P * REF * BATCH
     s1 = round(0.75 * REF)
     c1 = 6 * 3 * P * BATCH * s1

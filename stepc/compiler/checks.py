@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from stepc.errors import UserError
-from stepc.layout import layout_allowed
-from stepc.spec import Spec
+from stepc.compiler.layout import layout_allowed
+from stepc.schema.spec import Spec
 
 STAGED = ("step", "growth")  # methods that grow the model over several stages
 
