@@ -59,3 +59,19 @@ def test_growth_misuse_is_a_user_error(tmp_path, capsys, tables, key, words):
     assert code == 2, err
     assert f"[{key}]" in err and words in err and "fix:" in err and "Traceback" not in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("name,method,operator,layers", [
+    ("recipe-gstack", "growth", "stack", [3, 3]),
+    ("recipe-midas", "growth", "stack-middle", [2, 2, 2]),
+    ("recipe-llama-pro", "step", "interpolation-copy", [4, 2]),
+])
+def test_recipe_specs_compile(tmp_path, capsys, name, method, operator, layers):
+    spec = Path(__file__).resolve().parent.parent / "specs" / f"{name}.toml"
+    assert main(["compile", str(spec), "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+    assert (manifest["spec"]["experiment"]["method"], manifest["spec"]["step"]["growth_operator"]) == (method, operator)
+    assert manifest["plan"]["layers"] == layers
+    if method == "growth":
+        assert all(s["frozen_params"] == 0 for s in manifest["plan"]["stages"])
+        assert "all trained" in (tmp_path / name / "stage-2.sh").read_text()
