@@ -14,7 +14,7 @@ from stepc.compiler.load import parse_spec
 from stepc.compiler.plan import make_plan
 from test_grow_at_tokens import BATCH, D, L, P, R, REF
 from test_growth_spec import compile_doc, with_
-from test_optimizer_carry import _dcp_state
+from test_optimizer_carry import _dcp_state, assert_measured_is_predicted
 
 
 GROWTH_SPEC = f"""
@@ -93,3 +93,4 @@ def test_stack_middle_growth_carries_renumbered_layer_moments_bit_for_bit(make_r
         key = "model.layers.{}.mlp.up_proj.weight"
         assert not torch.equal(final[key.format(grown)], stage1[key.format(source)]), grown
     assert not [m for m in read_metrics(run_dir) if m["event"] == "merge"]  # no adapters anywhere
+    assert_measured_is_predicted(run_dir, plan)  # the whole model's states, as the plan counts them

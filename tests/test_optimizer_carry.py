@@ -27,6 +27,15 @@ def _dcp_state(checkpoint, tmp_path):
     return torch.load(dest, weights_only=False)
 
 
+def assert_measured_is_predicted(run_dir, plan) -> None:
+    """The memory model holds with carry on: every measured model-state byte count equals the compiler's."""
+    metrics = read_metrics(run_dir)
+    for info in plan["stages"]:
+        train = [m for m in metrics if m["event"] == "train" and m["stage"] == info["index"]]
+        assert train and all(m["model_state_bytes"] == m["predicted_model_state_bytes"] for m in train)
+        assert 0 <= train[0]["predicted_model_state_bytes"] - info["exact_model_state_bytes"] < 4 * 200
+
+
 def test_carry_names_follow_renumbered_layers_on_a_real_model():
     """Every name that carry maps across a growth points at the very tensor it was before (layers renumbered)."""
     model = tiny_model(4)
@@ -77,3 +86,4 @@ def test_carried_moments_equal_previous_stage_bit_for_bit(make_run, tmp_path):
     (event,) = [m for m in read_metrics(run_dir) if m["event"] == "optimizer_carry"]
     assert event["stage"] == 2 and sorted(event["carried"]) == sorted(start)
     assert [m for m in read_metrics(run_dir) if m["event"] == "stage_end" and m["stage"] == 2]
+    assert_measured_is_predicted(run_dir, plan)
