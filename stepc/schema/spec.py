@@ -105,7 +105,7 @@ class Step(Section):
     fpi: bool = False
     """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
     carry_optimizer_state: bool = False
-    """Carry the AdamW moments and step counts of parameters that survive a growth (in STEP: embeddings, final norm, head) into the next stage instead of restarting them; new layers and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
+    """Carry the AdamW moments and step counts of parameters that survive a growth (method "step": embeddings, final norm, head; method "growth": also every old layer, matched through its new index) into the next stage instead of restarting them; new layers (copies included) and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
     """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
     grow_at_tokens: list[PositiveInt] | None = None
