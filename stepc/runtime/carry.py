@@ -8,8 +8,9 @@ parameter that *survives* a growth are carried from the last step of stage i int
   In STEP that is the embeddings, the final norm and the head: the layers trained in stage i are
   frozen behind adapters in stage i+1 (frozen tensors have no optimizer state), and the adapters
   are merged into the export and re-initialised, so their old moments describe tensors that no
-  longer exist. For a layer that stays trainable the name is remapped through the growth (old
-  layer j is renumbered when layers are inserted below it).
+  longer exist. With method "growth" (the whole grown model trains) every old layer survives
+  too: its name is remapped through the growth, since old layer j is renumbered when layers are
+  inserted below it (stack-middle, interpolation).
 * New layers start empty (zero moments, step 0), also when they are copies of an old layer. A
   copy sits at another depth (or, with FPI, has zeroed output projections), so its source's
   gradient statistics do not describe its own gradients; in STEP the source was usually frozen in
