@@ -66,6 +66,13 @@ def test_carried_moments_equal_previous_stage_bit_for_bit(make_run, tmp_path):
     final = run_dir / "checkpoints" / "stage-1" / f"step-{steps1:08d}"
     assert (final / "COMPLETE").is_file()  # written at the last step because stage 2 carries from it
 
+    # without stage 1's final checkpoint stage 2 refuses to start (rather than silently not carrying)
+    hidden = final.with_name("hidden")
+    final.rename(hidden)
+    refused = run_stage(run_dir, 2)
+    hidden.rename(final)
+    assert refused.returncode != 0 and "carry_optimizer_state needs stage 1's checkpoint" in refused.stdout + refused.stderr
+
     dump = tmp_path / "start.pt"
     env = {**stage_env(), "STEPC_DUMP_OPTIMIZER_AT_START": str(dump)}
     proc = check_ok(subprocess.run(["bash", str(run_dir / "stage-2.sh")], env=env, cwd=run_dir,
