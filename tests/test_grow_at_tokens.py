@@ -7,10 +7,10 @@ Eq. 4/5 (P_layer = 12 d^2 + 2 d, E = 19 r d) here, independently of stepc/schedu
 from __future__ import annotations
 
 import pytest
+from test_growth_spec import compile_doc, with_
 
 from stepc.compiler.load import parse_spec
 from stepc.compiler.plan import make_plan
-from test_growth_spec import compile_doc, with_
 
 D, R, L, REF, BATCH = 128, 16, 6, 300, 1024
 P, E = 12 * D * D + 2 * D, 19 * R * D

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_spec_errors import BASE, to_toml
 
 from stepc.cli import main
-from test_spec_errors import BASE, to_toml
 
 
 def compile_doc(tmp_path: Path, doc: dict[str, Any], capsys) -> tuple[int, str, Path]:

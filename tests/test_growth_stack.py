@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_growth import ids, layer_params, tiny_model
 
 from stepc.runtime.growth import grow_layers, plan_insertion, stack_plan
-from test_growth import ids, layer_params, tiny_model
 
 
 def grown_sources(before: list[dict[str, torch.Tensor]], model) -> list[int | None]:

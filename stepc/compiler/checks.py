@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
-from stepc.errors import UserError
+from itertools import pairwise
+
 from stepc.compiler.layout import layout_allowed
+from stepc.errors import UserError
 from stepc.schema.spec import Spec
 
 STAGED = ("step", "growth")  # methods that grow the model over several stages
@@ -118,10 +120,10 @@ def _grow_at_tokens_problems(spec: Spec):
     growths = len(mem.layers) - 1 if mem.layers is not None else (mem.stages - 1 if isinstance(mem.stages, int) else None)
     if growths is not None and len(tokens) != growths:
         yield "step.grow_at_tokens", f"{len(tokens)} growth times for {growths} growths ({growths + 1} stages)", f"give {growths} token counts, one per growth"
-    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+    if any(b <= a for a, b in pairwise(tokens)):
         yield "step.grow_at_tokens", f"{tokens} is not strictly increasing (the counts are cumulative tokens since the start of the run)", "list increasing token counts"
     if tokens[0] < tr.global_batch_tokens:
         yield "step.grow_at_tokens", f"{tokens[0]} tokens is less than one optimizer step of train.global_batch_tokens = {tr.global_batch_tokens}", f"grow after at least {tr.global_batch_tokens} tokens"
     steps = [t // tr.global_batch_tokens for t in tokens]
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in pairwise(steps)):
         yield "step.grow_at_tokens", f"{tokens} rounds down to the optimizer steps {steps} (global_batch_tokens = {tr.global_batch_tokens}): a stage would train no step", "space the growths at least one global batch apart"

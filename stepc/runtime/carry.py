@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-__all__ = ["carry_names", "checkpointed_state_names", "load_carried", "dump_state"]
+__all__ = ["carry_names", "checkpointed_state_names", "dump_state", "load_carried"]
 
 LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 ADAPTER = re.compile(r"\.lora_[AB]$")
