@@ -84,12 +84,16 @@ def _compile(spec_path: str):
     from stepc.load import load_spec
     from stepc.plan import make_plan
 
+    from stepc.static_checks import warnings
+
     spec, text = load_spec(spec_path)
     try:
         plan = make_plan(spec)
     except UserError as err:
         err.file = err.file or spec_path
         raise
+    for key, message in warnings(spec, plan):
+        print(f"warning: {spec_path}: [{key}] {message}", file=sys.stderr)
     return spec, text, plan
 
 
@@ -130,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from stepc.diff import diff, load_manifest, render
 
-    changes = diff(load_manifest(args.a), load_manifest(args.b))
+    changes = diff(load_manifest(args.a, deep=False), load_manifest(args.b, deep=False))
     print(render(changes))
     return 1 if changes else 0
 

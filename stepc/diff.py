@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stepc.errors import UserError
+from stepc.rundir_checks import check_is_manifest, check_manifest, manifest_path, read_manifest_json
 
 IGNORED = {"hash"}  # derived from the rest; a differing hash is explained by the fields that differ
 
@@ -27,17 +27,15 @@ class Change:
         return "environment" if top == "stepc_version" else top  # a version, like torch's: not the experiment
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a manifest from a file or a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("no manifest here", file=str(path), fix="pass a run directory made by `stepc compile` or its manifest.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix="pass a manifest.json written by `stepc compile`") from None
+def load_manifest(path: str | Path, deep: bool = True) -> dict[str, Any]:
+    """Read a manifest from a file or a run directory; refuse anything that is not one (exit 2).
+
+    `deep` checks every field the commands read (run, eval, report, verify); `stepc diff` asks only
+    for the top-level shape, so that it can show what an edit changed.
+    """
+    path = manifest_path(path)
+    obj = read_manifest_json(path)
+    return check_manifest(obj, str(path)) if deep else check_is_manifest(obj, str(path))
 
 
 def diff(old: Any, new: Any, path: str = "") -> list[Change]:

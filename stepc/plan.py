@@ -12,6 +12,7 @@ from stepc.layout import Layout, pinned_layout, solve_layout
 from stepc.memory import Costs, costs_for, exact_costs, vanilla_bytes
 from stepc.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
 from stepc.spec import Spec
+from stepc.static_checks import plan_problems
 from stepc.units import format_bytes
 
 AUTO_STAGES_LIMIT = 64  # "auto" tries K = 1, 2, ... up to this (or L); peaks flatten long before
@@ -39,13 +40,16 @@ def make_plan(spec: Spec) -> dict[str, Any]:
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s["peak_bytes"] for s in stages)
-    return {
+    plan = {
         "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
         "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
         "layers": layout.layers, "stages": stages,
     }
+    for key, problem, fix in plan_problems(spec, plan):  # warmups and merges vs stage lengths, budget for baselines
+        raise UserError(problem, key=key, fix=fix)
+    return plan
 
 
 def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:

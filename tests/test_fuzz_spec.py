@@ -336,7 +336,7 @@ def test_mutated_specs_compile_or_fail_cleanly(capsys, tmp_path_factory):
 TINY = {"experiment": {"name": "regression"},
         "model": {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 4, "vocab_size": 4096, "seq_len": 64},
         "memory": {"stages": 2}, "step": {"lora_rank": 16},
-        "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 1},
+        "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 1, "warmup_steps": 10},
         "data": {"tokenizer": "bpe-4096"}, "launch": {"nproc_per_node": 1}}
 
 # Inputs that once escaped the contract (tracebacks, hangs, or a wrong diagnosis), pinned as examples.
