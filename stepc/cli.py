@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
     p.add_argument("--include-path", type=Path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
-    p.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
+    p.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per task (a positive integer)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
     p.set_defaults(func=cmd_help_spec)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a positive integer (argparse turns the ValueError into exit 2 and a usage line)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in its message
 
 
 def _compile(spec_path: str):
@@ -152,9 +163,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stepc.diff import load_manifest
+    from stepc.rundir_checks import manifest_path
 
-    run_dir = Path(args.run_dir)
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(args.run_dir)
+    run_dir = manifest_path(args.run_dir).parent  # RUN_DIR or RUN_DIR/manifest.json
     indices = [s["index"] for s in manifest["plan"]["stages"]]
     if args.stage is not None:
         if args.stage not in indices:
@@ -186,7 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
     print(render(result))
-    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    from stepc.rundir_checks import manifest_path
+
+    print(f"wrote {manifest_path(args.run_dir).parent / 'eval.json'}")
     return 0
 
 

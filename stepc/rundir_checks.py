@@ -80,11 +80,14 @@ def check_is_manifest(obj: Any, file: str) -> dict[str, Any]:
     return obj
 
 
-def check_manifest(obj: Any, file: str) -> dict[str, Any]:
-    """Everything the commands read from a manifest, with the key path of the first thing wrong."""
+def check_manifest(obj: Any, file: str, files: bool = True) -> dict[str, Any]:
+    """Everything the commands read from a manifest, with the key path of the first thing wrong.
+
+    `files=False` leaves the `files` entries to the caller (verify lists every bad one).
+    """
     manifest = check_is_manifest(obj, file)
     fix = "recompile the spec (`stepc compile SPEC --force`) to get a well-formed manifest.json"
-    for name, digest in manifest["files"].items():
+    for name, digest in manifest["files"].items() if files else ():
         problem = file_entry_problem(name, digest)
         if problem:
             raise UserError(problem, file=file, key=f"files.{name}", fix=fix)

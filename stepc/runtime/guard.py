@@ -14,11 +14,13 @@ from typing import Any
 
 from stepc import __version__
 from stepc.manifest import canonical_json, content_hash, sha256_bytes
+from stepc.runtime.export_seal import MARKER, ExportDamaged
+from stepc.runtime.export_seal import check as check_export
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
-# Written last into an export directory (see export.py); kept here so this module stays free of
-# torch/transformers imports and the stage scripts' preflight starts in well under a second.
-EXPORT_DONE = "EXPORT_COMPLETE"
+# Written last into an export directory (see export_seal.py, torch-free like this module, so the
+# stage scripts' preflight starts in well under a second).
+EXPORT_DONE = MARKER
 
 
 def is_exported(path: Path) -> bool:
@@ -69,7 +71,7 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         check_experiment_identity(manifest_path.parent, manifest)
     if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
         return manifest, True
-    previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
+    previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
     if data:
         check_data_files(manifest_path.parent, manifest["spec"]["data"], allow)
     return manifest, False
@@ -100,14 +102,20 @@ def check_experiment_identity(run_dir: Path, manifest: dict[str, Any]) -> None:
             "or pass --allow-edited-manifest to train this manifest on top of them")
 
 
-def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
-    """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist."""
+def previous_stage_export(run_dir: Path, stage: int, hashes: bool = False) -> Path | None:
+    """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist or differs from
+    what its marker recorded. The preflight checks contents (`hashes`); the ranks, after it, check sizes."""
     if stage == 1:
         return None
     export = run_dir / "checkpoints" / f"stage-{stage - 1}" / "final"
     if not is_exported(export):
         raise RuntimeFailure(f"stage {stage} needs stage {stage - 1} to finish first ({export} is missing or incomplete); "
                              f"run stage-{stage - 1}.sh (it resumes where it stopped)")
+    try:
+        check_export(export, hashes)
+    except ExportDamaged as exc:
+        raise RuntimeFailure(f"stage {stage - 1}'s export, which stage {stage} grows from, is damaged: {exc}. Move {export} "
+                             f"aside and rerun stage-{stage - 1}.sh: it re-exports from its last complete checkpoint") from None
     return export
 
 
