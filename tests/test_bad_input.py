@@ -265,7 +265,7 @@ def test_utf8_bom_is_accepted_and_recompiles_identically(tmp_path, capsys):
 
 @pytest.mark.parametrize("budget", ["40Mb", "40mb", "1gb"])
 def test_bits_are_never_read_as_bytes(budget):
-    from stepc.units import parse_bytes
+    from stepc.schema.units import parse_bytes
 
     with pytest.raises(ValueError, match="bits"):
         parse_bytes(budget)

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import REPO, RunFactory, check_ok, run_stage
 from stepc.cli import main
-from stepc.manifest import content_hash, dumps
+from stepc.compiler.manifest import dumps
+from stepc.rundir import content_hash
 
 # One rank, 6 + ~6 steps, one evaluation at the end of each stage: a real stage 1 in a few seconds of training.
 ONE_RANK = {"launch": {"nproc_per_node": 1}, "eval": {"every_steps": 100, "max_tokens": 512},
@@ -91,7 +92,7 @@ def test_verify_refuses_files_entries_outside_the_run_dir(compiled, tmp_path, ca
     run_dir = copy_run(compiled, tmp_path)
     secret = tmp_path / "secret.txt"
     secret.write_text("x")
-    from stepc.manifest import sha256_bytes
+    from stepc.rundir import digest as sha256_bytes
 
     rewrite_manifest(run_dir, lambda m: m["files"].update({"../secret.txt": sha256_bytes(b"x"),
                                                             "/etc/hostname": sha256_bytes(b"x")}))
@@ -260,7 +261,7 @@ def test_report_out_that_is_a_file(compiled, tmp_path, capsys):
 def test_report_of_an_unfinished_run_shows_what_was_trained(stage1, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "report", str(stage1), "--out", str(tmp_path / "report"))
     assert code == 0
-    from stepc.comparison import read_run
+    from stepc.commands.report import read_run
 
     run = read_run(stage1)
     plan = json.loads((stage1 / "manifest.json").read_text())["plan"]

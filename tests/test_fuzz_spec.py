@@ -4,7 +4,7 @@ Hypothesis builds a small valid planning spec (hidden 64..512, 2..16 layers, so 
 fraction of a second), applies 1-3 random mutations (a value of another TOML type, out-of-range,
 huge, negative, NaN/inf numbers, unknown keys at any level, deleted keys and tables, unicode and
 control characters, empty strings, 50-level nested tables), writes it as TOML and runs
-`stepc compile` in-process. The contract (DESIGN.md, "Exit codes"):
+`stepc compile` in-process. The contract (the README's exit codes):
 
 * exit 0: OUT/<experiment.name>/manifest.json exists (and is strict JSON) and nothing else is in OUT;
 * exit 2: stderr starts with "error:", names the spec file, a "[key.path]" and a "fix:", has no
@@ -465,7 +465,8 @@ def _replace(path: Path) -> Path:
 @st.composite
 def rundir_mutations(draw, run_dir: Path, outside: Path) -> str:
     """Damage the run directory `run_dir` in one way; return a label."""
-    from stepc.manifest import content_hash, dumps
+    from stepc.compiler.manifest import dumps
+    from stepc.rundir import content_hash
 
     kind = draw(st.sampled_from(["manifest-value", "manifest-leaf", "manifest-delete", "file", "metrics", "eval-json",
                                  "spec-text"]))

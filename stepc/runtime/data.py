@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from stepc.rules import DATA_SUFFIXES
+from stepc.schema.rules import DATA_SUFFIXES
 from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from stepc.schema.spec import Data
 
 # Bump when packing or the cache layout changes: old caches then simply miss.
 PACK_FORMAT_VERSION = 1
-SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/rules.py)
+SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/schema/rules.py)
 # Second word of the holdout RNG seed. Epoch numbers fill that slot in the sampler, and an epoch
 # never gets this large, so the held-out blocks are independent of every epoch's permutation.
 _HOLDOUT_STREAM = 0x686F6C64  # "hold"
@@ -378,12 +379,12 @@ def eval_num_batches(num_blocks: int, batch_size: int, world: int, seq_len: int,
     return math.ceil((n // world) / batch_size)
 
 
-def open_datasets(data: dict[str, Any], seq_len: int, cache: Path) -> tuple[Tokenizer, PackedDataset, dict[str, PackedDataset]]:
+def open_datasets(data: Data, seq_len: int, cache: Path) -> tuple[Tokenizer, PackedDataset, dict[str, PackedDataset]]:
     """The spec's tokenizer, training blocks and named validation sets (shared by training and `stepc eval`)."""
-    tok, tok_hash = load_tokenizer(data["tokenizer"], expand_patterns(data["train"]), cache, data["text_field"])
-    train = PackedDataset(data["train"], tok, seq_len, cache, data["text_field"], tok_hash)
-    named = {name: PackedDataset([pattern], tok, seq_len, cache, data["text_field"], tok_hash)
-             for name, pattern in sorted(data["validation"].items())}
+    tok, tok_hash = load_tokenizer(data.tokenizer, expand_patterns(data.train), cache, data.text_field)
+    train = PackedDataset(data.train, tok, seq_len, cache, data.text_field, tok_hash)
+    named = {name: PackedDataset([pattern], tok, seq_len, cache, data.text_field, tok_hash)
+             for name, pattern in sorted(data.validation.items())}
     return tok, train, named
 
 

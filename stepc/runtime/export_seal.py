@@ -8,11 +8,12 @@ Torch-free, so the stage preflight can run it before torchrun starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 from pathlib import Path
+
+from stepc.rundir import atomic_write_json, file_sha256_hex
 
 MARKER = "EXPORT_COMPLETE"
 FORMAT = 1
@@ -22,21 +23,11 @@ class ExportDamaged(Exception):
     """An export exists but is not what its marker recorded (or has no usable marker)."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def seal(directory: Path) -> None:
     """Write the marker listing every regular file in `directory` (written last, so its presence means complete)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256_hex(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MARKER}
-    tmp = directory / (MARKER + ".part")
-    tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MARKER)
+    atomic_write_json(directory / MARKER, {"format": FORMAT, "files": files})
 
 
 def check(directory: Path, hashes: bool = True) -> None:
@@ -63,5 +54,5 @@ def check(directory: Path, hashes: bool = True) -> None:
             raise ExportDamaged(f"{path} is not a regular file")
         if info.st_size != entry.get("size"):
             raise ExportDamaged(f"{path} is {info.st_size} bytes, but the export recorded {entry.get('size')}")
-        if hashes and file_sha256(path) != entry.get("sha256"):
+        if hashes and file_sha256_hex(path) != entry.get("sha256"):
             raise ExportDamaged(f"{path} has different content (sha256) than the export recorded")

@@ -1,21 +1,21 @@
 """`stepc report RUN_DIR...`: the paper's Table 2 shape for several runs, and their loss curves.
 
 Reads only what runs wrote (manifest.json, metrics.jsonl, eval.json): peak model-state memory
-(planned and measured), validation perplexity, tokens and FLOPs, one row per run.
+(planned and measured), validation perplexity, tokens and FLOPs, one row per run. A run that has
+not finished is marked so and reports what it actually trained; damaged inputs are named (exit 2).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from stepc.diff import load_manifest
 from stepc.errors import UserError
-from stepc.rundir_checks import manifest_path, read_regular_file
+from stepc.rundir import RunDir, atomic_write_bytes, manifest_path, read_regular_file
 from stepc.runtime.guard import is_exported
+from stepc.schema.manifest import load_manifest
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -25,22 +25,22 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     of the steps it trained, not the plan's; its perplexities are those of its last evaluation.
     """
     manifest = load_manifest(run_dir)
-    run_dir = manifest_path(run_dir).parent
-    plan = manifest["plan"]
-    stages = {s["index"]: s for s in plan["stages"]}
-    records = read_metrics(run_dir / "metrics.jsonl", set(stages))
+    paths = RunDir(manifest_path(run_dir).parent)
+    plan = manifest.plan
+    stages = {s.index: s for s in plan.stages}
+    records = read_metrics(paths.metrics, set(stages))
     curve: dict[int, float] = {}
     done: dict[int, int] = {}
     for r in records:  # a resumed run logs some steps twice: the later line wins
         if r["event"] == "train":
-            curve[stages[r["stage"]]["data_step_offset"] + r["step"]] = r["loss"]
-            done[r["stage"]] = max(done.get(r["stage"], 0), min(r["step"], stages[r["stage"]]["steps"]))
+            curve[stages[r["stage"]].data_step_offset + r["step"]] = r["loss"]
+            done[r["stage"]] = max(done.get(r["stage"], 0), min(r["step"], stages[r["stage"]].steps))
         elif r["event"] == "stage_end":
-            done[r["stage"]] = stages[r["stage"]]["steps"]
-    finished = is_exported(run_dir / "export") and all(done.get(i) == s["steps"] for i, s in stages.items())
+            done[r["stage"]] = stages[r["stage"]].steps
+    finished = is_exported(paths.export) and all(done.get(i) == s.steps for i, s in stages.items())
     evals = [r for r in records if r["event"] == "eval"]
     final_eval = {k[4:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("ppl_")}
-    eval_json = run_dir / "eval.json"
+    eval_json = paths.eval_result
     if finished and eval_json.is_file():
         final_eval.update(read_eval_json(eval_json))
     measured = [r["model_state_bytes"] for r in records if r["event"] == "train" and _number(r.get("model_state_bytes"))]
@@ -48,21 +48,21 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         status = "finished"
     else:
         current = max(done, default=1)
-        status = f"unfinished: stage {current} of {len(stages)}, step {done.get(current, 0)} of {stages[current]['steps']}"
+        status = f"unfinished: stage {current} of {len(stages)}, step {done.get(current, 0)} of {stages[current].steps}"
         if evals:
             status += f"; ppl at stage {evals[-1]['stage']} step {evals[-1].get('step', '?')}"
     return {
-        "name": manifest["spec"]["experiment"]["name"], "method": plan["method"], "layers": plan["layers"],
-        "peak_bytes": plan["peak_bytes"], "measured_peak_bytes": max(measured) if measured else None,
+        "name": manifest.spec.experiment.name, "method": plan.method, "layers": plan.layers,
+        "peak_bytes": plan.peak_bytes, "measured_peak_bytes": max(measured) if measured else None,
         "finished": finished, "status": status,
-        "steps": sum(done.values()), "planned_steps": sum(s["steps"] for s in stages.values()),
+        "steps": sum(done.values()), "planned_steps": sum(s.steps for s in stages.values()),
         # tokens and FLOPs of the steps actually trained (each stage's are linear in its steps)
-        "tokens": sum(stages[i]["tokens"] * n // stages[i]["steps"] for i, n in done.items() if stages[i]["steps"]),
-        "flops": sum(stages[i]["flops"] * n / stages[i]["steps"] for i, n in done.items() if stages[i]["steps"]),
-        "planned_tokens": sum(s["tokens"] for s in stages.values()),
-        "planned_flops": sum(s["flops"] for s in stages.values()),
+        "tokens": sum(stages[i].tokens * n // stages[i].steps for i, n in done.items() if stages[i].steps),
+        "flops": sum(stages[i].flops * n / stages[i].steps for i, n in done.items() if stages[i].steps),
+        "planned_tokens": sum(s.tokens for s in stages.values()),
+        "planned_flops": sum(s.flops for s in stages.values()),
         "perplexity": final_eval, "curve": sorted(curve.items()),
-        "boundaries": [s["data_step_offset"] for s in plan["stages"][1:]],
+        "boundaries": [s.data_step_offset for s in plan.stages[1:]],
     }
 
 
@@ -191,15 +191,10 @@ def write_report(run_dirs: list[Path], out: Path) -> str:
     png = loss_curves_png(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "report.md", ("# stepc report\n\n" + table + "\n" + note + "\n![loss curves](loss.png)\n").encode())
-        _atomic_write(out / "loss.png", png)
+        atomic_write_bytes(out / "report.md", ("# stepc report\n\n" + table + "\n" + note + "\n![loss curves](loss.png)\n").encode())
+        atomic_write_bytes(out / "loss.png", png)
     except OSError as exc:
         raise UserError(f"cannot write the report: {exc.strerror}", file=str(out), key="--out",
                         fix="pass --out a writable directory") from None
     return table + note
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

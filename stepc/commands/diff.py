@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from stepc.rundir_checks import check_is_manifest, check_manifest, manifest_path, read_manifest_json
 
 IGNORED = {"hash"}  # derived from the rest; a differing hash is explained by the fields that differ
 
@@ -25,17 +22,6 @@ class Change:
     def section(self) -> str:
         top = self.path.split(".", 1)[0].split("[", 1)[0]
         return "environment" if top == "stepc_version" else top  # a version, like torch's: not the experiment
-
-
-def load_manifest(path: str | Path, deep: bool = True) -> dict[str, Any]:
-    """Read a manifest from a file or a run directory; refuse anything that is not one (exit 2).
-
-    `deep` checks every field the commands read (run, eval, report, verify); `stepc diff` asks only
-    for the top-level shape, so that it can show what an edit changed.
-    """
-    path = manifest_path(path)
-    obj = read_manifest_json(path)
-    return check_manifest(obj, str(path)) if deep else check_is_manifest(obj, str(path))
 
 
 def diff(old: Any, new: Any, path: str = "") -> list[Change]:

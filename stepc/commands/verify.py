@@ -3,62 +3,63 @@
 Everything wrong inside the run directory is a finding (exit 1, "FAILED"), not a crash: a damaged
 or hand-edited manifest, a compiled file that is missing, edited, a directory, a FIFO or a symlink
 (never followed), a `files` entry that points outside the directory, and a spec.toml that no longer
-compiles. Only a path that holds no run directory at all is a user error (exit 2).
+compiles. Only a path that holds no manifest at all is a user error (exit 2).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from stepc.diff import Change, diff
-from stepc.emit import compile_files
+from stepc.commands.diff import Change, diff
+from stepc.compiler import compile_spec
 from stepc.errors import UserError
-from stepc.load import parse_spec
-from stepc.manifest import content_hash, sha256_bytes
-from stepc.plan import make_plan
-from stepc.rundir_checks import (check_manifest, file_entry_problem, manifest_path, read_manifest_json,
-                                 run_dir_entry_problem)
+from stepc.rundir import RunDir, content_hash, digest, entry_problem, files_entry_problem, manifest_path, read_manifest
+from stepc.schema.manifest import Manifest, ManifestError
 
 
 def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
-    """Problems found (empty when the directory verifies).
+    """Problems found (empty when the directory verifies). `run_dir` may also be its manifest.json.
 
     Version differences between the recorded and the current environment are not problems (the
     directory is still exactly what the spec compiles to); they are appended to `notes`.
     """
     path = manifest_path(run_dir)
     run_dir = path.parent
-    raw = read_manifest_json(path)  # exit 2: no manifest at all, or not JSON
     try:
-        manifest = check_manifest(raw, str(path), files=False)  # each bad files entry is listed below
-    except UserError as err:  # a manifest that is there but damaged is a finding about this directory
+        manifest = read_manifest(path)
+    except UserError as err:
+        if not path.exists() or path.is_dir():
+            raise  # no manifest here at all: a wrong path, exit 2
         return [f"manifest.json: {'[' + err.key + '] ' if err.key else ''}{err.message}"]
+    try:
+        Manifest.from_json(manifest)
+    except ManifestError as exc:
+        return [f"manifest.json: {'[' + exc.key + '] ' if exc.key else ''}{exc}"]
     problems: list[str] = []
     if manifest.get("hash") != content_hash(manifest):
         problems.append(f"manifest.json: content hash mismatch (recorded {manifest.get('hash')}, actual {content_hash(manifest)}): it was edited")
-    for name, digest in sorted(manifest["files"].items()):
-        entry = file_entry_problem(name, digest)
+    for name, recorded in sorted(manifest["files"].items()):
+        entry = files_entry_problem(name, recorded)
         if entry:
             problems.append(f"manifest.json: [files.{name}] {entry}")
             continue
-        problem = run_dir_entry_problem(run_dir, name)
+        problem = entry_problem(run_dir, name)
         if problem:
             problems.append(problem)
-        elif sha256_bytes((run_dir / name).read_bytes()) != digest:
+        elif digest((run_dir / name).read_bytes()) != recorded:
             problems.append(f"{name}: content differs from the hash recorded in manifest.json")
     if "spec.toml" not in manifest["files"]:
         problems.append("manifest.json: records no spec.toml, so the run directory cannot be recompiled")
-    elif run_dir_entry_problem(run_dir, "spec.toml") is None:
-        problems += _recompile(run_dir / "spec.toml", manifest, notes)
+    elif entry_problem(run_dir, "spec.toml") is None:
+        problems += _recompile(RunDir(run_dir).spec, manifest, notes)
     return problems
 
 
 def _recompile(spec_path: Path, manifest: dict, notes: list[str] | None) -> list[str]:
+    """Recompile spec.toml (read once) and compare; a spec that no longer compiles is a finding."""
     data = spec_path.read_bytes()
     try:
-        text = data.decode("utf-8")
-        spec = parse_spec(text, str(spec_path))
-        fresh, _ = compile_files(spec, make_plan(spec), text)
+        fresh = compile_spec(data.decode("utf-8"), str(spec_path)).manifest
     except UnicodeDecodeError:
         return ["spec.toml: is not UTF-8 text, so it cannot be recompiled"]
     except UserError as err:

@@ -1,8 +1,8 @@
 """The experiment spec: every TOML key, its type, its default and its docstring.
 
 Field docstrings are read by pydantic (`use_attribute_docstrings`) and reused verbatim by error
-messages, `stepc compile --help-spec` and the README, so they are written for researchers.
-Single-field ranges live here; checks that involve several fields live in `stepc/checks.py`.
+messages, `stepc help-spec` and the README, so they are written for researchers.
+Single-field ranges live here; checks that involve several fields live in `stepc/compiler/checks.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from stepc.rules import slurm_time_minutes
-from stepc.units import parse_bytes
+from stepc.schema.rules import slurm_time_minutes
+from stepc.schema.units import parse_bytes
 
 PositiveInt = Annotated[int, Field(gt=0)]
 # Upper bounds: what a real model and machine can be, with head room. Beyond them a value is a typo
@@ -48,6 +48,14 @@ class Experiment(Section):
     """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines)."""
 
 
+LINEAR_MAPS: tuple[tuple[str, str], ...] = (
+    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+)
+"""The seven linear maps of a LLaMA decoder layer, as (submodule, attribute): what the memory model
+counts and what gets ReLoRA adapters."""
+
+
 class Model(Section):
     hidden_size: int = Field(gt=0, le=65536)  # the largest published dense models use 16-25K
     """Hidden dimension d of the TARGET LLaMA model, at most 65536."""
@@ -65,6 +73,15 @@ class Model(Section):
     """Training sequence length in tokens, 16 to 1048576 (a block of 1 token has no next token to predict)."""
     tie_embeddings: bool = False
     """Share the input embedding and the output head (LLaMA does not)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K and V projections: kv heads x head dimension (= hidden_size without GQA)."""
+        return (self.num_key_value_heads or self.num_attention_heads) * self.head_dim
 
 
 class Memory(Section):
@@ -180,7 +197,7 @@ class Eval(Section):
 class Slurm(Section):
     partition: OneLine = "gpu"
     """SLURM partition (#SBATCH --partition)."""
-    time: str = Field(default="24:00:00", max_length=40)  # checked against SLURM's grammar in stepc/rules.py
+    time: str = Field(default="24:00:00", max_length=40)  # checked against SLURM's grammar in stepc/schema/rules.py
     """Wall-clock limit (#SBATCH --time) in one of SLURM's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds (e.g. "24:00:00", "2-00:00:00"), or "UNLIMITED"."""
 
     @field_validator("time")

@@ -6,18 +6,17 @@ Errors name the file, the TOML key path, what was wrong and the field's docstrin
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import stat
 import tomllib
 from pathlib import Path
 from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from stepc.checks import normalize
+from stepc.compiler.checks import normalize
 from stepc.errors import UserError
-from stepc.spec import Spec
+from stepc.rundir import read_regular_file
+from stepc.schema.spec import Spec
 
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML; a bigger "spec" is the wrong file
@@ -27,22 +26,9 @@ def read_spec_text(path: str | Path) -> str:
     """The text of a spec file, refusing what is not one: missing, not a regular file (a FIFO or a
     device would block or never end), over MAX_SPEC_BYTES, or not UTF-8."""
     path = Path(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml") from None
-    except OSError as exc:
-        raise UserError(f"cannot read the spec: {exc.strerror}", file=str(path), fix="pass a readable UTF-8 TOML file") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
-        raise UserError(f"the spec path is {kind}", file=str(path), fix="pass the path of a .toml spec file")
-    if info.st_size > MAX_SPEC_BYTES:
-        raise UserError(f"the spec is {info.st_size} bytes, more than a spec can be ({MAX_SPEC_BYTES})", file=str(path),
-                        fix="pass the TOML spec itself, not a data or model file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read the spec: {exc.strerror}", file=str(path), fix="pass a readable UTF-8 TOML file") from None
+    if not path.exists() and not path.is_symlink():
+        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml")
+    data = read_regular_file(path, "spec", "pass the path of a UTF-8 TOML spec file", MAX_SPEC_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from stepc.errors import UserError
-from stepc.spec import Spec
-from stepc.static_checks import runtime_facing_problems
+from stepc.compiler.static_checks import runtime_facing_problems
+from stepc.schema.spec import Spec
 
 
 def normalize(spec: Spec, file: str) -> Spec:

@@ -9,7 +9,7 @@ Each check yields (key, problem, fix), the form `stepc.checks` raises as a `User
 * `warnings(spec, plan)`: legal but probably unintended (a validation set that is a training file,
   adapters that are never merged within their stage).
 
-The rules shared with the runtime live in `stepc.rules`, so both sides apply the same one.
+The rules shared with the runtime live in `stepc.schema.rules`, so both sides apply the same one.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import fnmatch
 import glob
 import os
 from collections.abc import Iterator
-from typing import Any
 
-from stepc.rules import bpe_size, data_suffix_problem, validation_name_problem
-from stepc.spec import Spec
+from stepc.schema.plan import Plan
+from stepc.schema.rules import bpe_size, data_suffix_problem, validation_name_problem
+from stepc.schema.spec import Spec
+from stepc.schema.units import format_bytes
 
 Problem = tuple[str, str, str]
 
@@ -74,33 +75,31 @@ def _path_problem(pattern: str) -> str | None:
     return data_suffix_problem(pattern)
 
 
-def plan_problems(spec: Spec, plan: dict[str, Any]) -> Iterator[Problem]:
+def plan_problems(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Warmups and merge intervals against the stage lengths of the plan, and the budget for every method."""
     tr, st, method = spec.train, spec.step, spec.experiment.method
-    stages = plan["stages"]
+    stages = plan.stages
     default = _defaults_note(spec)
     if method == "relora":  # one LR schedule over both phases: warmup against the whole run
-        runs = [("the whole run", sum(s["steps"] for s in stages))]
+        runs = [("the whole run", sum(s.steps for s in stages))]
     else:
-        runs = [(f"stage {s['index']}", s["steps"]) for s in stages]
+        runs = [(f"stage {s.index}", s.steps) for s in stages]
     for what, steps in runs:
         if tr.warmup_steps > steps:
             yield ("train.warmup_steps", f"warmup_steps = {tr.warmup_steps}{default('train', 'warmup_steps')} is longer than "
                    f"{what} ({steps} steps): the learning rate would never reach its peak",
                    f"use fewer warmup steps than {steps} (a few percent of a stage is usual)")
             break
-    merging = [s for s in stages if s["frozen_layers"] > 0 and s["steps"] > st.relora_reset_every]
+    merging = [s for s in stages if s.frozen_layers > 0 and s.steps > st.relora_reset_every]
     if merging and st.restart_warmup_steps >= st.relora_reset_every:
         yield ("step.restart_warmup_steps", f"restart_warmup_steps = {st.restart_warmup_steps}"
                f"{default('step', 'restart_warmup_steps')} is not shorter than the merge interval "
-               f"relora_reset_every = {st.relora_reset_every}: after each merge in stage {merging[0]['index']} the learning "
+               f"relora_reset_every = {st.relora_reset_every}: after each merge in stage {merging[0].index} the learning "
                "rate would never re-warm to its peak", "use fewer re-warm steps than relora_reset_every (Table 6: 500 of 5000)")
-    budget = plan["budget_bytes"]
-    if budget is not None and plan["peak_bytes"] > budget and method != "step":
-        from stepc.units import format_bytes
-
-        yield ("memory.budget", f"method {method!r} has a fixed layout, and its peak of {format_bytes(plan['peak_bytes'])} "
-               f"({plan['accounting']} accounting) is over the budget of {format_bytes(budget)}; the budget binds every method",
+    budget = plan.budget_bytes
+    if budget is not None and plan.peak_bytes > budget and method != "step":
+        yield ("memory.budget", f"method {method!r} has a fixed layout, and its peak of {format_bytes(plan.peak_bytes)} "
+               f"({plan.accounting} accounting) is over the budget of {format_bytes(budget)}; the budget binds every method",
                "raise the budget, remove it to compile this baseline as an over-budget reference, or use method = \"step\"")
 
 
@@ -111,17 +110,17 @@ def _defaults_note(spec: Spec):
     return note
 
 
-def warnings(spec: Spec, plan: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def warnings(spec: Spec, plan: Plan) -> Iterator[tuple[str, str]]:
     """(key, message) for things that compile but are probably mistakes."""
     st = spec.step
-    adapter_stages = [s for s in plan["stages"] if s["frozen_layers"] > 0]
+    adapter_stages = [s for s in plan.stages if s.frozen_layers > 0]
     if adapter_stages:
-        shortest = min(adapter_stages, key=lambda s: s["steps"])
-        if st.relora_reset_every >= shortest["steps"]:  # legal: the stage's export merges them once, at its end
+        shortest = min(adapter_stages, key=lambda s: s.steps)
+        if st.relora_reset_every >= shortest.steps:  # legal: the stage's export merges them once, at its end
             yield ("step.relora_reset_every", f"relora_reset_every = {st.relora_reset_every}"
-                   f"{_defaults_note(spec)('step', 'relora_reset_every')} is not shorter than stage {shortest['index']} "
-                   f"({shortest['steps']} steps): its adapters are merged only at the stage's end, so ReLoRA's restarts "
-                   f"do not happen; set it below {shortest['steps']} for merges within the stage")
+                   f"{_defaults_note(spec)('step', 'relora_reset_every')} is not shorter than stage {shortest.index} "
+                   f"({shortest.steps} steps): its adapters are merged only at the stage's end, so ReLoRA's restarts "
+                   f"do not happen; set it below {shortest.steps} for merges within the stage")
     train = spec.data.train
     for name, pattern in spec.data.validation.items():
         for train_pattern in train:

@@ -1,0 +1,247 @@
+"""The one home of run-directory I/O: paths, atomic writes, file hashing, canonical JSON, manifests.
+
+Every file stepc or its runtime writes into a run directory (or a cache shared by runs) goes
+through `atomic_write_*`: a unique temporary name in the same directory, fsync, then `os.replace`,
+so a crash or a concurrent writer never leaves a half-written file under the final name. Every
+path inside a run directory is a property of `RunDir`, so the layout is written down once.
+
+This module imports only the standard library: the stage scripts' preflight imports it and must
+start in well under a second, without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable
+
+from stepc.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of `runs/<name>/` (see the README's "run directory" section)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.toml"
+
+    def stage_script(self, index: int) -> Path:
+        return self.root / f"stage-{index}.sh"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def stage_dir(self, index: int) -> Path:
+        """DCP step checkpoints of stage `index` (`step-<n>/`) and its merged export (`final/`)."""
+        return self.checkpoints / f"stage-{index}"
+
+    def final_export(self, index: int) -> Path:
+        """Stage `index`'s merged Hugging Face export: the next stage grows from it."""
+        return self.stage_dir(index) / "final"
+
+    @property
+    def export(self) -> Path:
+        """The last stage's export: the trained model."""
+        return self.root / "export"
+
+    @property
+    def experiment_record(self) -> Path:
+        """Which experiment (spec + plan identity) the checkpoints belong to."""
+        return self.checkpoints / "EXPERIMENT"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / "data-fingerprint.json"
+
+    @property
+    def eval_result(self) -> Path:
+        return self.root / "eval.json"
+
+
+# --- hashing -------------------------------------------------------------------------------------
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(data: bytes) -> str:
+    """The manifest's form of a content hash: "sha256:<hex>"."""
+    return "sha256:" + sha256_hex(data)
+
+
+def file_sha256_hex(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed (data files can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """One byte sequence per value: sorted keys, no whitespace, UTF-8 kept as is."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_hash(manifest: dict[str, Any]) -> str:
+    """The manifest's self-hash: over its canonical JSON without the "hash" key."""
+    body = {k: v for k, v in manifest.items() if k != "hash"}
+    return digest(canonical_json(body).encode())
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> None:
+    """Call `write(fh)` on a unique temporary file beside `path`, fsync, chmod, then rename it into place.
+
+    The unique name lets concurrent writers (ranks, runs sharing a cache) race safely: the last
+    rename wins and every reader sees one whole file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600; other users and ranks must read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    atomic_write(path, lambda fh: fh.write(data), mode)
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Indented, sorted JSON for people (records such as eval.json and data-fingerprint.json)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+def manifest_path(path: str | Path) -> Path:
+    """A run directory or its manifest.json -> the manifest file."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+MANIFEST_KEYS = ("schema", "stepc_version", "spec", "plan", "environment", "files", "hash")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The JSON of a manifest, from a run directory or the file itself; a UserError naming the file when it is
+    not a regular file, not JSON, or not a manifest at all (`[]`, a string, an object without its keys)."""
+    path = manifest_path(path)
+    fix = "pass a run directory made by `stepc compile` or its manifest.json"
+    data = read_regular_file(path, "manifest", fix, MAX_MANIFEST_BYTES)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix=fix) from None
+    fix = "pass a manifest.json written by `stepc compile` (recompile the spec to get a fresh one)"
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else type(obj).__name__
+        raise UserError(f"not a manifest: the JSON is {kind}, not an object", file=str(path), fix=fix)
+    missing = [k for k in MANIFEST_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"not a manifest: no {', '.join(missing)} (a manifest has {', '.join(MANIFEST_KEYS)})",
+                        file=str(path), fix=fix)
+    for key in ("spec", "plan", "environment", "files"):
+        if not isinstance(obj[key], dict):
+            raise UserError(f"{key} is {type(obj[key]).__name__}, not an object", file=str(path), key=key, fix=fix)
+    return obj
+
+
+# --- what may be trusted in a run directory ------------------------------------------------------
+
+def read_regular_file(path: Path, what: str, fix: str, max_bytes: int) -> bytes:
+    """The bytes of `path`, refusing anything but a regular file of at most `max_bytes` (a UserError naming
+    it): a FIFO or a device would block or never end, a directory cannot be read. Symlinks are followed
+    (the user named the path); links inside a run directory are judged by `entry_problem`."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"no {what} here", file=str(path), fix=fix) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the {what}: {exc.strerror}", file=str(path), fix=fix) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise UserError(f"the {what} path is {kind}", file=str(path), fix=fix)
+    if info.st_size > max_bytes:
+        raise UserError(f"the {what} is {info.st_size} bytes, more than a {what} can be ({max_bytes})", file=str(path), fix=fix)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the {what}: {exc.strerror}", file=str(path), fix=fix) from None
+
+
+def files_entry_problem(name: Any, recorded: Any) -> str | None:
+    """Why a manifest `files` entry cannot name a compiled file of its run directory, or None."""
+    if not isinstance(recorded, str) or not _DIGEST.fullmatch(recorded):
+        shown = json.dumps(recorded)[:40] if not isinstance(recorded, (dict, list)) else type(recorded).__name__
+        return f"the recorded hash of {name!r} is {shown}, not \"sha256:<64 hex digits>\""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or "\x00" in name or PurePosixPath(name).is_absolute() or ".." in parts:
+        return f"{name!r} points outside the run directory (a compiled file is a plain name inside it)"
+    return None
+
+
+def entry_problem(run_dir: Path, name: str) -> str | None:
+    """Why run_dir/name cannot be read as a compiled file (missing, a symlink, a directory, a FIFO...), or None.
+    Links are never followed: a compiled file is never one, and following it could read outside the run."""
+    path = run_dir / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as exc:
+        return f"{name}: cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{name}: is a symbolic link (to {os.readlink(path)!r}); a compiled file is never a link, and verify does not follow one"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{name}: is a directory, not the compiled file"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{name}: is not a regular file (a pipe, socket or device)"
+    real, root = os.path.realpath(path), os.path.realpath(run_dir)
+    if os.path.commonpath([real, root]) != root:
+        return f"{name}: resolves outside the run directory ({real})"
+    return None
