@@ -3,7 +3,8 @@
 Everything wrong inside the run directory is a finding (exit 1, "FAILED"), not a crash: a damaged
 or hand-edited manifest, a compiled file that is missing, edited, a directory, a FIFO or a symlink
 (never followed), a `files` entry that points outside the directory, and a spec.toml that no longer
-compiles. Only a path that holds no manifest at all is a user error (exit 2).
+compiles. Only a path that holds no manifest file at all (missing, a directory, a FIFO) is a user
+error (exit 2).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
     try:
         manifest = read_manifest(path)
     except UserError as err:
-        if not path.exists() or path.is_dir():
-            raise  # no manifest here at all: a wrong path, exit 2
+        if not path.is_file():
+            raise  # no manifest file here (missing, a directory, a FIFO): a wrong path, exit 2
         return [f"manifest.json: {'[' + err.key + '] ' if err.key else ''}{err.message}"]
     try:
         Manifest.from_json(manifest)
