@@ -38,10 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="the TOML spec")
     p.add_argument("--out", default="runs", help="output root; the run directory is OUT/<experiment.name> (default: runs)")
     p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
+    _add_set(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("plan", help="print the plan table of one or more specs; writes nothing")
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
+    _add_set(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("diff", help="semantic diff of two manifests or run directories (exit 1 when they differ)")
@@ -80,25 +82,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compile(spec_path: str):
-    from stepc.load import load_spec
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key with a TOML value, e.g. --set train.lr=3e-4 (repeatable; recorded in the run)")
+
+
+def _compile(spec_path: str, sets: list[str] | None = None):
+    """(spec, resolved spec text, plan, overrides) of a spec file with --set values applied."""
+    from stepc.overrides import blame, load_with_overrides, parse_overrides
     from stepc.plan import make_plan
 
-    spec, text = load_spec(spec_path)
+    spec, text, overrides = load_with_overrides(spec_path, sets)
     try:
         plan = make_plan(spec)
     except UserError as err:
         err.file = err.file or spec_path
-        raise
-    return spec, text, plan
+        raise blame(err, parse_overrides(sets)) if overrides else err
+    return spec, text, plan, overrides
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from stepc.emit import compile_files, write_run_dir
     from stepc.report import plan_summary, plan_table
 
-    spec, text, plan = _compile(args.spec)
-    manifest, files = compile_files(spec, plan, text)
+    spec, text, plan, overrides = _compile(args.spec, args.sets)
+    manifest, files = compile_files(spec, plan, text, overrides)
     run_dir = Path(args.out) / spec.experiment.name
     try:
         write_run_dir(run_dir, files, args.force)
@@ -116,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans = []
     for i, path in enumerate(args.specs):
-        spec, _, plan = _compile(path)
+        spec, _, plan, _ = _compile(path, args.sets)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))

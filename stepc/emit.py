@@ -55,10 +55,11 @@ def render_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> dict[str, 
     return files
 
 
-def compile_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and all files, manifest.json included."""
+def compile_files(spec: Spec, plan: dict[str, Any], spec_text: str,
+                  overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and all files, manifest.json included; `spec_text` is the resolved spec (--set applied)."""
     files = render_files(spec, plan, spec_text)
-    manifest = freeze(spec, plan, files)
+    manifest = freeze(spec, plan, files, overrides)
     files["manifest.json"] = dumps(manifest).encode()
     return manifest, files
 

@@ -35,8 +35,12 @@ def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def freeze(spec: Spec, plan: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-    """The manifest for `spec`/`plan` whose emitted files are `files` (name -> bytes)."""
+def freeze(spec: Spec, plan: dict[str, Any], files: dict[str, bytes], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest for `spec`/`plan` whose emitted files are `files` (name -> bytes).
+
+    `overrides`: the command line's --set values (key path -> value), recorded only when given so a
+    spec compiled without any keeps its manifest (and hash) unchanged.
+    """
     manifest = {
         "schema": SCHEMA,
         "stepc_version": __version__,
@@ -45,6 +49,8 @@ def freeze(spec: Spec, plan: dict[str, Any], files: dict[str, bytes]) -> dict[st
         "environment": environment(),
         "files": {name: sha256_bytes(data) for name, data in sorted(files.items())},
     }
+    if overrides:
+        manifest["overrides"] = dict(sorted(overrides.items()))
     manifest["hash"] = content_hash(manifest)
     return manifest
 

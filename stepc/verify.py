@@ -30,7 +30,8 @@ def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
     spec_path = run_dir / "spec.toml"
     if spec_path.exists():
         spec = parse_spec(spec_path.read_text(encoding="utf-8"), str(spec_path))
-        fresh, _ = compile_files(spec, make_plan(spec), spec_path.read_text(encoding="utf-8"))
+        # spec.toml already has any --set values applied; the manifest's record of them is carried over
+        fresh, _ = compile_files(spec, make_plan(spec), spec_path.read_text(encoding="utf-8"), manifest.get("overrides"))
         changes: list[Change] = diff(manifest, fresh)
         problems += [f"recompiling spec.toml gives a different {c.path}: {c.old!r} -> {c.new!r}"
                      for c in changes if c.section != "environment"]
