@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the plan table of one or more specs; writes nothing")
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
     _add_set(p)
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
+                                   "rtx4090-24gb (exit 1 when a stage does not fit)")
+    gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("diff", help="semantic diff of two manifests or run directories (exit 1 when they differ)")
@@ -122,17 +126,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from stepc.report import compare_plans, plan_summary, plan_table
 
-    plans = []
+    plans, fits = [], True
+    capacity = None
+    if args.gpu or args.gpu_memory:
+        from stepc.fit import fit, fit_table, gpu_capacity
+
+        label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
     for i, path in enumerate(args.specs):
         spec, _, plan, _ = _compile(path, args.sets)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))
         print(plan_summary(plan))
+        if capacity is not None:
+            results = fit(spec, plan, capacity)
+            print("\n" + fit_table(spec, results, label))
+            fits = fits and all(r.fits for r in results)
         plans.append((spec.experiment.name, plan))
     if len(plans) > 1:
         print("\n" + compare_plans(plans))
-    return 0
+    return 0 if fits else 1
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
