@@ -96,7 +96,10 @@ def _compile(spec_path: str, sets: list[str] | None = None):
     from stepc.overrides import blame, load_with_overrides, parse_overrides
     from stepc.plan import make_plan
 
+    from stepc.runtime.tracking import check_installed
+
     spec, text, overrides = load_with_overrides(spec_path, sets)
+    check_installed(spec.log.backends, spec_path)
     try:
         plan = make_plan(spec)
     except UserError as err:
