@@ -91,32 +91,32 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a spec key with a TOML value, e.g. --set train.lr=3e-4 (repeatable; recorded in the run)")
 
 
-def _compile(spec_path: str, sets: list[str] | None = None):
-    """(spec, resolved spec text, plan, overrides) of a spec file with --set values applied."""
-    from stepc.overrides import blame, load_with_overrides, parse_overrides
-    from stepc.plan import make_plan
+def _compile(path: str, sets: list[str] | None, emit: bool):
+    """The spec file with --set values applied, planned (emit=False: (spec, plan)) or compiled (a Compiled).
 
+    Errors say which --set they came from; a tracking backend the spec selects must be installed.
+    """
+    from stepc.compiler import compile_spec, plan_spec
+    from stepc.compiler.overrides import blamed, recorded, resolve
     from stepc.runtime.tracking import check_installed
 
-    spec, text, overrides = load_with_overrides(spec_path, sets)
-    check_installed(spec.log.backends, spec_path)
-    try:
-        plan = make_plan(spec)
-    except UserError as err:
-        err.file = err.file or spec_path
-        raise blame(err, parse_overrides(sets)) if overrides else err
-    return spec, text, plan, overrides
+    text, overrides = resolve(path, sets)
+    with blamed(overrides):
+        result = compile_spec(text, path, recorded(overrides)) if emit else plan_spec(text, path)
+    spec = result.spec if emit else result[0]
+    check_installed(spec.log.backends, path)
+    return result
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from stepc.emit import compile_files, write_run_dir
-    from stepc.report import plan_summary, plan_table
+    from stepc.compiler.emit import write_run_dir
+    from stepc.compiler.plan_table import plan_summary, plan_table
 
-    spec, text, plan, overrides = _compile(args.spec, args.sets)
-    manifest, files = compile_files(spec, plan, text, overrides)
+    compiled = _compile(args.spec, args.sets, emit=True)
+    spec, plan, manifest = compiled.spec, compiled.plan, compiled.manifest
     run_dir = Path(args.out) / spec.experiment.name
     try:
-        write_run_dir(run_dir, files, args.force)
+        write_run_dir(run_dir, compiled.files, args.force)
     except UserError as err:
         err.file = err.file or args.spec
         raise
@@ -127,16 +127,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from stepc.report import compare_plans, plan_summary, plan_table
+    from stepc.compiler.plan_table import compare_plans, plan_summary, plan_table
 
     plans, fits = [], True
     capacity = None
     if args.gpu or args.gpu_memory:
-        from stepc.fit import fit, fit_table, gpu_capacity
+        from stepc.compiler.fit import fit, fit_table, gpu_capacity
 
         label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
     for i, path in enumerate(args.specs):
-        spec, _, plan, _ = _compile(path, args.sets)
+        spec, plan = _compile(path, args.sets, emit=False)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))
@@ -152,15 +152,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from stepc.diff import diff, load_manifest, render
+    from stepc.commands.diff import diff, render
+    from stepc.rundir import read_manifest
 
-    changes = diff(load_manifest(args.a), load_manifest(args.b))
+    changes = diff(read_manifest(args.a), read_manifest(args.b))
     print(render(changes))
     return 1 if changes else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from stepc.verify import verify_run_dir
+    from stepc.commands.verify import verify_run_dir
 
     notes: list[str] = []
     problems = verify_run_dir(Path(args.run_dir), notes)
@@ -171,29 +172,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stepc.diff import load_manifest
+    from stepc.rundir import RunDir
+    from stepc.schema.manifest import load_manifest
 
     run_dir = Path(args.run_dir)
     manifest = load_manifest(run_dir)
-    indices = [s["index"] for s in manifest["plan"]["stages"]]
+    indices = [s.index for s in manifest.plan.stages]
     if args.stage is not None:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
     for index in indices:
-        print(f"== stage {index} of {len(manifest['plan']['stages'])}", flush=True)
-        code = subprocess.call(["bash", str(run_dir / f"stage-{index}.sh")])
+        print(f"== stage {index} of {manifest.num_stages}", flush=True)
+        code = subprocess.call(["bash", str(RunDir(run_dir).stage_script(index))])
         if code:
             print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
             return 1
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    if (run_dir / "export").is_dir():
-        print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
+    paths = RunDir(run_dir)
+    print(f"metrics: {paths.metrics}")
+    if paths.export.is_dir():
+        print(f"model:   {paths.export} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from stepc.submit import submit
+    from stepc.commands.submit import submit
 
     ids = submit(Path(args.run_dir), args.chain)
     print(f"submitted {args.run_dir}: job{'s' if len(ids) > 1 else ''} {' '.join(ids)}")
@@ -201,7 +204,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stepc.evaluate import evaluate_run, render
+    from stepc.commands.evaluate import evaluate_run, render
 
     tasks = [t for t in args.tasks.split(",") if t]
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
@@ -211,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stepc.comparison import write_report
+    from stepc.commands.report import write_report
 
     print(write_report([Path(d) for d in args.run_dirs], args.out))
     print(f"wrote {args.out / 'report.md'} and {args.out / 'loss.png'}")
@@ -219,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_help_spec(args: argparse.Namespace) -> int:
-    from stepc.spec import Spec
+    from stepc.schema.spec import Spec
 
     print(spec_reference(Spec))
     return 0

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from stepc.cli import main
-from stepc.fit import GPUS, allowed_micro_batches, fit, stage_peak, _with
-from stepc.load import load_spec
-from stepc.overrides import load_with_overrides
-from stepc.plan import make_plan
+from stepc.compiler.fit import GPUS, allowed_micro_batches, fit, stage_peak, _with
+from stepc.compiler.load import load_spec
+from stepc.compiler import plan_spec
+from stepc.compiler.overrides import resolve
+from stepc.compiler.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "specs" / "tiny-cpu.toml"
@@ -22,20 +23,19 @@ def test_peaks_are_the_planners_device_accounting(path):
     """The same layout planned with memory.accounting = "device" has exactly these stage peaks."""
     spec, _ = load_spec(path)
     plan = make_plan(spec)
-    pinned = [f"memory.layers={plan['layers']}", 'memory.accounting="device"', "memory.budget=\"1000TB\""]
+    pinned = [f"memory.layers={plan.layers}", 'memory.accounting="device"', "memory.budget=\"1000TB\""]
     if spec.memory.stages == "auto":
-        pinned.append(f"memory.stages={len(plan['layers'])}")
-    device_spec, _, _ = load_with_overrides(path, pinned)
-    device_plan = make_plan(device_spec)
+        pinned.append(f"memory.stages={len(plan.layers)}")
+    _, device_plan = plan_spec(resolve(path, pinned)[0], str(path))
     results = fit(spec, plan, 10**18)
-    assert [r.peak_bytes for r in results] == [s["peak_bytes"] for s in device_plan["stages"]]
+    assert [r.peak_bytes for r in results] == [s.peak_bytes for s in device_plan.stages]
 
 
 def test_boundaries_micro_batch_and_checkpointing():
     spec, _ = load_spec(TINY)
     plan = make_plan(spec)
-    stage = plan["stages"][-1]
-    new, old = stage["new_layers"], stage["frozen_layers"]
+    stage = plan.stages[-1]
+    new, old = stage.new_layers, stage.frozen_layers
     peak = stage_peak(_with(spec), new, old)
     assert fit(spec, plan, peak)[-1].fits and not fit(spec, plan, peak - 1)[-1].fits
 

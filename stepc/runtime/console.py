@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 _active: "Console | None" = None  # the bar messages must be written around
 
@@ -64,13 +64,13 @@ def _bar_class():
 
 
 class Console:
-    """Progress of stage `index` of a run whose plan stages are `stages` (the manifest's plan.stages)."""
+    """Progress of stage `index` of a run whose plan stages are `stages` (the typed plan's StagePlans)."""
 
-    def __init__(self, index: int, stages: list[dict[str, Any]], start: int, tokens_per_step: int,
+    def __init__(self, index: int, stages: Sequence[Any], start: int, tokens_per_step: int,
                  enabled: bool = True, stream: TextIO | None = None) -> None:
         global _active
         self.index, self.stages, self.tokens_per_step = index, stages, tokens_per_step
-        self.info = stages[index - 1]
+        self.info = stages[index - 1]  # StagePlan-like: .steps, .flops, .tokens
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.bar = None
@@ -79,7 +79,7 @@ class Console:
         if not self.stream.isatty():
             _quiet_library_bars()
         else:
-            self.bar = _bar_class()(total=self.info["steps"], initial=start, file=self.stream, dynamic_ncols=True,
+            self.bar = _bar_class()(total=self.info.steps, initial=start, file=self.stream, dynamic_ncols=True,
                                     unit="step", desc=f"stage {index}/{len(stages)}", mininterval=0,
                                     bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {fields}")
         _active = self
@@ -87,11 +87,11 @@ class Console:
     def fields(self, done: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None,
                memory_bytes: int | None) -> list[str]:
         """The numbers of one update, in display order."""
-        steps = self.info["steps"]
+        steps = self.info.steps
         seconds_per_step = self.tokens_per_step / max(tokens_per_s, 1e-9)
-        flops_per_s = tokens_per_s * self.info["flops"] / max(1, self.info["tokens"])
-        remaining_flops = self.info["flops"] * (steps - done) / max(1, steps)
-        remaining_flops += sum(s["flops"] for s in self.stages[self.index:])
+        flops_per_s = tokens_per_s * self.info.flops / max(1, self.info.tokens)
+        remaining_flops = self.info.flops * (steps - done) / max(1, steps)
+        remaining_flops += sum(s.flops for s in self.stages[self.index:])
         out = [f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tokens_per_s:,.0f} tok/s"]
         if mfu is not None:
             out.append(f"MFU {100 * mfu:.1f}%")
@@ -108,7 +108,7 @@ class Console:
             self.bar.fields = " ".join(fields)
             self.bar.update(done - self.bar.n)
         else:
-            print(f"stage {self.index}/{len(self.stages)} step {done}/{self.info['steps']} " + " ".join(fields),
+            print(f"stage {self.index}/{len(self.stages)} step {done}/{self.info.steps} " + " ".join(fields),
                   file=self.stream, flush=True)
 
     def close(self) -> None:

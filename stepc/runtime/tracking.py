@@ -31,7 +31,6 @@ from stepc.errors import UserError
 
 # backend -> (module that must be importable, pip extra)
 BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
-STATE_FILE = "tracking.json"
 
 
 def check_installed(backends: list[str], file: str | None = None) -> None:
@@ -76,11 +75,11 @@ def scalars_of(record: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
 
 
 class TensorBoard(Tracker):
-    def __init__(self, run_dir: Path, config: dict[str, Any], first: bool, start_step: int) -> None:
+    def __init__(self, log_dir: Path, config: dict[str, Any], first: bool, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a resumed stage hides what a crashed attempt logged after the resumed checkpoint
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1, flush_secs=30)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1, flush_secs=30)
         if first:
             for name, value in config.items():
                 self.writer.add_text(f"config/{name}", "```\n" + json.dumps(value, indent=2, sort_keys=True) + "\n```", 0)
@@ -184,35 +183,33 @@ class Tracking:
 
 def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None:
     """Rank 0: the run's trackers for this stage (None when log.backends is empty)."""
-    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    log = manifest["spec"].get("log") or {}
-    backends = log.get("backends") or []
-    if not backends:
+    from stepc.rundir import RunDir, atomic_write_json
+    from stepc.schema.manifest import load_manifest
+
+    paths = RunDir(run_dir)
+    manifest = load_manifest(run_dir)
+    log, name, raw = manifest.spec.log, manifest.spec.experiment.name, manifest.raw
+    if not log.backends:
         return None
-    check_installed(backends, str(run_dir / "manifest.json"))
-    plan, name = manifest["plan"], manifest["spec"]["experiment"]["name"]
-    offsets = {s["index"]: s["data_step_offset"] for s in plan["stages"]}
-    config = {"spec": manifest["spec"], "plan": plan, "manifest_hash": manifest["hash"]}
-    state_path = run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("manifest_hash") != manifest["hash"]:  # a recompiled, different experiment is a new tracked run
-        state = {"manifest_hash": manifest["hash"]}
-    project = log.get("project") or name
+    check_installed(log.backends, str(paths.manifest))
+    offsets = {s.index: s.data_step_offset for s in manifest.plan.stages}
+    config = {"spec": raw["spec"], "plan": raw["plan"], "manifest_hash": raw["hash"]}
+    state = json.loads(paths.tracking.read_text()) if paths.tracking.is_file() else {}
+    if state.get("manifest_hash") != raw["hash"]:  # a recompiled, different experiment is a new tracked run
+        state = {"manifest_hash": raw["hash"]}
+    project = log.project or name
     trackers: dict[str, Tracker] = {}
     global_start = offsets[stage] + start_step
-    for backend in backends:
+    for backend in log.backends:
         if backend == "tensorboard":
-            trackers[backend] = TensorBoard(run_dir, config, "tensorboard" not in state, global_start)
-            state["tensorboard"] = "tensorboard"
+            trackers[backend] = TensorBoard(paths.tensorboard, config, "tensorboard" not in state, global_start)
+            state["tensorboard"] = paths.tensorboard.name
         elif backend == "wandb":
             state.setdefault("wandb_id", uuid.uuid4().hex[:12])
-            trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.get("wandb_entity"),
-                                      log.get("wandb_mode", "auto"))
+            trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.wandb_entity, log.wandb_mode)
         elif backend == "mlflow":
-            tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.get("mlflow_tracking_uri"))
+            tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.mlflow_tracking_uri)
             state["mlflow_run_id"] = tracker.run_id
             trackers[backend] = tracker
-    tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, state_path)
+    atomic_write_json(paths.tracking, state)
     return Tracking(trackers, offsets)

@@ -12,9 +12,9 @@ from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from stepc.checks import normalize
+from stepc.compiler.checks import normalize
 from stepc.errors import UserError
-from stepc.spec import Spec
+from stepc.schema.spec import Spec
 
 
 def load_spec(path: str | Path) -> tuple[Spec, str]:
@@ -24,6 +24,7 @@ def load_spec(path: str | Path) -> tuple[Spec, str]:
 
 
 def read_spec_text(path: str | Path) -> str:
+    """The spec file's text; a UserError naming the file when it cannot be read."""
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")

@@ -13,11 +13,11 @@ against torch.cuda.max_memory_allocated, recorded in MEASURED_ERROR below (None 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from stepc.errors import UserError
-from stepc.spec import Spec
-from stepc.units import format_bytes, parse_bytes
+from stepc.schema.plan import Plan
+from stepc.schema.spec import Spec
+from stepc.schema.units import format_bytes, parse_bytes
 
 # Memory one process can allocate, as CUDA reports it (torch.cuda.get_device_properties().total_memory,
 # rounded down to 0.1 GiB): a little under the marketed size. CUDA context and NCCL buffers are extra.
@@ -94,8 +94,7 @@ def _with(spec: Spec, micro_batch: int | None = None, checkpointing: bool | None
 
 def stage_peak(spec: Spec, new: int, old: int) -> int:
     """Per-GPU peak of a stage under the device accounting of `spec` (already switched by `_with`)."""
-    from stepc.memory import costs_for, exact_costs
-    from stepc.plan import galore_bytes
+    from stepc.compiler.memory import costs_for, exact_costs, galore_bytes
 
     costs = costs_for(spec)
     if spec.experiment.method != "galore":
@@ -113,16 +112,16 @@ def allowed_micro_batches(spec: Spec) -> list[int]:
     return [m for m in range(1, tr.global_batch_tokens // per + 1) if tr.global_batch_tokens % (per * m) == 0]
 
 
-def fit(spec: Spec, plan: dict[str, Any], capacity: int) -> list[StageFit]:
+def fit(spec: Spec, plan: Plan, capacity: int) -> list[StageFit]:
     """Per stage: the device peak, whether it fits `capacity` bytes, and the largest micro batches that do."""
     sizes = allowed_micro_batches(spec)
     results = []
-    for stage in plan["stages"]:
-        new, old = stage["new_layers"], stage["frozen_layers"]
+    for stage in plan.stages:
+        new, old = stage.new_layers, stage.frozen_layers
         peak = stage_peak(_with(spec), new, old)
         best = {ac: max((m for m in sizes if stage_peak(_with(spec, m, ac), new, old) <= capacity), default=None)
                 for ac in (False, True)}
-        results.append(StageFit(stage["index"], stage["total_layers"], peak, peak <= capacity, best[False], best[True],
+        results.append(StageFit(stage.index, stage.total_layers, peak, peak <= capacity, best[False], best[True],
                                 spec.train.activation_checkpointing))
     return results
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from stepc.errors import UserError
 
@@ -91,21 +92,28 @@ def apply_overrides(text: str, overrides: list[Override], file: str) -> str:
     return header + tomlkit.dumps(doc)
 
 
-def load_with_overrides(path: str | Path, items: list[str] | None):
-    """(spec, resolved text, overrides as {key: value}) for a spec file and --set items."""
-    from stepc.load import load_spec, parse_spec, read_spec_text
+def resolve(path: str | Path, items: list[str] | None, flag: str = "--set") -> tuple[str, list[Override]]:
+    """(the spec file's text with the overrides applied, the overrides) for a spec file and --set items."""
+    from stepc.compiler.load import read_spec_text
 
-    overrides = parse_overrides(items)
-    if not overrides:
-        spec, text = load_spec(path)
-        return spec, text, {}
-    original = read_spec_text(path)
-    resolved = apply_overrides(original, overrides, str(path))
+    overrides = parse_overrides(items, flag)
+    return apply_overrides(read_spec_text(path), overrides, str(path)), overrides
+
+
+def recorded(overrides: list[Override]) -> dict[str, Any]:
+    """What the manifest records: key path -> value."""
+    return {o.key: o.value for o in overrides}
+
+
+@contextmanager
+def blamed(overrides: list[Override], flag: str = "--set") -> Iterator[None]:
+    """Re-raise a UserError from validating or planning the overridden spec with the --set it came from."""
     try:
-        spec = parse_spec(resolved, str(path))
+        yield
     except UserError as err:
-        raise blame(err, overrides) from None
-    return spec, resolved, {o.key: o.value for o in overrides}
+        if overrides:
+            raise blame(err, overrides, flag) from None
+        raise
 
 
 def blame(err: UserError, overrides: list[Override], flag: str = "--set") -> UserError:
