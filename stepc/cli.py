@@ -50,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
+    p.add_argument("spec", help="the TOML spec every point starts from")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 (repeatable: the points are the product)")
+    _add_set(p)
+    p.add_argument("--out", default="runs", help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
+    p.add_argument("--force", action="store_true", help="recompile existing run directories (checkpoints and logs are kept)")
+    p.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sbatch --array=...%%N)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("diff", help="semantic diff of two manifests or run directories (exit 1 when they differ)")
     p.add_argument("a")
     p.add_argument("b")
@@ -64,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, help="run only this stage")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="submit a compiled run directory to SLURM (run from the project root)")
+    p = sub.add_parser("submit", help="submit a compiled run directory (or a sweep directory, as one job array) to SLURM "
+                                      "(run from the project root)")
     p.add_argument("run_dir")
     p.add_argument("--chain", action="store_true", help="one job per stage, each --dependency=afterok on the previous one")
     p.set_defaults(func=cmd_submit)
@@ -77,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", type=Path, default=Path("runs/report"), help="where report.md and loss.png go (default: runs/report)")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its runs, with the swept values as columns)")
+    p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
@@ -195,9 +206,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from stepc.commands.sweep import compile_sweep, write_sweep
+    from stepc.compiler.plan_table import compare_plans
+
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise UserError("--max-parallel must be at least 1", fix="e.g. --max-parallel 4")
+    base, points = compile_sweep(args.spec, args.grid, args.sets)
+    sweep_dir = write_sweep(Path(args.out), base, points, args.force, args.max_parallel)
+    print(compare_plans([(p.name, p.compiled.plan) for p in points]))
+    print(f"wrote {len(points)} run directories and {sweep_dir}/; submit the job array with: stepc submit {sweep_dir}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from stepc.commands.submit import submit
+    from stepc.commands.sweep import is_sweep_dir, submit_sweep
 
+    if is_sweep_dir(Path(args.run_dir)):
+        if args.chain:
+            raise UserError("--chain applies to one run, not to a sweep's job array", file=args.run_dir,
+                            fix="submit the sweep without --chain (each array task runs its stages in order)")
+        print(f"submitted {args.run_dir}: job array {submit_sweep(Path(args.run_dir))}")
+        return 0
     ids = submit(Path(args.run_dir), args.chain)
     print(f"submitted {args.run_dir}: job{'s' if len(ids) > 1 else ''} {' '.join(ids)}")
     return 0
@@ -215,9 +246,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from stepc.commands.report import write_report
+    from stepc.commands.sweep import columns, is_sweep_dir, run_dirs
 
-    print(write_report([Path(d) for d in args.run_dirs], args.out))
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'loss.png'}")
+    dirs, extra, out = [], {}, args.out
+    for given in map(Path, args.run_dirs):
+        if is_sweep_dir(given):  # a sweep: its runs that have metrics, the swept values as columns
+            found = [d for d in run_dirs(given) if (d / "metrics.jsonl").is_file()]
+            if len(found) < len(run_dirs(given)):
+                print(f"note: {given}: {len(run_dirs(given)) - len(found)} of {len(run_dirs(given))} runs have no metrics yet")
+            dirs += found
+            extra.update(columns(given))
+            out = out or given / "report"
+        else:
+            dirs.append(given)
+    if not dirs:
+        raise UserError("no run has metrics yet", file=args.run_dirs[0], fix="wait for the runs to train (squeue), then rerun")
+    out = out or Path("runs/report")
+    print(write_report(dirs, out, extra or None))
+    print(f"wrote {out / 'report.md'} and {out / 'loss.png'}")
     return 0
 
 

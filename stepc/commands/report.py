@@ -43,13 +43,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def markdown_table(runs: list[dict[str, Any]]) -> str:
+def markdown_table(runs: list[dict[str, Any]], columns: dict[str, dict[str, str]] | None = None) -> str:
+    """One row per run; `columns` adds cells after the run name (run name -> column -> text), e.g. a sweep's values."""
     sets = sorted({name for run in runs for name in run["perplexity"]})
-    head = ["run", "method", "layout", "peak (plan)", "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
+    extra = list(dict.fromkeys(c for cells in (columns or {}).values() for c in cells))
+    head = ["run", *extra, "method", "layout", "peak (plan)", "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         measured = f"{run['measured_peak_bytes'] / 1e6:.2f} MB" if run["measured_peak_bytes"] else "-"
-        cells = [run["name"], run["method"], "->".join(map(str, _cumulative(run["layers"]))),
+        cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"], "->".join(map(str, _cumulative(run["layers"]))),
                  f"{run['peak_bytes'] / 1e6:.2f} MB", measured, f"{run['tokens']:,}", f"{run['flops']:.3e}"]
         cells += [f"{run['perplexity'][s]:.2f}" if s in run["perplexity"] else "-" for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
@@ -88,9 +90,9 @@ def loss_curves_png(runs: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(run_dirs: list[Path], out: Path) -> str:
+def write_report(run_dirs: list[Path], out: Path, columns: dict[str, dict[str, str]] | None = None) -> str:
     runs = [read_run(d) for d in run_dirs]
-    table = markdown_table(runs)
+    table = markdown_table(runs, columns)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("# stepc report\n\n" + table + "\n\n![loss curves](loss.png)\n")
     (out / "loss.png").write_bytes(loss_curves_png(runs))

@@ -28,6 +28,7 @@ class Override:
     value: Any  # the parsed TOML value
     text: str  # as the user wrote it (KEY=VALUE), for messages
     raw: str = ""  # the value as written, kept in the resolved spec.toml (3e-4 stays 3e-4)
+    source: str = "--set"  # where it came from, for messages: --set, --grid, stepc sweep
 
     @property
     def parts(self) -> list[str]:
@@ -49,18 +50,24 @@ def parse_override(item: str, flag: str = "--set") -> Override:
         raise UserError(f"{flag} {item!r} is not KEY=VALUE with a dotted TOML key",
                         fix=f"write e.g. {flag} train.lr=3e-4 (`stepc help-spec` lists every key)")
     raw = raw.strip()
-    return Override(key, parse_value(raw), f"{key}={raw}", raw)
+    return Override(key, parse_value(raw), f"{key}={raw}", raw, flag)
 
 
 def parse_overrides(items: list[str] | None, flag: str = "--set") -> list[Override]:
     overrides = [parse_override(item, flag) for item in items or []]
-    seen: dict[str, Override] = {}
-    for o in overrides:
-        for other in seen.values():  # train=... and train.lr=... would silently shadow each other
-            if o.key == other.key or o.key.startswith(other.key + ".") or other.key.startswith(o.key + "."):
-                raise UserError(f"{flag} {o.text} and {other.text} set the same key", key=o.key, fix=f"give {o.key} once")
-        seen[o.key] = o
+    check_distinct(overrides)
     return overrides
+
+
+def check_distinct(overrides: list[Override]) -> None:
+    """No key given twice (train=... and train.lr=... would silently shadow each other)."""
+    seen: list[Override] = []
+    for o in overrides:
+        for other in seen:
+            if o.key == other.key or o.key.startswith(other.key + ".") or other.key.startswith(o.key + "."):
+                raise UserError(f"{other.source} {other.text} and {o.source} {o.text} set the same key", key=o.key,
+                                fix=f"give {o.key} once")
+        seen.append(o)
 
 
 def apply_overrides(text: str, overrides: list[Override], file: str) -> str:
@@ -88,7 +95,7 @@ def apply_overrides(text: str, overrides: list[Override], file: str) -> str:
             node[o.parts[-1]] = tomlkit.parse(f"v = {o.raw}")["v"]  # the user's spelling of the value
         except TOMLKitError:
             node[o.parts[-1]] = o.value  # a bare word: a string
-    header = "# Resolved by stepc: " + " ".join(f"--set {o.text}" for o in overrides) + " (values below)\n"
+    header = "# Resolved by stepc: " + ", ".join(f"{o.source} {o.text}" for o in overrides) + " (values below)\n"
     return header + tomlkit.dumps(doc)
 
 
@@ -106,22 +113,22 @@ def recorded(overrides: list[Override]) -> dict[str, Any]:
 
 
 @contextmanager
-def blamed(overrides: list[Override], flag: str = "--set") -> Iterator[None]:
+def blamed(overrides: list[Override]) -> Iterator[None]:
     """Re-raise a UserError from validating or planning the overridden spec with the --set it came from."""
     try:
         yield
     except UserError as err:
         if overrides:
-            raise blame(err, overrides, flag) from None
+            raise blame(err, overrides) from None
         raise
 
 
-def blame(err: UserError, overrides: list[Override], flag: str = "--set") -> UserError:
+def blame(err: UserError, overrides: list[Override]) -> UserError:
     """Say which --set an error came from (the key itself, a key under it, or one the check involves)."""
     key = err.key or ""
     culprit = next((o for o in overrides if key == o.key or key.startswith(o.key + ".") or o.key.startswith(key + ".")), None)
     if culprit is not None:
-        err.message += f" (the value came from {flag} {culprit.text})"
+        err.message += f" (the value came from {culprit.source} {culprit.text})"
     else:
-        err.message += " (with " + ", ".join(f"{flag} {o.text}" for o in overrides) + " applied)"
+        err.message += " (with " + ", ".join(f"{o.source} {o.text}" for o in overrides) + " applied)"
     return err
