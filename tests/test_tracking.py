@@ -199,3 +199,35 @@ def test_a_missing_backend_is_refused_at_compile_time(tmp_path, monkeypatch, cap
     assert "[log.backends]" in err and "pip install 'stepc[wandb]'" in err
     assert not (tmp_path / "out").exists()
     assert main(["compile", str(spec), "--out", str(tmp_path / "out"), "--set", "log.backends=[]"]) == 0
+
+
+def test_the_tracked_run_id_is_kept_per_experiment(tmp_path, small_corpus):
+    """Without training: a later stage reopens the same MLflow run and W&B id; a different experiment gets new ones."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import RunFactory
+    from stepc.runtime.tracking import open_tracking
+
+    factory = RunFactory(tmp_path, small_corpus)
+    run_dir = factory.compile("ids", log={"backends": ["mlflow"], "project": "ids"})
+    first = open_tracking(run_dir, 1, 0)
+    first({"event": "train", "stage": 1, "step": 10, "loss": 2.5})
+    first.close()
+    state = json.loads((run_dir / "tracking.json").read_text())
+    again = open_tracking(run_dir, 2, 0)
+    again({"event": "train", "stage": 2, "step": 10, "loss": 2.0})
+    again({"event": "stage_end", "stage": 2, "step": 20})
+    again.close()
+    assert json.loads((run_dir / "tracking.json").read_text()) == state
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("ids").experiment_id])
+    assert run.info.run_id == state["mlflow_run_id"] and run.info.status == "FINISHED"
+    offset = json.loads((run_dir / "manifest.json").read_text())["plan"]["stages"][1]["data_step_offset"]
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")} == {10: 2.5, offset + 10: 2.0}
+
+    # the same run directory recompiled as another experiment: a new tracked run
+    spec = factory.spec("ids", log={"backends": ["mlflow"], "project": "ids"}, train={"lr": 1e-3})
+    assert main(["compile", str(spec), "--out", str(run_dir.parent), "--force"]) == 0
+    open_tracking(run_dir, 1, 0).close()
+    assert json.loads((run_dir / "tracking.json").read_text())["mlflow_run_id"] != state["mlflow_run_id"]
+    assert len(client.search_runs([client.get_experiment_by_name("ids").experiment_id])) == 2
