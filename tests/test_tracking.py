@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
+from conftest import STAGE_TIMEOUT, check_ok, read_metrics, stage_env
 from stepc.cli import main
 
 BACKENDS = ["tensorboard", "wandb", "mlflow"]
@@ -96,13 +96,21 @@ def tracked(tmp_path_factory, small_corpus):
     run_dir = RunFactory(root, small_corpus).compile(
         "trk", log={"backends": BACKENDS, "wandb_mode": "offline", "project": "stepc-test"}, launch={"nproc_per_node": 1})
     env = {"STEPC_FAULT_NONFINITE_AT_STEP": "15", "WANDB_API_KEY": ""}
-    crashed = subprocess.run(["bash", str(run_dir / "stage-1.sh")], env={**stage_env(1), **env}, cwd=run_dir,
-                             capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+    crashed = run_piped(run_dir, 1, env)
     assert crashed.returncode != 0 and "non-finite loss" in crashed.stderr, crashed.stderr[-3000:]
     code, tty = run_on_pty(run_dir, 1)
     assert code == 0, tty[-4000:]
-    second = check_ok(run_stage(run_dir, 2, nproc=1))
+    second = check_ok(run_piped(run_dir, 2))
     return run_dir, crashed, tty, second
+
+
+def run_piped(run_dir: Path, stage: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The stage with stdout and stderr on pipes, as in a SLURM log; bytes decoded without newline translation
+    (text=True would turn every carriage return into a newline)."""
+    proc = subprocess.run(["bash", str(run_dir / f"stage-{stage}.sh")], env={**stage_env(1), **(env or {})}, cwd=run_dir,
+                          capture_output=True, timeout=STAGE_TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                       proc.stderr.decode(errors="replace"))
 
 
 def test_console_redraws_on_a_terminal_and_prints_lines_into_a_pipe(tracked):

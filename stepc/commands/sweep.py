@@ -174,7 +174,7 @@ def render_sweep(base: str, points: list[Point], sweep_dir: Path, max_parallel: 
                 record["grid"][o.key].append(o.value)
     table = compare_plans([(p.name, p.compiled.plan) for p in points])
     script = _environment().get_template("sweep.sbatch.j2").render(
-        name=f"{base}-sweep", runs=[p.name for p in points], header=_sbatch_header(points[0].compiled),
+        name=f"{base}-sweep", base=base, runs=[p.name for p in points], header=_sbatch_header(points[0].compiled),
         max_parallel=max_parallel, version=__version__, sweep_dir=str(sweep_dir))
     return {
         SWEEP_FILE: (json.dumps(record, indent=1, sort_keys=True) + "\n").encode(),

@@ -38,8 +38,15 @@ def _bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f} GB"
 
 
+def quiet_library_bars_unless_tty() -> None:
+    """Before the model is loaded: the libraries' own progress bars ("Loading weights", "Writing model
+    shards") are carriage-return redraws, so they stay off unless both stdout and stderr are terminals."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        _quiet_library_bars()
+
+
 def _quiet_library_bars() -> None:
-    """Not on a terminal: the libraries' own progress bars (transformers' "Writing model shards") off too."""
+    """The libraries' own progress bars off (transformers', huggingface_hub's)."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         from transformers.utils import logging as hf_logging

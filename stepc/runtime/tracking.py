@@ -101,7 +101,7 @@ class Wandb(Tracker):
         import wandb
 
         if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = "online" if _wandb_logged_in() else "offline"
         # console="off": W&B must not wrap stdout (the console checks isatty, SLURM logs stay as written)
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False,
                                   x_save_requirements=False)
@@ -115,6 +115,19 @@ class Wandb(Tracker):
 
     def close(self, finished):
         self.run.finish(exit_code=0 if finished else 1)
+
+
+def _wandb_logged_in() -> bool:
+    """WANDB_API_KEY set, or a key `wandb login` stored in ~/.netrc: then "auto" logs online."""
+    if "WANDB_API_KEY" in os.environ:
+        return bool(os.environ["WANDB_API_KEY"])
+    import netrc
+
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1].split("/", 1)[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class MLflow(Tracker):

@@ -221,7 +221,7 @@ class Log(Section):
     project: OneLine | None = None
     """W&B project and MLflow experiment name. Default: the experiment name."""
     wandb_mode: Literal["auto", "offline", "online"] = "auto"
-    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online when WANDB_API_KEY is set and offline otherwise."""
+    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online when WANDB_API_KEY is set or `wandb login` stored a key, and offline otherwise."""
     wandb_entity: OneLine | None = None
     """W&B entity (user or team). Default: the logged-in user's default entity."""
     mlflow_tracking_uri: OneLine | None = None
