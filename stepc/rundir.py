@@ -87,6 +87,15 @@ class RunDir:
     def eval_result(self) -> Path:
         return self.root / "eval.json"
 
+    @property
+    def tracking(self) -> Path:
+        """The experiment trackers' run ids (one tracked run per run directory)."""
+        return self.root / "tracking.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
 
 # --- hashing -------------------------------------------------------------------------------------
 

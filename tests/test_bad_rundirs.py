@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import REPO, RunFactory, check_ok, run_stage
+
 from stepc.cli import main
 from stepc.compiler.manifest import dumps
 from stepc.rundir import content_hash

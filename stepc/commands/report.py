@@ -131,14 +131,16 @@ def read_eval_json(path: Path) -> dict[str, float]:
     return ppl
 
 
-def markdown_table(runs: list[dict[str, Any]]) -> str:
+def markdown_table(runs: list[dict[str, Any]], columns: dict[str, dict[str, str]] | None = None) -> str:
+    """One row per run; `columns` adds cells after the run name (run name -> column -> text), e.g. a sweep's values."""
     sets = sorted({name for run in runs for name in run["perplexity"]})
-    head = ["run", "method", "layout", "status", "steps", "peak (plan)", "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
+    extra = list(dict.fromkeys(c for cells in (columns or {}).values() for c in cells))
+    head = ["run", *extra, "method", "layout", "status", "steps", "peak (plan)", "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         measured = f"{run['measured_peak_bytes'] / 1e6:.2f} MB" if run["measured_peak_bytes"] else "-"
         steps = f"{run['steps']:,}" if run["finished"] else f"{run['steps']:,} of {run['planned_steps']:,}"
-        cells = [run["name"], run["method"], "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
+        cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"], "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
                  f"{run['peak_bytes'] / 1e6:.2f} MB", measured, f"{run['tokens']:,}", f"{run['flops']:.3e}"]
         cells += [f"{run['perplexity'][s]:.2f}" if s in run["perplexity"] else "-" for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
@@ -178,12 +180,12 @@ def loss_curves_png(runs: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(run_dirs: list[Path], out: Path) -> str:
+def write_report(run_dirs: list[Path], out: Path, columns: dict[str, dict[str, str]] | None = None) -> str:
     """Read every run first (any problem: exit 2, nothing written), then write both files atomically."""
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise UserError(f"{out} exists and is not a directory", key="--out", fix="pass --out a directory (created if missing)")
     runs = [read_run(d) for d in run_dirs]
-    table = markdown_table(runs)
+    table = markdown_table(runs, columns)
     note = ""
     if any(not run["finished"] for run in runs):
         note = ("\nUnfinished runs show the steps, tokens and FLOPs trained so far, and the perplexity of their last "

@@ -60,7 +60,8 @@ def _recompile(spec_path: Path, manifest: dict, notes: list[str] | None) -> list
     """Recompile spec.toml (read once) and compare; a spec that no longer compiles is a finding."""
     data = spec_path.read_bytes()
     try:
-        fresh = compile_spec(data.decode("utf-8"), str(spec_path)).manifest
+        # spec.toml already has any --set values applied; the manifest's record of them is carried over
+        fresh = compile_spec(data.decode("utf-8"), str(spec_path), manifest.get("overrides")).manifest
     except UnicodeDecodeError:
         return ["spec.toml: is not UTF-8 text, so it cannot be recompiled"]
     except UserError as err:

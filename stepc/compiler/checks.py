@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from stepc.errors import UserError
 from stepc.compiler.static_checks import runtime_facing_problems
+from stepc.errors import UserError
 from stepc.schema.spec import Spec
 
 

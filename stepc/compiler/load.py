@@ -18,7 +18,6 @@ from stepc.errors import UserError
 from stepc.rundir import read_regular_file
 from stepc.schema.spec import Spec
 
-
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML; a bigger "spec" is the wrong file
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from stepc.schema.rules import DATA_SUFFIXES
 from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from stepc.schema.rules import DATA_SUFFIXES
 from stepc.schema.spec import Data
 
 # Bump when packing or the cache layout changes: old caches then simply miss.

@@ -12,12 +12,21 @@ from typing import Any
 
 from stepc import __version__
 from stepc.errors import UserError
-from stepc.rundir import (RunDir, atomic_write_json, atomic_write_text, canonical_json, content_hash, digest, file_sha256_hex,
-                          files_entry_problem, read_manifest)
-from stepc.schema.manifest import Manifest, ManifestError
-from stepc.schema.spec import Data
+from stepc.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+    content_hash,
+    digest,
+    file_sha256_hex,
+    files_entry_problem,
+    read_manifest,
+)
 from stepc.runtime.export_seal import MARKER, ExportDamaged
 from stepc.runtime.export_seal import check as check_export
+from stepc.schema.manifest import Manifest, ManifestError
+from stepc.schema.spec import Data
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
 # Written last into an export directory (see export_seal.py, torch-free like this module, so the

@@ -235,6 +235,26 @@ class Launch(Section):
     """SLURM settings for run.sbatch."""
 
 
+class Log(Section):
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers fed beside the always-written metrics.jsonl, any of "tensorboard" (RUN_DIR/tensorboard), "wandb" and "mlflow"; each is an optional extra, e.g. pip install 'stepc[wandb]'. One tracked run per run directory: stages and resumes continue it."""
+    project: OneLine | None = None
+    """W&B project and MLflow experiment name. Default: the experiment name."""
+    wandb_mode: Literal["auto", "offline", "online"] = "auto"
+    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online when WANDB_API_KEY is set or `wandb login` stored a key, and offline otherwise."""
+    wandb_entity: OneLine | None = None
+    """W&B entity (user or team). Default: the logged-in user's default entity."""
+    mlflow_tracking_uri: OneLine | None = None
+    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: a local file store in RUN_DIR/mlruns (`mlflow ui --backend-store-uri RUN_DIR/mlruns`)."""
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each backend at most once, got {value}")
+        return value
+
+
 class Spec(Section):
     """A whole experiment. Only [experiment] name, [model] and [memory] are required."""
 
@@ -254,3 +274,5 @@ class Spec(Section):
     """Validation perplexity schedule."""
     launch: Launch = Launch()
     """torchrun and SLURM launch settings."""
+    log: Log = Log()
+    """Experiment tracking (TensorBoard, W&B, MLflow) beside metrics.jsonl."""
