@@ -36,6 +36,7 @@ growth_operator = "stack"
 reference_steps = {REF}
 global_batch_tokens = {BATCH}
 micro_batch_size = 4
+warmup_steps = 10
 [data]
 tokenizer = "bpe-4096"
 [launch]
