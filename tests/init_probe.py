@@ -7,7 +7,6 @@ usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,23 +17,23 @@ from torch.distributed.tensor import DTensor
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.train import Stage, _prepare
+from stepc.schema.manifest import load_manifest
 
 
 def main() -> None:
     run_dir, out, precision = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    spec = manifest["spec"]
-    spec["train"]["precision"] = precision
+    manifest = load_manifest(run_dir)
+    spec = manifest.spec.model_copy(update={"train": manifest.spec.train.model_copy(update={"precision": precision})})
     for index in (1, 2):
-        info = manifest["plan"]["stages"][index - 1]
-        st = Stage(run_dir, spec, manifest["plan"], info, rank, world, torch.device("cpu"))
+        info = manifest.plan.stages[index - 1]
+        st = Stage(run_dir, spec, manifest.plan, info, rank, world, torch.device("cpu"))
         if index == 1:
-            model = meta_fresh_model(spec, info["total_layers"])
+            model = meta_fresh_model(spec, info.total_layers)
 
             def fill(m):
-                init_fresh(m, spec["experiment"]["seed"])
+                init_fresh(m, spec.experiment.seed)
         else:
             model, _, _, fill = meta_grown_model(spec, run_dir / "checkpoints" / "stage-1" / "final", info)
         _prepare(model, st)

@@ -9,8 +9,6 @@ train step, the measured model-state bytes and the eval sums must all get throug
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -35,10 +33,11 @@ def meta_group():
 def _stage(run_dir):
     from stepc.runtime.train import Stage
 
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    info = manifest["plan"]["stages"][0]
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(run_dir)
     # world=1 in the Stage: the module stays unsharded on `meta`; the group still has two ranks.
-    return Stage(run_dir, manifest["spec"], manifest["plan"], info, 0, 1, torch.device("meta"))
+    return Stage(run_dir, manifest.spec, manifest.plan, manifest.plan.stages[0], 0, 1, torch.device("meta"))
 
 
 def test_step_metrics_and_eval_collectives_stay_on_the_model_device(make_run, meta_group):
@@ -48,10 +47,10 @@ def test_step_metrics_and_eval_collectives_stay_on_the_model_device(make_run, me
 
     st = _stage(make_run.compile("rt", train={"global_batch_tokens": 256, "micro_batch_size": 2},
                                  launch={"nproc_per_node": 1}))
-    model = meta_fresh_model(st.spec, st.info["total_layers"])
+    model = meta_fresh_model(st.spec, st.stage.total_layers)
     _prepare(model, st)
     optimizer = _optimizer(model, st.spec, st.device)
-    seq = st.spec["model"]["seq_len"]
+    seq = st.spec.model.seq_len
     batches = iter([torch.zeros(2, seq, dtype=torch.long, device="meta")] * st.grad_accum)
 
     loss = _train_step(st, model, optimizer, batches)

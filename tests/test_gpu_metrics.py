@@ -13,6 +13,13 @@ from stepc.runtime.flops import GPU_PEAK_BF16, flops_per_token, peak_flops
 aten = torch.ops.aten
 
 
+def small_spec(**model):
+    from stepc.compiler.load import parse_spec
+
+    lines = "\n".join(f"{k} = {v}" for k, v in model.items())
+    return parse_spec(f'[experiment]\nname = "t"\n[model]\n{lines}\n[memory]\n[data]\ntokenizer = "bpe-1000"\n')
+
+
 def _counted_flops(model, x) -> int:
     """Matmul FLOPs of one training forward + backward, as FlopCounterMode counts them. Its table
     lacks ops the CPU run uses, registered here with its own formulas: the CPU flash-attention
@@ -41,9 +48,10 @@ def test_flops_per_token_matches_a_counted_forward_backward(new, old):
     from stepc.runtime.lora import apply_adapters
     from stepc.runtime.model import fresh_model
 
-    cfg = {"vocab_size": 1000, "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "seq_len": 128, "tie_embeddings": False}
-    model = fresh_model({"model": cfg}, new + old, 1)
+    spec = small_spec(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                      num_key_value_heads=2, seq_len=128, num_layers=new + old)
+    cfg = spec.model
+    model = fresh_model(spec, new + old, 1)
     if old:  # a grown stage: the lower layers frozen behind rank-8 adapters
         apply_adapters(model, list(range(old)), 8, 16, torch.Generator().manual_seed(0))
     x = torch.randint(0, 1000, (2, 128))

@@ -6,7 +6,6 @@ stage-1 model and for a stage-2 model grown from stage 1's safetensors export, i
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +37,13 @@ def _same(a: dict, b: dict, what: str) -> None:
 def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp_path, precision):
     from stepc.runtime.model import fresh_model, grown_model
 
-    manifest = json.loads((full_run / "manifest.json").read_text())
-    spec = manifest["spec"]
-    spec["train"]["precision"] = precision
-    stages = manifest["plan"]["stages"]
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(full_run)
+    spec = manifest.spec.model_copy(update={"train": manifest.spec.train.model_copy(update={"precision": precision})})
+    stages = manifest.plan.stages
     eager = {
-        1: fresh_model(spec, stages[0]["total_layers"], spec["experiment"]["seed"]).state_dict(),
+        1: fresh_model(spec, stages[0].total_layers, spec.experiment.seed).state_dict(),
         2: grown_model(spec, full_run / "checkpoints" / "stage-1" / "final", stages[1])[0].state_dict(),
     }
     worlds = (1, 2, 3) if precision == "fp32" else (2,)
@@ -53,7 +53,7 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
             saved = torch.load(tmp_path / f"stage{index}-world{world}.pt", weights_only=False)
             _same(saved["state"], eager[index], f"stage {index}, {world} rank(s), {precision}")
             total = sum(t.nbytes for k, t in eager[index].items() if "rotary" not in k)
-            if spec["model"]["tie_embeddings"]:
+            if spec.model.tie_embeddings:
                 total -= eager[index]["lm_head.weight"].nbytes
             assert sum(saved["local_bytes"]) == total  # the shards add up to the model, once
             if world > 1:
@@ -63,8 +63,10 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
 def test_fresh_init_depends_on_the_seed_and_matches_transformers_statistics():
     from stepc.runtime.model import fresh_model
 
-    spec = {"model": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "seq_len": 32, "tie_embeddings": False}}
+    from test_gpu_metrics import small_spec
+
+    spec = small_spec(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, seq_len=32, num_layers=2)
     a, b = fresh_model(spec, 2, 1).state_dict(), fresh_model(spec, 2, 2).state_dict()
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])

@@ -21,9 +21,9 @@ name torch.cuda.get_device_name reports; a name not in the table gets no MFU rat
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+
+from stepc.schema.spec import Model
 
 GPU_PEAK_BF16: dict[str, float] = {
     "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5
@@ -52,23 +52,21 @@ def device_peak_flops(device: torch.device) -> float | None:
     return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def layer_matmul_params(model: dict[str, Any]) -> int:
+def layer_matmul_params(model: Model) -> int:
     """P: weights of one decoder layer's linear maps (q, k, v, o, gate, up, down)."""
-    d, inter = model["hidden_size"], model["intermediate_size"]
-    kv = model["num_key_value_heads"] * (d // model["num_attention_heads"])
+    d, inter, kv = model.hidden_size, model.intermediate_size, model.kv_dim
     return d * d * 2 + 2 * d * kv + 3 * d * inter
 
 
-def adapter_params(model: dict[str, Any], rank: int) -> int:
+def adapter_params(model: Model, rank: int) -> int:
     """E: adapter weights on one frozen layer, r (in + out) for each of the seven maps."""
-    d, inter = model["hidden_size"], model["intermediate_size"]
-    kv = model["num_key_value_heads"] * (d // model["num_attention_heads"])
+    d, inter, kv = model.hidden_size, model.intermediate_size, model.kv_dim
     return rank * ((d + d) * 2 + (d + kv) * 2 + (d + inter) * 3)
 
 
-def flops_per_token(model: dict[str, Any], new: int, old: int, lora_rank: int) -> float:
+def flops_per_token(model: Model, new: int, old: int, lora_rank: int) -> float:
     """Training FLOPs per token of a stage with `new` trained and `old` frozen (adapted) layers."""
-    d, s, v = model["hidden_size"], model["seq_len"], model["vocab_size"]
+    d, s, v = model.hidden_size, model.seq_len, model.vocab_size
     p = layer_matmul_params(model)
     e = adapter_params(model, lora_rank) if old else 0
     return 6 * (new * p + old * e + v * d) + 4 * old * p + 12 * (new + old) * d * s

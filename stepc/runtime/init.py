@@ -30,7 +30,6 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -41,6 +40,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from stepc.runtime.growth import plan_insertion
 from stepc.runtime.lora import LoRALinear, _kaiming_a_, apply_adapters
 from stepc.runtime.model import StepcLlama, runtime_config
+from stepc.schema.plan import StagePlan
+from stepc.schema.spec import Spec, Step
 
 # name of a tensor in its module -> a function of the rank's index (slices) returning those values
 Fill = dict[str, Callable[[tuple[slice, ...]], torch.Tensor]]
@@ -53,9 +54,9 @@ def module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def meta_fresh_model(spec: dict[str, Any], num_layers: int) -> StepcLlama:
+def meta_fresh_model(spec: Spec, num_layers: int) -> StepcLlama:
     with torch.device("meta"):
-        return StepcLlama(runtime_config(spec["model"], num_layers)).float()
+        return StepcLlama(runtime_config(spec.model, num_layers)).float()
 
 
 # ----------------------------------------------------------------------------------------- filling
@@ -143,21 +144,21 @@ class _Export:
             return handle.get_slice(key)[index]
 
 
-def meta_grown_model(spec: dict[str, Any], previous_export: Path, stage: dict[str, Any]
+def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
                      ) -> tuple[StepcLlama, list[LoRALinear], list[int], Callable[[StepcLlama], None]]:
     """The grown model on meta, its adapters, the indices of its new layers, and the function that
     fills it once materialised (after sharding). Mirrors model.grown_model step for step."""
-    step = spec["step"]
-    seed = spec["experiment"]["seed"] + 1000 * stage["index"]
+    step = spec.step
+    seed = spec.experiment.seed + 1000 * stage.index
     export = _Export(previous_export)
     num_old = export.num_layers
-    sources = layer_sources(num_old, stage["new_layers"], step["position"], seed) if stage["new_layers"] \
+    sources = layer_sources(num_old, stage.new_layers, step.position, seed) if stage.new_layers \
         else [("old", j) for j in range(num_old)]
     model = meta_fresh_model(spec, len(sources))
     new_layers = [i for i, (kind, _) in enumerate(sources) if kind == "new"]
     old = [i for i, (kind, _) in enumerate(sources) if kind == "old"]
-    adapters = apply_adapters(model, old, step["lora_rank"], step["lora_alpha"], None)  # A drawn at fill time
-    if spec["train"]["precision"] == "bf16":
+    adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, None)  # A drawn at fill time
+    if spec.train.precision == "bf16":
         for adapter in adapters:
             adapter.base.to(torch.bfloat16)
         for i in old:
@@ -172,12 +173,12 @@ def meta_grown_model(spec: dict[str, Any], previous_export: Path, stage: dict[st
                 if isinstance(module, LoRALinear):
                     lora_a[(i, name)] = _kaiming_a_(torch.empty(module.lora_A.shape, dtype=torch.float32), generator)
         assert len(lora_a) == len(adapters)
-        fill_model(materialised, _grown_fill(materialised, export, sources, step, lora_a, spec["experiment"]["seed"]))
+        fill_model(materialised, _grown_fill(materialised, export, sources, step, lora_a, spec.experiment.seed))
 
     return model, adapters, new_layers, fill
 
 
-def _grown_fill(model: StepcLlama, export: _Export, sources: list[tuple[str, int]], step: dict[str, Any],
+def _grown_fill(model: StepcLlama, export: _Export, sources: list[tuple[str, int]], step: Step,
                 lora_a: dict[tuple[int, str], torch.Tensor], seed: int) -> Callable[[str, nn.Module], Fill]:
     seeded = _seeded_fill(model, seed)  # buffers only (rotary frequencies): no randomness involved
 
@@ -206,9 +207,9 @@ def _grown_fill(model: StepcLlama, export: _Export, sources: list[tuple[str, int
                     out[n] = lambda index, s=module.lora_B.shape: torch.zeros(s)[index]
                 else:
                     out[n] = read(f"model.layers.{j}.{local.replace('.base.', '.')}")
-            elif step["fpi"] and local in FPI_ZEROED:
+            elif step.fpi and local in FPI_ZEROED:
                 out[n] = lambda index, s=module._parameters[n].shape: torch.zeros(s)[index]
-            elif step["growth_operator"] == "interpolation-mean" and j + 1 < export.num_layers:
+            elif step.growth_operator == "interpolation-mean" and j + 1 < export.num_layers:
                 lower, upper = read(f"model.layers.{j}.{local}"), read(f"model.layers.{j + 1}.{local}")
                 out[n] = lambda index, lo=lower, up=upper: _mean(lo(index), up(index))
             else:

@@ -8,7 +8,6 @@ CPU: they are the reference the sharded construction is tested against bit for b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,15 +16,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from stepc.runtime.growth import grow_layers
 from stepc.runtime.lora import LoRALinear, apply_adapters
 from stepc.runtime.loss import linear_cross_entropy
+from stepc.schema.plan import StagePlan
+from stepc.schema.spec import Model, Spec
 
 
-def llama_config(model: dict[str, Any], num_layers: int) -> LlamaConfig:
+def llama_config(model: Model, num_layers: int) -> LlamaConfig:
     """A LlamaConfig from the manifest's normalised [model] table (never downloaded)."""
     return LlamaConfig(
-        vocab_size=model["vocab_size"], hidden_size=model["hidden_size"], intermediate_size=model["intermediate_size"],
-        num_hidden_layers=num_layers, num_attention_heads=model["num_attention_heads"],
-        num_key_value_heads=model["num_key_value_heads"], max_position_embeddings=model["seq_len"],
-        tie_word_embeddings=model["tie_embeddings"], attention_bias=False, mlp_bias=False,
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_key_value_heads, max_position_embeddings=model.seq_len,
+        tie_word_embeddings=model.tie_embeddings, attention_bias=False, mlp_bias=False,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
     )
 
@@ -57,36 +58,36 @@ class StepcLlama(LlamaForCausalLM):
         return m.norm(hidden)
 
 
-def runtime_config(model: dict[str, Any], num_layers: int) -> LlamaConfig:
+def runtime_config(model: Model, num_layers: int) -> LlamaConfig:
     config = llama_config(model, num_layers)
     config.use_cache = False
     return config
 
 
-def fresh_model(spec: dict[str, Any], num_layers: int, seed: int) -> StepcLlama:
+def fresh_model(spec: Spec, num_layers: int, seed: int) -> StepcLlama:
     """The eager reference: the whole model on the CPU, every module seeded by its name (init.py)."""
     from stepc.runtime.init import init_fresh
 
-    model = StepcLlama(runtime_config(spec["model"], num_layers)).float()
+    model = StepcLlama(runtime_config(spec.model, num_layers)).float()
     init_fresh(model, seed)
     return model
 
 
-def grown_model(spec: dict[str, Any], previous_export: Path, stage: dict[str, Any]) -> tuple[StepcLlama, list[LoRALinear], list[int]]:
+def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[StepcLlama, list[LoRALinear], list[int]]:
     """The eager reference: load stage i-1's merged export, insert the new layers, freeze the old
     ones behind adapters. Returns the model, its adapters and the indices of the new layers.
     """
     model = StepcLlama.from_pretrained(previous_export, dtype=torch.float32)
     model.config.use_cache = False
-    step = spec["step"]
-    seed = spec["experiment"]["seed"] + 1000 * stage["index"]
+    step = spec.step
+    seed = spec.experiment.seed + 1000 * stage.index
     new_layers = []
-    if stage["new_layers"]:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
-        new_layers = grow_layers(model, stage["new_layers"], step["growth_operator"], step["position"], step["fpi"], seed)
+    if stage.new_layers:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
+        new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed)
     old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
     generator = torch.Generator().manual_seed(seed)
-    adapters = apply_adapters(model, old, step["lora_rank"], step["lora_alpha"], generator)
-    if spec["train"]["precision"] == "bf16":
+    adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, generator)
+    if spec.train.precision == "bf16":
         for adapter in adapters:  # frozen weights need no fp32 master copy (Eq. 2's 2 bytes)
             adapter.base.to(torch.bfloat16)
         for i in old:

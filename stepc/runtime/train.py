@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from stepc.rundir import RunDir
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
 from stepc.runtime.batches import device_batches
@@ -41,6 +42,8 @@ from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_sta
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
+from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.spec import Spec
 
 
 @dataclass
@@ -48,9 +51,9 @@ class Stage:
     """Everything the loop needs about this stage, resolved once from the manifest."""
 
     run_dir: Path
-    spec: dict[str, Any]
-    plan: dict[str, Any]
-    info: dict[str, Any]  # the manifest's plan.stages[i-1]
+    spec: Spec
+    plan: Plan
+    stage: StagePlan  # this stage's part of the plan
     rank: int
     world: int
     device: torch.device
@@ -59,32 +62,32 @@ class Stage:
 
     @property
     def index(self) -> int:
-        return self.info["index"]
+        return self.stage.index
 
     @property
     def dir(self) -> Path:
-        return self.run_dir / "checkpoints" / f"stage-{self.index}"
+        return RunDir(self.run_dir).stage_dir(self.index)
 
     @property
     def sharded(self) -> bool:
         """FSDP2 unless there is nothing to shard: one CPU rank runs the plain module (FSDP2's
         all-gathers and DTensor dispatch cost ~35% there for no memory gain). A single GPU keeps
         FSDP2 for its bf16 mixed-precision policy. GaLore is never sharded (not FSDP-aware)."""
-        if self.spec["experiment"]["method"] == "galore":
+        if self.spec.experiment.method == "galore":
             return False
         return self.world > 1 or self.device.type == "cuda"
 
     @property
     def grad_accum(self) -> int:
-        tr, seq = self.spec["train"], self.spec["model"]["seq_len"]
-        return tr["global_batch_tokens"] // (seq * tr["micro_batch_size"] * self.world)
+        tr, seq = self.spec.train, self.spec.model.seq_len
+        return tr.global_batch_tokens // (seq * tr.micro_batch_size * self.world)
 
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
     manifest, complete = preflight(manifest_path, stage_index, allow, data=False)  # data: _load_data checks it all
-    info = manifest["plan"]["stages"][stage_index - 1]
-    final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
+    stage = manifest.stage(stage_index)
+    final_export = RunDir(run_dir).final_export(stage_index)
     if complete:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
@@ -92,12 +95,12 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     prev_export = previous_stage_export(run_dir, stage_index)
 
     device, backend = device_and_backend()
-    set_determinism(manifest["spec"]["train"]["deterministic"], device)  # before any CUDA kernel
-    init_distributed(device, backend, manifest["spec"]["launch"]["collective_timeout"])
+    set_determinism(manifest.spec.train.deterministic, device)  # before any CUDA kernel
+    init_distributed(device, backend, manifest.spec.launch.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # oversubscription is ~50x slower
-    st = Stage(run_dir, manifest["spec"], manifest["plan"], info, rank, world, device)
+    st = Stage(run_dir, manifest.spec, manifest.plan, stage, rank, world, device)
     try:
         train_stage(st, prev_export, allow)
     finally:
@@ -106,17 +109,17 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
 
 
 def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
-    spec, tr = st.spec, st.spec["train"]
+    spec, tr = st.spec, st.spec.train
     train_data, evals = _load_data(st, allow)
-    sampler = BlockSampler(train_data.blocks, spec["experiment"]["seed"], indices=evals.pop("_train_idx"))
+    sampler = BlockSampler(train_data.blocks, spec.experiment.seed, indices=evals.pop("_train_idx"))
 
     if prev_export is None:  # built on `meta`: no rank ever holds the whole model
-        model = meta_fresh_model(spec, st.info["total_layers"])
+        model = meta_fresh_model(spec, st.stage.total_layers)
 
         def fill(m):
-            init_fresh(m, spec["experiment"]["seed"])
+            init_fresh(m, spec.experiment.seed)
     else:
-        model, st.adapters, _, fill = meta_grown_model(spec, prev_export, st.info)
+        model, st.adapters, _, fill = meta_grown_model(spec, prev_export, st.stage)
     _prepare(model, st)
     fill(model)
     optimizer = _optimizer(model, spec, st.device)
@@ -128,24 +131,24 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         ckpt.load(path, model, optimizer)
         _log(st, f"resumed stage {st.index} from {path} at step {start}")
 
-    steps, offset = st.info["steps"], st.info["lr_offset"]  # offset > 0: ReLoRA's LoRA phase continues one schedule
-    reset_every = spec["step"]["relora_reset_every"] if st.adapters else None
-    metrics = MetricsWriter(st.run_dir / "metrics.jsonl", enabled=st.rank == 0)
+    steps, offset = st.stage.steps, st.stage.lr_offset  # offset > 0: ReLoRA's LoRA phase continues one schedule
+    reset_every = spec.step.relora_reset_every if st.adapters else None
+    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0)
     predicted = _predicted_state_bytes(st, model)
-    tokens_per_step = tr["global_batch_tokens"]
+    tokens_per_step = tr.global_batch_tokens
     peak_flops = device_peak_flops(st.device)
-    per_token = flops_per_token(spec["model"], st.info["new_layers"], st.info["frozen_layers"], spec["step"]["lora_rank"])
+    per_token = flops_per_token(spec.model, st.stage.new_layers, st.stage.frozen_layers, spec.step.lora_rank)
     if start == 0:
-        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"],
-                      predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
+        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers,
+                      predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
     reset_peak_memory(st.device)  # the peak of training, not of the model build
-    batches = device_batches(lambda step, micro: sampler.batch(st.info["data_step_offset"] + step, micro, st.rank, st.world,
-                                                                  tr["micro_batch_size"], st.grad_accum),
+    batches = device_batches(lambda step, micro: sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
+                                                                  tr.micro_batch_size, st.grad_accum),
                              range(start, steps), st.grad_accum, st.device)
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
     for step in range(start, steps):
-        lr = lr_at(offset + step, tr["lr"], tr["warmup_steps"], st.info["nominal_steps"], tr["min_lr_ratio"],
-                   reset_every, spec["step"]["restart_warmup_steps"], offset)
+        lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
+                   reset_every, spec.step.restart_warmup_steps, offset)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _train_step(st, model, optimizer, batches)
@@ -156,8 +159,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         if reset_every and is_merge_step(offset + done, reset_every, offset):
             _merge_adapters(st, optimizer, done)
             metrics.write(event="merge", stage=st.index, step=done)
-        evaluate = done % spec["eval"]["every_steps"] == 0 and done != steps
-        save = done % tr["checkpoint_every"] == 0 and done != steps
+        evaluate = done % spec.eval.every_steps == 0 and done != steps
+        save = done % tr.checkpoint_every == 0 and done != steps
         if done % 10 == 0 or done == steps or evaluate or save:
             last = _check_losses(st, window, metrics, done)  # the one host sync: nothing is written past a NaN
             if done % 10 == 0 or done == steps:
@@ -210,7 +213,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _check_losses(st: Stage, window: _Window, metrics: MetricsWriter, done: int) -> float:
     """Read the window's losses back (a host sync); stop at the first non-finite one."""
-    values = torch.stack(window.losses).tolist() if window.losses else [float("nan")]
+    values = torch.stack(window.losses).tolist()
     for i, value in enumerate(values):
         if not math.isfinite(value):
             bad = done - len(values) + i + 1
@@ -230,7 +233,7 @@ def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        ckpt.save(st.dir, done, model, optimizer, {"step": done}, st.spec["train"]["keep_checkpoints"])
+        ckpt.save(st.dir, done, model, optimizer, {"step": done}, st.spec.train.keep_checkpoints)
     except (OSError, CheckpointException) as exc:
         cause = exc
         if isinstance(exc, CheckpointException):  # DCP wraps each rank's error: report the first OSError
@@ -247,7 +250,7 @@ def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
 def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
     """One optimizer step; returns the mean loss over ranks and micro-batches as a device scalar
     (no host sync: reading it back is the caller's choice)."""
-    tr = st.spec["train"]
+    tr = st.spec.train
     total = torch.zeros((), dtype=torch.float32, device=st.device)
     for micro in range(st.grad_accum):
         batch = next(batches)  # already on the device (stages read on where the previous one stopped)
@@ -256,8 +259,8 @@ def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
         loss = model(input_ids=batch, labels=batch).loss
         (loss.float() / st.grad_accum).backward()
         total += loss.detach().float()
-    if tr["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr["grad_clip"])
+    if tr.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured model states
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -266,24 +269,24 @@ def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
 
 def _merge_adapters(st: Stage, optimizer, step: int) -> None:
     """ReLoRA restart: fold adapters into the frozen weights, re-init them, reset their optimizer state."""
-    s = st.spec["step"]
-    generator = torch.Generator().manual_seed(st.spec["experiment"]["seed"] * 7919 + st.index * 104729 + step)
+    s = st.spec.step
+    generator = torch.Generator().manual_seed(st.spec.experiment.seed * 7919 + st.index * 104729 + step)
     merge_and_reinit(st.adapters, generator)
     params = [p for a in st.adapters for p in (a.lora_A, a.lora_B)]
-    reset_optimizer_state(optimizer, params, s["optimizer_reset"], s["prune_ratio"])
+    reset_optimizer_state(optimizer, params, s.optimizer_reset, s.prune_ratio)
 
 
 def _prepare(model, st: Stage) -> None:
     """Compilation, activation checkpointing and FSDP2 (one unit per decoder layer plus the root) on
     the meta model, then each rank allocates only its shards on the device (filled by the caller)."""
-    if st.spec["train"]["compile"]:
+    if st.spec.train.compile:
         for layer in model.model.layers:  # per layer: one graph reused L times, FSDP hooks stay outside
             layer.compile()
-    if st.spec["train"]["activation_checkpointing"]:
+    if st.spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if st.sharded:
         mp = None
-        if st.spec["train"]["precision"] == "bf16" and st.device.type == "cuda":
+        if st.spec.train.precision == "bf16" and st.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if mp else {}
         for layer in model.model.layers:
@@ -293,13 +296,13 @@ def _prepare(model, st: Stage) -> None:
     model.train()
 
 
-def _optimizer(model, spec: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; decay on matrices (incl. adapters and embeddings), none on norms.
 
     method = "galore": GaLoreAdamW, projecting the gradients of the decoder layers' 2-D weights.
     """
-    tr, st = spec["train"], spec["step"]
-    galore = spec["experiment"]["method"] == "galore"
+    tr, sp = spec.train, spec.step
+    galore = spec.experiment.method == "galore"
     decay, no_decay, projected = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -308,31 +311,31 @@ def _optimizer(model, spec: dict[str, Any], device: torch.device) -> torch.optim
             projected.append(p)
         else:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tr["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if galore:
         from galore_torch import GaLoreAdamW  # optional extra: pip install 'stepc[galore]'
 
-        groups.append({"params": projected, "weight_decay": tr["weight_decay"], "rank": st["galore_rank"],
-                       "update_proj_gap": st["galore_update_gap"], "scale": st["galore_scale"], "proj_type": "std"})
-        return GaLoreAdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), no_deprecation_warning=True)
+        groups.append({"params": projected, "weight_decay": tr.weight_decay, "rank": sp.galore_rank,
+                       "update_proj_gap": sp.galore_update_gap, "scale": sp.galore_scale, "proj_type": "std"})
+        return GaLoreAdamW(groups, lr=tr.lr, betas=tuple(tr.betas), no_deprecation_warning=True)
     # CUDA: fused (one kernel for all tensors, works on FSDP2's DTensors). CPU: foreach (one dispatch
     # per op for all tensors; per-parameter DTensor dispatch doubled the step time).
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), **kind)
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), **kind)
 
 
 def _predicted_state_bytes(st: Stage, model) -> int | None:
     """The compiler's exact prediction, plus AdamW step scalars that every rank holds for its shards."""
-    if st.info["exact_model_state_bytes"] is None:  # GaLore: no tensor-level prediction
+    if st.stage.exact_model_state_bytes is None:  # GaLore: no tensor-level prediction
         return None
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    return st.info["exact_model_state_bytes"] + 4 * tensors * (st.world - 1)
+    return st.stage.exact_model_state_bytes + 4 * tensors * (st.world - 1)
 
 
 def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any]]:
     """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
-    data, seq = st.spec["data"], st.spec["model"]["seq_len"]
-    cache = st.run_dir / "cache"
+    data, seq = st.spec.data, st.spec.model.seq_len
+    cache = RunDir(st.run_dir).cache
 
     def build():
         return open_datasets(data, seq, cache)
@@ -342,12 +345,12 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any
     dist.barrier()
     if st.rank != 0:
         tok, train, named = build()
-    if tok.get_vocab_size() > st.spec["model"]["vocab_size"]:
+    if tok.get_vocab_size() > st.spec.model.vocab_size:
         raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
     st.tokenizer = tok
     fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
     check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
-    train_idx, evals = eval_sets(train, named, data["holdout_fraction"], st.spec["experiment"]["seed"])
+    train_idx, evals = eval_sets(train, named, data.holdout_fraction, st.spec.experiment.seed)
     return train, {"_train_idx": train_idx, **evals}
 
 
@@ -369,8 +372,8 @@ def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, s
 def _eval_sums(st: Stage, model, blocks, indices) -> torch.Tensor:
     """Collective: [sum of token losses, tokens] of one eval set over all ranks, on st.device (NCCL
     reduces only GPU tensors)."""
-    batches = iter_eval_batches(blocks, st.spec["train"]["micro_batch_size"], st.rank, st.world,
-                                st.spec["eval"]["max_tokens"], indices)
+    batches = iter_eval_batches(blocks, st.spec.train.micro_batch_size, st.rank, st.world,
+                                st.spec.eval.max_tokens, indices)
     sums = loss_sums(model, batches, st.device)
     dist.all_reduce(sums)
     return sums
@@ -379,12 +382,12 @@ def _eval_sums(st: Stage, model, blocks, indices) -> torch.Tensor:
 def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
     """Merge adapters into an HF export (the next stage's starting point; the last stage's is the result)."""
     state = ckpt.full_model_state(model)
-    final = st.dir / "final"
+    final = RunDir(st.run_dir).final_export(st.index)
     if st.rank == 0:
-        write_export(state, st.spec, st.info["total_layers"], final, st.tokenizer)
-        if st.index == len(st.plan["stages"]):
-            export = st.run_dir / "export"
-            write_export(state, st.spec, st.info["total_layers"], export, st.tokenizer)
+        write_export(state, st.spec, st.stage.total_layers, final, st.tokenizer)
+        if st.index == len(st.plan.stages):
+            export = RunDir(st.run_dir).export
+            write_export(state, st.spec, st.stage.total_layers, export, st.tokenizer)
             _log(st, f"exported the trained model to {export} (Hugging Face format, safetensors)")
         metrics.write(event="stage_end", stage=st.index, step=steps)
     dist.barrier()
