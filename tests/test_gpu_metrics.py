@@ -17,7 +17,7 @@ def small_spec(**model):
     from stepc.compiler.load import parse_spec
 
     lines = "\n".join(f"{k} = {v}" for k, v in model.items())
-    return parse_spec(f'[experiment]\nname = "t"\n[model]\n{lines}\n[memory]\n[data]\ntokenizer = "bpe-1000"\n')
+    return parse_spec(f'[experiment]\nname = "t"\n[model]\n{lines}\n[memory]\n[step]\nlora_rank = 8\n[data]\ntokenizer = "bpe-{model["vocab_size"]}"\n')
 
 
 def _counted_flops(model, x) -> int:

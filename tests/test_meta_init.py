@@ -65,7 +65,7 @@ def test_fresh_init_depends_on_the_seed_and_matches_transformers_statistics():
 
     from test_gpu_metrics import small_spec
 
-    spec = small_spec(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    spec = small_spec(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                       num_key_value_heads=2, seq_len=32, num_layers=2)
     a, b = fresh_model(spec, 2, 1).state_dict(), fresh_model(spec, 2, 2).state_dict()
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
