@@ -77,6 +77,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     IGNORE_INDEX labels do not count), without materialising [B*S, V] logits.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    t = labels[:, 1:].reshape(-1)
+    t = labels[:, 1:].reshape(-1).long()
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, t, chunk_tokens, need_grad)
