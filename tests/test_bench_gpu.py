@@ -29,7 +29,7 @@ def test_gpu_bench_smoke_writes_every_figure(tmp_path):
         assert part["ok"], (name, part.get("tail"))
         assert part["tokens_per_s"] > 0
     for name in ("step-1", "step-2", "vanilla-1"):
-        assert parts[name]["steps_logged"] >= 2
+        assert parts[name]["steps_logged"] >= 1
         assert parts[name]["predicted_device_bytes"] > parts[name]["predicted_exact_model_state_bytes"] > 0
     assert parts["step-2"]["layers"] == parts["vanilla-1"]["layers"] == 2 * parts["step-1"]["layers"]
     assert result["runtime_over_plain"] > 0

@@ -90,3 +90,15 @@ def test_chunked_loss_equals_transformers_loss_and_gradients():
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(got[0], hidden.grad)
     torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_out_of_memory_message_names_prediction_capacity_and_the_keys_that_fit(make_run):
+    from stepc.runtime.oom import oom_failure
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(make_run.compile("rt", memory={"accounting": "device"}))
+    stage = manifest.plan.stages[0]
+    message = str(oom_failure(manifest.spec, manifest.plan, stage, torch.device("cpu"), 3, "kept."))
+    assert "stage 1 step 3" in message and f"{stage.peak_bytes / 1e9:.3f} GB" in message
+    for key in ("train.micro_batch_size", "train.activation_checkpointing", "train.compile"):
+        assert key in message

@@ -41,6 +41,8 @@ from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, prefligh
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
+from stepc.runtime.oom import oom_failure
+from stepc.runtime.precision import autocast_unsharded
 from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -151,7 +153,12 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
                    reset_every, spec.step.restart_warmup_steps, offset)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _train_step(st, model, optimizer, batches)
+        try:
+            loss = _train_step(st, model, optimizer, batches)
+        except torch.OutOfMemoryError:
+            found = ckpt.newest_complete(st.dir, warn=False)
+            kept = f"The last complete checkpoint {found[1]} is kept." if found else "No checkpoint of this stage exists yet."
+            raise oom_failure(spec, st.plan, st.stage, st.device, step + 1, kept) from None
         done = step + 1
         if done == _fault_step("STEPC_FAULT_NONFINITE_AT_STEP"):
             loss = torch.full_like(loss, float("nan"))
@@ -256,7 +263,8 @@ def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
         batch = next(batches)  # already on the device (stages read on where the previous one stopped)
         if st.sharded:
             model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
-        loss = model(input_ids=batch, labels=batch).loss
+        with autocast_unsharded(tr.precision, st.device, st.sharded):  # GaLore on a GPU: bf16 like FSDP2's policy
+            loss = model(input_ids=batch, labels=batch).loss
         (loss.float() / st.grad_accum).backward()
         total += loss.detach().float()
     if tr.grad_clip > 0:
@@ -374,7 +382,8 @@ def _eval_sums(st: Stage, model, blocks, indices) -> torch.Tensor:
     reduces only GPU tensors)."""
     batches = iter_eval_batches(blocks, st.spec.train.micro_batch_size, st.rank, st.world,
                                 st.spec.eval.max_tokens, indices)
-    sums = loss_sums(model, batches, st.device)
+    with autocast_unsharded(st.spec.train.precision, st.device, st.sharded):
+        sums = loss_sums(model, batches, st.device)
     dist.all_reduce(sums)
     return sums
 
