@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
 from stepc.runtime import checkpoint as ckpt
+from stepc.runtime.console import Console, echo
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
 from stepc.runtime.batches import device_batches
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism
@@ -44,6 +44,7 @@ from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.oom import oom_failure
 from stepc.runtime.precision import autocast_unsharded
 from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
+from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
 
@@ -135,7 +136,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
 
     steps, offset = st.stage.steps, st.stage.lr_offset  # offset > 0: ReLoRA's LoRA phase continues one schedule
     reset_every = spec.step.relora_reset_every if st.adapters else None
-    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0)
+    tracking = open_tracking(st.run_dir, st.index, start) if st.rank == 0 else None
+    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking)
     predicted = _predicted_state_bytes(st, model)
     tokens_per_step = tr.global_batch_tokens
     peak_flops = device_peak_flops(st.device)
@@ -148,6 +150,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
                                                                   tr.micro_batch_size, st.grad_accum),
                              range(start, steps), st.grad_accum, st.device)
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
+    console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
                    reset_every, spec.step.restart_warmup_steps, offset)
@@ -173,11 +176,12 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             if done % 10 == 0 or done == steps:
                 tps = tokens_per_step * (done - window.step) / max(window.seconds(), 1e-9)
                 measured = model_state_bytes(model, optimizer, st.device)
+                memory = peak_memory(st.device)
                 utilisation = mfu(tps, per_token, peak_flops, st.world)
                 metrics.write(event="train", stage=st.index, step=done, loss=last, lr=lr, tokens_per_s=round(tps, 1),
                               mfu=None if utilisation is None else round(utilisation, 4),
-                              model_state_bytes=measured, predicted_model_state_bytes=predicted, **peak_memory(st.device))
-                _progress(st, done, steps, last, lr, tps)
+                              model_state_bytes=measured, predicted_model_state_bytes=predicted, **memory)
+                console.update(done, last, lr, tps, utilisation, memory["peak_memory_bytes"])
                 window.restart(done)
         if evaluate:
             with window.paused(st.device):
@@ -185,8 +189,12 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         if save:
             with window.paused(st.device):
                 _save_checkpoint(st, done, model, optimizer)
+            metrics.write(event="checkpoint", stage=st.index, step=done)
+    console.close()
     _evaluate(st, model, evals, metrics, steps)
     _finish(st, model, metrics, steps)
+    if tracking is not None:
+        tracking.close()
 
 
 class _Window:
@@ -402,18 +410,6 @@ def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
     dist.barrier()
 
 
-def _progress(st: Stage, done: int, steps: int, loss: float, lr: float, tps: float) -> None:
-    if st.rank != 0:
-        return
-    line = f"stage {st.index} step {done}/{steps} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
-    if sys.stdout.isatty():
-        width = 30
-        filled = int(width * done / steps)
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}", end="" if done < steps else "\n", flush=True)
-    else:
-        print(line, flush=True)
-
-
 def _log(st: Stage, message: str) -> None:
     if st.rank == 0:
-        print(message, flush=True)
+        echo(message)
