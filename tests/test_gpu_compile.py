@@ -29,3 +29,30 @@ def test_compile_applies_to_every_layer_and_keeps_the_keys(make_run):
     assert all(layer._compiled_call_impl is None for layer in plain.model.layers)
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert not any("_orig_mod" in key for key in compiled.state_dict())
+
+
+def test_deterministic_mode_runs_a_training_step_without_warn_only():
+    """[train] deterministic = true: use_deterministic_algorithms(True) with no warn_only, so an op
+    without a deterministic kernel would raise; the runtime's model, loss and AdamW have one on CPU."""
+    from test_gpu_metrics import small_spec
+
+    from stepc.runtime.device import set_determinism
+    from stepc.runtime.model import fresh_model
+
+    spec = small_spec(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, seq_len=32, num_layers=2)
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    set_determinism(True, torch.device("cpu"))
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        weights = []
+        for _ in range(2):
+            model = fresh_model(spec, 2, 1)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            weights.append(model.model.embed_tokens.weight.detach().clone())
+        assert torch.equal(weights[0], weights[1])
+    finally:
+        torch.use_deterministic_algorithms(False)
