@@ -44,10 +44,12 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
 
     from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
     from stepc.runtime.metrics import loss_sums
+    from stepc.runtime.precision import compute_dtype
 
     spec = manifest.spec
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).to(device).eval()
+    # the runtime's eval dtype (bf16 on a GPU under precision = "bf16"), so the perplexities agree
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=compute_dtype(spec.train.precision, device)).to(device).eval()
     try:
         tok, train, named = open_datasets(spec.data, spec.model.seq_len, RunDir(run_dir).cache)
     except (ValueError, OSError) as exc:

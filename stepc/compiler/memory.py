@@ -31,6 +31,8 @@ class Costs:
     ranks: int = 1  # "device": FSDP shards parameters, gradients and moments over this many ranks
     activation_layer_bytes: int = 0  # "device": activations one decoder layer keeps per rank
     activation_fixed_bytes: int = 0  # "device": logits, all-gather buffers, a recomputed layer
+    activation_adapter_bytes: int = 0  # "device": extra activations of one frozen layer's adapters
+    accumulated_grad_bytes: int = 0  # "device": per trainable parameter, unsharded, under gradient accumulation
 
     def stage_bytes(self, new: int, old: int) -> int:
         """Bytes of a stage that trains `new` layers above `old` frozen, adapted layers (per rank if ranks > 1)."""
@@ -38,8 +40,9 @@ class Costs:
         tensors = new * self.layer_tensors + old * self.adapter_tensors + self.fixed_tensors
         sharded = TRAINED_BYTES * trained + self.frozen_bytes * old * self.layer_params
         # AdamW's step scalars are not sharded: every rank holds one per parameter tensor.
-        return (-(-sharded // self.ranks) + self.step_bytes * tensors
-                + (new + old) * self.activation_layer_bytes + self.activation_fixed_bytes)
+        return (-(-sharded // self.ranks) + self.step_bytes * tensors + self.accumulated_grad_bytes * trained
+                + (new + old) * self.activation_layer_bytes + old * self.activation_adapter_bytes
+                + self.activation_fixed_bytes)
 
     def trainable_params(self, new: int, old: int) -> int:
         return new * self.layer_params + old * self.adapter_params + self.fixed_params
@@ -80,31 +83,60 @@ def exact_costs(spec: Spec) -> Costs:
     )
 
 
-def device_costs(spec: Spec) -> Costs:
-    """Per-GPU peak estimate: exact model states sharded over the ranks, plus activations.
+LOSS_CHUNK_TOKENS = 2048  # stepc.runtime.loss.CHUNK_TOKENS: tokens whose logits exist at a time
 
-    Activations per token of one decoder layer (kept for backward, in the compute dtype): the two
-    norm inputs and outputs, q/k/v, the attention output, gate, up, SiLU(gate) and their product
-    (6 d + 2 kv + 4 I elements; sdpa/flash attention keeps no s x s scores), plus the norms' fp32
-    upcasts (2 d x 4 bytes). With activation checkpointing a layer keeps only its input (d) and
-    one layer is recomputed at a time. Fixed: the fp32 logits and their gradient (V x 8 bytes per
-    token, plus the compute-dtype logits), two layers' all-gathered parameters (FSDP prefetch) and
-    the unsharded root (embeddings, head). Frozen layers with adapters still back-propagate, so
-    they keep activations too. An estimate: not yet checked against a GPU measurement here.
+
+def device_costs(spec: Spec) -> Costs:
+    """Per-GPU peak estimate: exact model states sharded over the ranks, plus what a training step
+    adds on top of them at its peak (the start of the backward pass), per rank.
+
+    Saved activations of one decoder layer, per token (elt = 2 bytes under bf16, 4 under fp32),
+    as counted with saved_tensors_hooks on the runtime's model (tests/test_device_memory.py):
+      each RMSNorm   4 d + 4   its input upcast to fp32 and the fp32 1/rms (under fp32 the upcast is
+                               the input itself), + 2 elt d: the normalised input (for the weight's
+                               gradient) and its product with the weight (the next linear maps' input)
+      attention      elt (2 d + 2 kv) + 4 h: q, k, v and the output kept by SDPA (no s x s scores),
+                               the per-head fp32 log-sum-exp; o_proj reads the output in place
+      MLP            4 elt I: gate, up, SiLU(gate) and the product (down_proj's input)
+    Frozen layers back-propagate too (the embeddings below them are trained), so they keep the same
+    plus their adapters' rank-r intermediates (7 r elt). With activation checkpointing a layer keeps
+    only its input (elt d) and one layer at a time is recomputed in full.
+
+    Fixed (one per rank): the chunked LM-head loss - chunk logits in fp32, their softmax-gradient in
+    the compute dtype (and its fp32 upcast under bf16), the head's gradient accumulated in fp32 and
+    cast back, the hidden states' gradient and copy (tokens x d x elt each) - plus the final norm;
+    FSDP2's all-gathered compute-dtype parameters of the root (embeddings, head) and of two layers
+    (the current one and the prefetched next); the root's unsharded gradient (alive from the head's
+    gradient at the start of backward to the end of it) and one layer's unsharded gradient with its
+    fp32 reduce-scatter buffer. Under gradient accumulation (more than one micro-batch per step)
+    FSDP2 keeps every unsharded gradient between micro-batches, in fp32 (reduce dtype): 4 bytes per
+    trainable parameter, not divided by the ranks. The loss returns no logits, so nothing of the
+    previous micro-batch outlives it. Not included: the CUDA caching allocator's reserved-minus-
+    allocated slack (fragmentation), which the runtime reports separately as peak_reserved_bytes.
     """
     base = exact_costs(spec)
     m, tr, la = spec.model, spec.train, spec.launch
-    ranks = 1 if spec.experiment.method == "galore" else la.nnodes * la.nproc_per_node
+    galore = spec.experiment.method == "galore"
+    ranks = 1 if galore else la.nnodes * la.nproc_per_node
     elt = 2 if tr.precision == "bf16" else 4
-    d, inter = m.hidden_size, m.intermediate_size
-    kv = m.kv_dim
+    d, inter, kv, heads = m.hidden_size, m.intermediate_size, m.kv_dim, m.num_attention_heads
     tokens = tr.micro_batch_size * m.seq_len
-    full_layer = tokens * (elt * (6 * d + 2 * kv + 4 * inter) + 8 * 2 * d)
+    norm = 4 * d + 4 + 2 * elt * d
+    full_layer = tokens * (2 * norm + elt * (2 * d + 2 * kv + 4 * inter) + 4 * heads)
     per_layer = tokens * elt * d if tr.activation_checkpointing else full_layer
-    fixed = tokens * m.vocab_size * (elt + 8) + 2 * elt * base.layer_params + elt * base.fixed_params
+    adapter = 0 if tr.activation_checkpointing else tokens * len(LINEAR_MAPS) * spec.step.lora_rank * elt
+    chunk = min(LOSS_CHUNK_TOKENS, tokens)
+    v = m.vocab_size
+    loss = chunk * v * (4 + elt + (4 if elt == 2 else 0)) + v * d * (4 + elt) + 2 * tokens * d * elt + tokens * norm
+    fsdp = 2 * elt * base.layer_params + elt * base.fixed_params  # gathered parameters
+    fsdp += elt * base.fixed_params + (elt + 4) * base.layer_params  # unsharded gradients, reduce buffer
+    fixed = loss + fsdp
     if tr.activation_checkpointing:
         fixed += full_layer
-    return Costs(**{**base.__dict__, "ranks": ranks, "activation_layer_bytes": per_layer, "activation_fixed_bytes": fixed})
+    accum = tr.global_batch_tokens // (m.seq_len * tr.micro_batch_size * ranks)
+    return Costs(**{**base.__dict__, "ranks": ranks, "activation_layer_bytes": per_layer,
+                    "activation_adapter_bytes": adapter, "activation_fixed_bytes": fixed,
+                    "accumulated_grad_bytes": 4 if accum > 1 and not galore else 0})
 
 
 def costs_for(spec: Spec) -> Costs:

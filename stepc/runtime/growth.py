@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-__all__ = ["OPERATORS", "POSITIONS", "STACK_OPERATORS", "grow_layers", "plan_insertion", "stack_plan"]
+__all__ = ["OPERATORS", "POSITIONS", "STACK_OPERATORS", "LayerSource", "grow_layers", "layer_sources", "plan_insertion", "stack_plan"]
 
 #: Where new layers go (paper Figure 3 / Table 4; "upper" performed best). "spread" spaces them
 #: evenly through the stack, as LLaMA-Pro's block expansion does.
@@ -158,18 +159,51 @@ def stack_plan(num_old: int, num_new: int, operator: str, block: int | None = No
     return gap, [start + k % size for k in range(num_new)]
 
 
-def _source_state_dict(
-    layers: nn.ModuleList, j: int, operator: str
-) -> dict[str, torch.Tensor]:
-    """State dict used to initialise a new layer inserted after old layer ``j``."""
-    lower = layers[j].state_dict()
-    has_upper = j + 1 < len(layers)
-    if operator == "interpolation-copy" or not has_upper:
-        # Copy of the lower neighbour. Mean at the top gap also falls back here:
-        # there is no upper neighbour to average with. (Views of the old weights;
-        # the caller clones them for each new layer.)
-        return dict(lower)
-    upper = layers[j + 1].state_dict()
+@dataclass(frozen=True)
+class LayerSource:
+    """Where one layer of the grown model comes from.
+
+    ``new = False``: old layer ``parents[0]``, kept. ``new = True``: a new layer initialised from the
+    old layers ``parents`` (one: a copy; two: their element-wise mean). ``after`` is the old layer it
+    is inserted after, which also gives its transformers layer type.
+    """
+
+    new: bool
+    parents: tuple[int, ...]
+    after: int
+
+
+def layer_sources(num_old: int, num_new: int, operator: str, position: str, seed: int,
+                  block: int | None = None) -> list[LayerSource]:
+    """The grown model, layer by layer (bottom to top): the one map of a growth that the eager
+    path (:func:`grow_layers`) and the sharded meta-device path (runtime/init.py) both follow."""
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}; expected one of {OPERATORS}")
+    if operator in STACK_OPERATORS:
+        stack_gap, stack_sources = stack_plan(num_old, num_new, operator, block)
+        per_gap = Counter({stack_gap: num_new})
+    else:
+        per_gap = Counter(plan_insertion(num_old, num_new, position, seed))
+    out: list[LayerSource] = []
+    for j in range(num_old):
+        out.append(LayerSource(False, (j,), j))
+        for k in range(per_gap[j]):
+            if operator in STACK_OPERATORS:
+                parents: tuple[int, ...] = (stack_sources[k],)
+            elif operator == "interpolation-mean" and j + 1 < num_old:
+                parents = (j, j + 1)
+            else:  # a copy of the lower neighbour (mean at the top gap falls back to it: no upper one)
+                parents = (j,)
+            out.append(LayerSource(True, parents, j))
+    return out
+
+
+def _source_state_dict(layers: nn.ModuleList, parents: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """State dict that initialises a new layer: a copy of one parent, or the mean of two."""
+    lower = layers[parents[0]].state_dict()
+    if len(parents) == 1:
+        return dict(lower)  # views of the old weights; the caller clones them for each new layer
+    upper = layers[parents[1]].state_dict()
     # Average every tensor, norms included. Accumulate in fp32 (or better) so a bf16
     # model does not lose a bit in the sum before the halving.
     out: dict[str, torch.Tensor] = {}
@@ -282,34 +316,27 @@ def grow_layers(
     layer_types_old = getattr(config, "layer_types", None)
     if layer_types_old is not None:
         layer_types_old = list(layer_types_old)
-    if operator in STACK_OPERATORS:
-        stack_gap, stack_sources = stack_plan(num_old, num_new, operator, block)
-        per_gap = Counter({stack_gap: num_new})
-    else:
-        per_gap = Counter(plan_insertion(num_old, num_new, position, seed))
-
     new_list: list[nn.Module] = []
     sources: list[int] = []
     new_indices: list[int] = []
-    for j in range(num_old):
-        new_list.append(old_layers[j])
-        sources.append(j)
-        if per_gap[j] == 0:
+    shared: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+    for src in layer_sources(num_old, num_new, operator, position, seed, block):
+        if not src.new:
+            new_list.append(old_layers[src.parents[0]])
+            sources.append(src.parents[0])
             continue
-        # Interpolation: one state dict per gap, all layers in this gap share the same init.
-        # Stacking: the one gap holds the whole run, new layer k copying old layer stack_sources[k].
-        shared = None if operator in STACK_OPERATORS else _source_state_dict(old_layers, j, operator)
-        for k in range(per_gap[j]):
-            source = j if shared is not None else stack_sources[k]
-            state = shared if shared is not None else old_layers[source].state_dict()
-            # Clone so every new layer owns its storage (assign=True would alias it).
-            fresh = {name: v.clone() for name, v in state.items()}
-            layer = _build_layer(config, len(new_list), fresh, like=old_layers[source])
-            if fpi:
-                _zero_output_projections(layer)
-            new_indices.append(len(new_list))
-            new_list.append(layer)
-            sources.append(source)  # the new layer inherits the layer type of its source
+        if src.parents not in shared:  # interpolation: every new layer of one gap gets the same init
+            shared[src.parents] = _source_state_dict(old_layers, src.parents)
+        # Clone so every new layer owns its storage (assign=True would alias it).
+        fresh = {name: v.clone() for name, v in shared[src.parents].items()}
+        like = old_layers[src.parents[0]]
+        layer = _build_layer(config, len(new_list), fresh, like=like)
+        if fpi:
+            _zero_output_projections(layer)
+        new_indices.append(len(new_list))
+        new_list.append(layer)
+        # the new layer inherits the layer type of its source (stacking) or of the layer it follows
+        sources.append(src.parents[0] if operator in STACK_OPERATORS else src.after)
 
     model.model.layers = nn.ModuleList(new_list)
     _sync_transformers_metadata(model, sources, layer_types_old)

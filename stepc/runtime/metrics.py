@@ -32,8 +32,9 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Collective: parameters + gradients + optimizer state, measured from the tensors on every rank."""
+def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Collective: parameters + gradients + optimizer state, measured from the tensors on every rank
+    (summed on `device`: NCCL reduces only GPU tensors)."""
     total = 0
     for p in model.parameters():
         total += _local_bytes(p)
@@ -41,41 +42,38 @@ def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             total += _local_bytes(p.grad)
     for state in optimizer.state.values():
         total += sum(_local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
-    out = torch.tensor([total], dtype=torch.float64)
+    out = torch.tensor([total], dtype=torch.float64, device=device)
     dist.all_reduce(out)
     return int(out.item())
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on GPU; the process's peak resident set on CPU."""
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak counters after setup, so the peak is the training step's, not the model build's."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by a substring of the device name.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world: int) -> float | None:
-    """Model FLOPs utilisation by the plan's FLOPs accounting; None where the GPU's peak is unknown."""
-    return None if not peak else tokens_per_s * flops_per_token / (peak * world)
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """GPU: peak allocated and reserved bytes since reset_peak_memory, and the caching allocator's
+    retries (each one a cudaFree of cached blocks and a retried cudaMalloc: a sign of running at
+    the edge). CPU: the process's peak resident set; no reserved bytes or retries."""
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+                "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_reserved_bytes": None, "alloc_retries": None}
 
 
 @torch.no_grad()
 def loss_sums(model: torch.nn.Module, batches, device: torch.device) -> torch.Tensor:
     """[sum of token losses, predicted tokens] over `batches` (numpy token blocks); perplexity is
     exp(sum / tokens) once summed over ranks. Shared by the runtime's evaluations and `stepc eval`."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: no host sync per batch
     for batch in batches:
         x = torch.from_numpy(batch).to(device)
         n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
-        sums += torch.tensor([model(input_ids=x, labels=x).loss.item() * n, n], dtype=torch.float64)
+        sums[0] += model(input_ids=x, labels=x).loss.double() * n
+        sums[1] += n
     return sums

@@ -1,6 +1,8 @@
-"""Build the stage's LlamaForCausalLM: fresh (stage 1), or grown from the previous stage's export.
+"""The stage's LlamaForCausalLM (StepcLlama: the same weights and keys, a leaner training loss).
 
-Everything here runs before FSDP sharding, on the full model, identically on every rank.
+The runtime builds it on the meta device and fills each rank's shard after FSDP sharding
+(stepc.runtime.init). `fresh_model` and `grown_model` here build the whole model eagerly on the
+CPU: they are the reference the sharded construction is tested against bit for bit.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from stepc.runtime.growth import grow_layers
 from stepc.runtime.lora import LoRALinear, apply_adapters
+from stepc.runtime.loss import linear_cross_entropy
 from stepc.schema.plan import StagePlan
 from stepc.schema.spec import Model, Spec
 
@@ -27,19 +31,54 @@ def llama_config(model: Model, num_layers: int) -> LlamaConfig:
     )
 
 
-def fresh_model(spec: Spec, num_layers: int, seed: int) -> LlamaForCausalLM:
-    """Same weights on every rank: the seed is set right before construction."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(spec.model, num_layers)).float()
+class StepcLlama(LlamaForCausalLM):
+    """LlamaForCausalLM whose loss never materialises the micro-batch's logits, and no KV cache.
 
-
-def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[LlamaForCausalLM, list[LoRALinear], list[int]]:
-    """Load stage i-1's merged export, insert the new layers, freeze the old ones behind adapters
-    (method "growth": leave every layer trainable, no adapters).
-
-    Returns the model, its adapters and the indices of the new layers.
+    With labels, forward returns only the loss (logits=None): the decoder's last hidden states go
+    through stepc.runtime.loss.linear_cross_entropy, chunk by chunk. Without labels it is
+    LlamaForCausalLM's forward. Training never needs a KV cache (use_cache=False): the cache's
+    K/V concatenations would only keep activations alive into the next micro-batch.
     """
-    model = LlamaForCausalLM.from_pretrained(previous_export, dtype=torch.float32)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        return CausalLMOutputWithPast(loss=linear_cross_entropy(self.hidden_states(input_ids), self.lm_head.weight, labels))
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LlamaModel.forward for training blocks: plain causal attention (SDPA's is_causal, no mask
+        tensor, so flash attention applies), no cache. transformers' own mask builder reads the
+        position ids back to the host to look for packed sequences: a GPU sync in every forward."""
+        m = self.model
+        hidden = m.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=hidden.device)[None]
+        position_embeddings = m.rotary_emb(hidden, position_ids=position_ids)
+        for layer in m.layers[: self.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids)
+        return m.norm(hidden)
+
+
+def runtime_config(model: Model, num_layers: int) -> LlamaConfig:
+    config = llama_config(model, num_layers)
+    config.use_cache = False
+    return config
+
+
+def fresh_model(spec: Spec, num_layers: int, seed: int) -> StepcLlama:
+    """The eager reference: the whole model on the CPU, every module seeded by its name (init.py)."""
+    from stepc.runtime.init import init_fresh
+
+    model = StepcLlama(runtime_config(spec.model, num_layers)).float()
+    init_fresh(model, seed)
+    return model
+
+
+def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[StepcLlama, list[LoRALinear], list[int]]:
+    """The eager reference: load stage i-1's merged export, insert the new layers, freeze the old
+    ones behind adapters. Returns the model, its adapters and the indices of the new layers.
+    """
+    model = StepcLlama.from_pretrained(previous_export, dtype=torch.float32)
+    model.config.use_cache = False
     step = spec.step
     seed = spec.experiment.seed + 1000 * stage.index
     new_layers = []

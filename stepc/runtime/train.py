@@ -1,8 +1,13 @@
 """Train one stage of a compiled run: the loop, top to bottom.
 
-    load + verify manifest -> data -> model (fresh, or grown from stage i-1's export)
-    -> fully_shard per layer + root -> AdamW -> resume from the newest complete checkpoint
+    load + verify manifest -> data -> model on `meta` (fresh, or grown from stage i-1's export)
+    -> [compile per layer] -> fully_shard per layer + root -> each rank fills its shards (init.py)
+    -> AdamW -> resume from the newest complete checkpoint
     -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
+
+The step never waits for the GPU: the loss stays on the device (one scalar all-reduce per step,
+enqueued on the stream) and is read back only at log, eval and checkpoint steps, where the losses
+since the last read are checked for non-finite values before anything is written.
 
 Launched by stage-<i>.sh through torchrun; every rank runs this file.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +34,19 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from stepc.rundir import RunDir
 from stepc.runtime import carry
 from stepc.runtime import checkpoint as ckpt
+from stepc.runtime.batches import device_batches
 from stepc.runtime.console import Console, echo
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
+from stepc.runtime.device import device_and_backend, init_distributed, set_determinism
 from stepc.runtime.export import write_export
+from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
+from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
-from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, loss_sums, mfu, model_state_bytes, peak_memory_bytes
-from stepc.runtime.model import fresh_model, grown_model
+from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
+from stepc.runtime.oom import oom_failure
+from stepc.runtime.precision import autocast_unsharded
 from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -89,12 +100,12 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
         return 0
     prev_export = previous_stage_export(run_dir, stage_index)
 
-    device, backend = _device_and_backend()
-    dist.init_process_group(backend)
+    device, backend = device_and_backend()
+    set_determinism(manifest.spec.train.deterministic, device)  # before any CUDA kernel
+    init_distributed(device, backend, manifest.spec.launch.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # oversubscription is ~50x slower
-    torch.use_deterministic_algorithms(True, warn_only=True)
     st = Stage(run_dir, manifest.spec, manifest.plan, stage, rank, world, device)
     try:
         train_stage(st, prev_export, allow)
@@ -103,26 +114,22 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     return 0
 
 
-def _device_and_backend() -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), "nccl"
-    return torch.device("cpu"), "gloo"
-
-
 def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     spec, tr = st.spec, st.spec.train
     train_data, evals = _load_data(st, allow)
     sampler = BlockSampler(train_data.blocks, spec.experiment.seed, indices=evals.pop("_train_idx"))
 
     new_layers: list[int] = []
-    if prev_export is None:
-        model = fresh_model(spec, st.stage.total_layers, spec.experiment.seed)
+    if prev_export is None:  # built on `meta`: no rank ever holds the whole model
+        model = meta_fresh_model(spec, st.stage.total_layers)
+
+        def fill(m):
+            init_fresh(m, spec.experiment.seed)
     else:
-        model, st.adapters, new_layers = grown_model(spec, prev_export, st.stage)
+        model, st.adapters, new_layers, fill = meta_grown_model(spec, prev_export, st.stage)
     _prepare(model, st)
-    optimizer = _optimizer(model, spec)
+    fill(model)
+    optimizer = _optimizer(model, spec, st.device)
 
     start = 0
     found = ckpt.newest_complete(st.dir)
@@ -141,44 +148,55 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking)
     predicted = _predicted_state_bytes(st, model)
     tokens_per_step = tr.global_batch_tokens
-    peak_flops = gpu_peak_flops(st.device)
+    peak_flops = device_peak_flops(st.device)
+    per_token = flops_per_token(spec.model, st.stage.new_layers, st.stage.frozen_layers, spec.step.lora_rank)
     if start == 0:
         metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers,
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
-    last_time, last_step = time.perf_counter(), start
+    reset_peak_memory(st.device)  # the peak of training, not of the model build
+    batches = device_batches(lambda step, micro: sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
+                                                                  tr.micro_batch_size, st.grad_accum),
+                             range(start, steps), st.grad_accum, st.device)
+    window = _Window(start)  # losses (on the device) and train-only time since the last read-back
     console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
                    reset_every, spec.step.restart_warmup_steps, offset)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _train_step(st, model, optimizer, sampler, step)
+        try:
+            loss = _train_step(st, model, optimizer, batches)
+        except torch.OutOfMemoryError:
+            found = ckpt.newest_complete(st.dir, warn=False)
+            kept = f"The last complete checkpoint {found[1]} is kept." if found else "No checkpoint of this stage exists yet."
+            raise oom_failure(spec, st.plan, st.stage, st.device, step + 1, kept) from None
         done = step + 1
         if done == _fault_step("STEPC_FAULT_NONFINITE_AT_STEP"):
-            loss = float("nan")
-        if not math.isfinite(loss):
-            metrics.write(event="nonfinite_loss", stage=st.index, step=done, loss=str(loss))
-            raise RuntimeFailure(f"non-finite loss {loss} at stage {st.index} step {done}; the last good checkpoint is kept "
-                                 f"under {st.dir} (lower train.lr or check the data, then rerun the stage script to resume)")
+            loss = torch.full_like(loss, float("nan"))
+        window.losses.append(loss)
         if reset_every and is_merge_step(offset + done, reset_every, offset):
             _merge_adapters(st, optimizer, done)
             metrics.write(event="merge", stage=st.index, step=done)
-        if done % 10 == 0 or done == steps:
-            now = time.perf_counter()
-            tps = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, done
-            measured = model_state_bytes(model, optimizer)
-            utilisation = mfu(tps, st.stage.flops / max(1, st.stage.tokens), peak_flops, st.world)
-            peak_memory = peak_memory_bytes(st.device)
-            metrics.write(event="train", stage=st.index, step=done, loss=loss, lr=lr, tokens_per_s=round(tps, 1),
-                          mfu=None if utilisation is None else round(utilisation, 4),
-                          model_state_bytes=measured, predicted_model_state_bytes=predicted,
-                          peak_memory_bytes=peak_memory)
-            console.update(done, loss, lr, tps, utilisation, peak_memory)
-        if done % spec.eval.every_steps == 0 and done != steps:
-            _evaluate(st, model, evals, metrics, done)
-        if done % tr.checkpoint_every == 0 and done != steps:
-            _save_checkpoint(st, done, model, optimizer)
+        evaluate = done % spec.eval.every_steps == 0 and done != steps
+        save = done % tr.checkpoint_every == 0 and done != steps
+        if done % 10 == 0 or done == steps or evaluate or save:
+            last = _check_losses(st, window, metrics, done)  # the one host sync: nothing is written past a NaN
+            if done % 10 == 0 or done == steps:
+                tps = tokens_per_step * (done - window.step) / max(window.seconds(), 1e-9)
+                measured = model_state_bytes(model, optimizer, st.device)
+                memory = peak_memory(st.device)
+                utilisation = mfu(tps, per_token, peak_flops, st.world)
+                metrics.write(event="train", stage=st.index, step=done, loss=last, lr=lr, tokens_per_s=round(tps, 1),
+                              mfu=None if utilisation is None else round(utilisation, 4),
+                              model_state_bytes=measured, predicted_model_state_bytes=predicted, **memory)
+                console.update(done, last, lr, tps, utilisation, memory["peak_memory_bytes"])
+                window.restart(done)
+        if evaluate:
+            with window.paused(st.device):
+                _evaluate(st, model, evals, metrics, done)
+        if save:
+            with window.paused(st.device):
+                _save_checkpoint(st, done, model, optimizer)
             metrics.write(event="checkpoint", stage=st.index, step=done)
     console.close()
     if spec.step.carry_optimizer_state and st.index < len(st.plan.stages):
@@ -209,6 +227,47 @@ def _carry_optimizer_state(st: Stage, model, optimizer, new_layers: list[int]) -
     _log(st, f"carried the AdamW state of {len(carried)} parameter tensors from {found[1]}")
 
 
+class _Window:
+    """The steps since the last read-back: their device-side losses and their time, less the time
+    spent in evaluations and checkpoints (throughput counts training only)."""
+
+    def __init__(self, step: int) -> None:
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.step, self.losses, self.start, self.excluded = step, [], time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    @contextmanager
+    def paused(self, device: torch.device):
+        _synchronize(device)  # queued training kernels belong to the window, not to the pause
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(device)
+            self.excluded += time.perf_counter() - began
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_losses(st: Stage, window: _Window, metrics: MetricsWriter, done: int) -> float:
+    """Read the window's losses back (a host sync); stop at the first non-finite one."""
+    values = torch.stack(window.losses).tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            bad = done - len(values) + i + 1
+            metrics.write(event="nonfinite_loss", stage=st.index, step=bad, loss=str(value))
+            raise RuntimeFailure(f"non-finite loss {value} at stage {st.index} step {bad}; the last good checkpoint is kept "
+                                 f"under {st.dir} (lower train.lr or check the data, then rerun the stage script to resume)")
+    return values[-1]
+
+
 def _fault_step(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     return int(value) if value else None
@@ -233,24 +292,25 @@ def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
                              "to resume") from None
 
 
-def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -> float:
+def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
+    """One optimizer step; returns the mean loss over ranks and micro-batches as a device scalar
+    (no host sync: reading it back is the caller's choice)."""
     tr = st.spec.train
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float32, device=st.device)
     for micro in range(st.grad_accum):
-        data_step = st.stage.data_step_offset + step  # stages read on where the previous one stopped
-        batch = torch.from_numpy(sampler.batch(data_step, micro, st.rank, st.world, tr.micro_batch_size, st.grad_accum)).to(st.device)
+        batch = next(batches)  # already on the device (stages read on where the previous one stopped)
         if st.sharded:
             model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
-        out = model(input_ids=batch, labels=batch)
-        (out.loss.float() / st.grad_accum).backward()
-        total += out.loss.detach().double().cpu()
+        with autocast_unsharded(tr.precision, st.device, st.sharded):  # GaLore on a GPU: bf16 like FSDP2's policy
+            loss = model(input_ids=batch, labels=batch).loss
+        (loss.float() / st.grad_accum).backward()
+        total += loss.detach().float()
     if tr.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured model states
-    total /= st.grad_accum
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return float(total) / st.world
+    return total / (st.grad_accum * st.world)
 
 
 def _merge_adapters(st: Stage, optimizer, step: int) -> None:
@@ -263,8 +323,11 @@ def _merge_adapters(st: Stage, optimizer, step: int) -> None:
 
 
 def _prepare(model, st: Stage) -> None:
-    """Device, activation checkpointing, and FSDP2: one unit per decoder layer plus the root."""
-    model.to(st.device)
+    """Compilation, activation checkpointing and FSDP2 (one unit per decoder layer plus the root) on
+    the meta model, then each rank allocates only its shards on the device (filled by the caller)."""
+    if st.spec.train.compile:
+        for layer in model.model.layers:  # per layer: one graph reused L times, FSDP hooks stay outside
+            layer.compile()
     if st.spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if st.sharded:
@@ -275,10 +338,11 @@ def _prepare(model, st: Stage) -> None:
         for layer in model.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+    model.to_empty(device=st.device)
     model.train()
 
 
-def _optimizer(model, spec: dict[str, Any]) -> torch.optim.Optimizer:
+def _optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; decay on matrices (incl. adapters and embeddings), none on norms.
 
     method = "galore": GaLoreAdamW, projecting the gradients of the decoder layers' 2-D weights.
@@ -300,8 +364,10 @@ def _optimizer(model, spec: dict[str, Any]) -> torch.optim.Optimizer:
         groups.append({"params": projected, "weight_decay": tr.weight_decay, "rank": sp.galore_rank,
                        "update_proj_gap": sp.galore_update_gap, "scale": sp.galore_scale, "proj_type": "std"})
         return GaLoreAdamW(groups, lr=tr.lr, betas=tuple(tr.betas), no_deprecation_warning=True)
-    # foreach: one dispatch per op for all tensors; per-parameter DTensor dispatch doubled the step time.
-    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), foreach=True)
+    # CUDA: fused (one kernel for all tensors, works on FSDP2's DTensors). CPU: foreach (one dispatch
+    # per op for all tensors; per-parameter DTensor dispatch doubled the step time).
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), **kind)
 
 
 def _predicted_state_bytes(st: Stage, model) -> int | None:
@@ -339,17 +405,25 @@ def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, s
     model.eval()
     result = {}
     for name, (blocks, indices) in evals.items():
-        batches = iter_eval_batches(blocks, st.spec.train.micro_batch_size, st.rank, st.world,
-                                    st.spec.eval.max_tokens, indices)
-        sums = loss_sums(model, batches, st.device)
-        dist.all_reduce(sums)
-        if sums[1] > 0:
-            result[name] = math.exp(sums[0].item() / sums[1].item())
+        total, count = _eval_sums(st, model, blocks, indices).tolist()
+        if count > 0:
+            result[name] = math.exp(total / count)
     model.train()
     if result:
         metrics.write(event="eval", stage=st.index, step=step, **{f"ppl_{k}": round(v, 4) for k, v in result.items()})
         _log(st, f"eval stage {st.index} step {step}: " + ", ".join(f"{k} ppl {v:.2f}" for k, v in result.items()))
     return result
+
+
+def _eval_sums(st: Stage, model, blocks, indices) -> torch.Tensor:
+    """Collective: [sum of token losses, tokens] of one eval set over all ranks, on st.device (NCCL
+    reduces only GPU tensors)."""
+    batches = iter_eval_batches(blocks, st.spec.train.micro_batch_size, st.rank, st.world,
+                                st.spec.eval.max_tokens, indices)
+    with autocast_unsharded(st.spec.train.precision, st.device, st.sharded):
+        sums = loss_sums(model, batches, st.device)
+    dist.all_reduce(sums)
+    return sums
 
 
 def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:

@@ -164,6 +164,10 @@ class Train(Section):
     """Compute precision: "bf16" (mixed precision, fp32 master weights, frozen weights stored in bf16) or "fp32"."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each decoder layer (before FSDP sharding): faster steps after a one-off compilation of a minute or two per stage; needs a C++ compiler (and Triton on GPUs)."""
+    deterministic: bool = False
+    """Bit-reproducible kernels (torch.use_deterministic_algorithms, and on GPUs CUBLAS_WORKSPACE_CONFIG and the math attention backward instead of flash attention); slower, and an operation without a deterministic kernel stops the run with an error."""
     flops_accounting: Literal["paper", "backprop"] = "paper"
     """FLOPs per token of a frozen parameter: "paper" counts 2 (Appendix E); "backprop" counts 4, because a frozen layer with adapters still back-propagates activations."""
     checkpoint_every: Steps = 1000
@@ -237,6 +241,8 @@ class Launch(Section):
     """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
     """TCP port of the torchrun c10d rendezvous on the head node."""
+    collective_timeout: PositiveInt = 1800
+    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to tokenise a corpus or write an export while the others wait."""
     slurm: Slurm = Slurm()
     """SLURM settings for run.sbatch."""
 

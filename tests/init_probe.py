@@ -1,0 +1,52 @@
+"""torchrun entry for test_meta_init.py: build stage 1 (fresh) and stage 2 (grown from stage 1's export)
+of a compiled run exactly as the runtime does - meta model, train._prepare (FSDP2 over the ranks,
+to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
+
+usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from stepc.runtime import checkpoint as ckpt
+from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
+from stepc.runtime.train import Stage, _prepare
+from stepc.schema.manifest import load_manifest
+
+
+def main() -> None:
+    run_dir, out, precision = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    manifest = load_manifest(run_dir)
+    spec = manifest.spec.model_copy(update={"train": manifest.spec.train.model_copy(update={"precision": precision})})
+    for index in (1, 2):
+        info = manifest.plan.stages[index - 1]
+        st = Stage(run_dir, spec, manifest.plan, info, rank, world, torch.device("cpu"))
+        if index == 1:
+            model = meta_fresh_model(spec, info.total_layers)
+
+            def fill(m):
+                init_fresh(m, spec.experiment.seed)
+        else:
+            model, _, _, fill = meta_grown_model(spec, run_dir / "checkpoints" / "stage-1" / "final", info)
+        _prepare(model, st)
+        fill(model)
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+        sizes = [None] * world
+        dist.all_gather_object(sizes, local)
+        state = ckpt.full_model_state(model)
+        if rank == 0:
+            torch.save({"state": state, "local_bytes": sizes}, out / f"stage{index}-world{world}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

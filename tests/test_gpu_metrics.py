@@ -1,0 +1,104 @@
+"""MFU's pieces that run on CPU: the FLOPs formula (runtime/flops.py) against an independent count of
+a real forward + backward (torch.utils.flop_counter), the exact peak-FLOPs lookup by device name, and
+the chunked loss's value and gradients against transformers' own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import flop_counter as fc
+
+from stepc.runtime.flops import GPU_PEAK_BF16, flops_per_token, peak_flops
+
+aten = torch.ops.aten
+
+
+def small_spec(**model):
+    from stepc.compiler.load import parse_spec
+
+    lines = "\n".join(f"{k} = {v}" for k, v in model.items())
+    return parse_spec(f'[experiment]\nname = "t"\n[model]\n{lines}\n[memory]\n[step]\nlora_rank = 8\n[data]\ntokenizer = "bpe-{model["vocab_size"]}"\n')
+
+
+def _counted_flops(model, x) -> int:
+    """Matmul FLOPs of one training forward + backward, as FlopCounterMode counts them. Its table
+    lacks ops the CPU run uses, registered here with its own formulas: the CPU flash-attention
+    kernel (and its backward) and the in-place addmm_ that accumulates the LM head's gradient."""
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query, key, value)
+
+    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        # model FLOPs: the four gradient matmuls, twice the forward. (torch's sdpa_backward_flop_count
+        # adds flash attention's recomputation of Q K^T, a hardware cost MFU leaves out.)
+        return 2 * fc.sdpa_flop_count(query, key, value)
+
+    def addmm_(acc, a, b, *args, out_shape=None, **kwargs):
+        return fc.mm_flop(a, b)
+
+    custom = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+              aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
+              aten.addmm_: addmm_}  # FlopCounterMode wraps each: they receive shapes
+    with fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(input_ids=x, labels=x).loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("new,old", [(3, 0), (1, 2)])
+def test_flops_per_token_matches_a_counted_forward_backward(new, old):
+    from stepc.runtime.lora import apply_adapters
+    from stepc.runtime.model import fresh_model
+
+    spec = small_spec(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                      num_key_value_heads=2, seq_len=128, num_layers=new + old)
+    cfg = spec.model
+    model = fresh_model(spec, new + old, 1)
+    if old:  # a grown stage: the lower layers frozen behind rank-8 adapters
+        apply_adapters(model, list(range(old)), 8, 16, torch.Generator().manual_seed(0))
+    x = torch.randint(0, 1000, (2, 128))
+    counted = _counted_flops(model, x)
+    predicted = flops_per_token(cfg, new, old, 8) * x.numel()
+    # within 1%: the head sees 127 of 128 positions (the last one predicts nothing)
+    assert predicted == pytest.approx(counted, rel=0.01)
+
+
+def test_peak_flops_exact_names_only():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
+    assert peak_flops("NVIDIA H100 NVL") == 835.5e12
+    assert peak_flops("NVIDIA L40") == 181.05e12 and peak_flops("NVIDIA L4") == 121e12  # "L4" is not "L40"
+    assert peak_flops("NVIDIA A100-SXM4-40GB") == peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops("NVIDIA H100") is None and peak_flops("Tesla T4") is None and peak_flops(None) is None
+    assert all(name.startswith("NVIDIA ") for name in GPU_PEAK_BF16)
+
+
+def test_chunked_loss_equals_transformers_loss_and_gradients():
+    from stepc.runtime.loss import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[1, 5:9] = IGNORE_INDEX
+    ours = linear_cross_entropy(hidden, weight, labels, chunk_tokens=7)  # chunks that do not divide 72
+    (2 * ours).backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE_INDEX)
+    (2 * ref).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_out_of_memory_message_names_prediction_capacity_and_the_keys_that_fit(make_run):
+    from stepc.runtime.oom import oom_failure
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(make_run.compile("rt", memory={"accounting": "device"}))
+    stage = manifest.plan.stages[0]
+    message = str(oom_failure(manifest.spec, manifest.plan, stage, torch.device("cpu"), 3, "kept."))
+    assert "stage 1 step 3" in message and f"{stage.peak_bytes / 1e9:.3f} GB" in message
+    for key in ("train.micro_batch_size", "train.activation_checkpointing", "train.compile"):
+        assert key in message
