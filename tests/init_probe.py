@@ -2,7 +2,7 @@
 of a compiled run exactly as the runtime does - meta model, train._prepare (FSDP2 over the ranks,
 to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
 
-usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION
+usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION [GROWTH_OPERATOR]
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ from stepc.runtime.train import Stage, _prepare
 from stepc.schema.manifest import load_manifest
 
 
+def probe_spec(spec, precision: str, operator: str | None):
+    """The run's spec with another precision (and growth operator), as test_meta_init's eager side builds it."""
+    update = {"train": spec.train.model_copy(update={"precision": precision})}
+    if operator:
+        update["step"] = spec.step.model_copy(update={"growth_operator": operator})
+    return spec.model_copy(update=update)
+
+
 def main() -> None:
     run_dir, out, precision = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(run_dir)
-    spec = manifest.spec.model_copy(update={"train": manifest.spec.train.model_copy(update={"precision": precision})})
+    spec = probe_spec(manifest.spec, precision, sys.argv[4] if len(sys.argv) > 4 else None)
     for index in (1, 2):
         info = manifest.plan.stages[index - 1]
         st = Stage(run_dir, spec, manifest.plan, info, rank, world, torch.device("cpu"))

@@ -17,10 +17,10 @@ from conftest import REPO, stage_env
 PROBE = Path(__file__).with_name("init_probe.py")
 
 
-def _probe(run_dir: Path, out: Path, nproc: int, precision: str) -> None:
+def _probe(run_dir: Path, out: Path, nproc: int, precision: str, operator: str = "") -> None:
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(PROBE), str(run_dir), str(out), precision]
+           str(PROBE), str(run_dir), str(out), precision, *([operator] if operator else [])]
     proc = subprocess.run(cmd, env=stage_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
 
@@ -57,6 +57,23 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
             if world > 1:
                 assert max(saved["local_bytes"]) < 0.6 * total  # no rank holds the whole model
 
+
+
+@pytest.mark.parametrize("operator", ["stack-middle", "interpolation-copy"])
+def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, tmp_path, operator):
+    """The meta-device fill and the eager grow_layers follow one map (growth.layer_sources): with a
+    stacking or copy operator the 2-rank sharded grown model equals the eager one bit for bit."""
+    from init_probe import probe_spec
+
+    from stepc.runtime.model import grown_model
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(full_run)
+    spec = probe_spec(manifest.spec, "fp32", operator)
+    eager = grown_model(spec, full_run / "checkpoints" / "stage-1" / "final", manifest.plan.stages[1])[0].state_dict()
+    _probe(full_run, tmp_path, 2, "fp32", operator)
+    saved = torch.load(tmp_path / "stage2-world2.pt", weights_only=False)
+    _same(saved["state"], eager, f"grown with {operator}, 2 ranks")
 
 def test_fresh_init_depends_on_the_seed_and_matches_transformers_statistics():
     from test_gpu_metrics import small_spec
