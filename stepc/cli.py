@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="where report.md and loss.png go (default: runs/report)")
     p.set_defaults(func=cmd_report)
 
+    from stepc.commands.data import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
     p.set_defaults(func=cmd_help_spec)
     return parser
@@ -156,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
+    # Tokenise before any stage starts (the stage scripts repeat it; prepared data makes that a quick check).
+    code = subprocess.call([sys.executable, "-m", "stepc.cli", "data", "prepare", str(run_dir)])
+    if code:
+        print(f"data preparation failed with exit code {code}", file=sys.stderr)
+        return code
     for index in indices:
         print(f"== stage {index} of {len(manifest['plan']['stages'])}", flush=True)
         code = subprocess.call(["bash", str(run_dir / f"stage-{index}.sh")])

@@ -21,7 +21,10 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     from transformers import AutoModelForCausalLM
 
     from stepc.diff import load_manifest
-    from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
+    from stepc.runtime.data import open_prepared, training_sets
+    from stepc.runtime.evalsets import iter_eval_batches
+    from stepc.runtime.prepare import prepare
+    from stepc.spec import Data
     from stepc.runtime.metrics import loss_sums
 
     manifest = load_manifest(run_dir)
@@ -32,12 +35,10 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     spec = manifest["spec"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).to(device).eval()
-    try:
-        tok, train, named = open_datasets(spec["data"], spec["model"]["seq_len"], run_dir / "cache")
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read the run's data: {exc}", file=str(run_dir),
-                        fix="run from the directory the spec's data paths are relative to") from None
-    _, sets = eval_sets(train, named, spec["data"]["holdout_fraction"], spec["experiment"]["seed"])
+    data = Data.model_validate(spec["data"])
+    prepare(data, Path(data.cache_dir), run_dir)  # a quick check when the stages prepared it already
+    _, sets = training_sets(open_prepared(run_dir, data, spec["model"]["seq_len"]), data.holdout_fraction,
+                            spec["experiment"]["seed"])
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name, (blocks, indices) in sets.items():
         total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec["eval"]["max_tokens"], indices), device).tolist()

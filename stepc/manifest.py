@@ -7,6 +7,7 @@ The hash covers everything but itself, so the runtime can refuse a hand-edited m
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import platform
 import shutil
@@ -33,6 +34,15 @@ def content_hash(manifest: dict[str, Any]) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces (bounded memory for any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def freeze(spec: Spec, plan: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:

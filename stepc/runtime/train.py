@@ -25,7 +25,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.runtime import checkpoint as ckpt
-from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
+from stepc.runtime.data import open_prepared, training_sets
+from stepc.runtime.evalsets import iter_eval_batches
+from stepc.runtime.sampler import BlockSampler
+from stepc.spec import Data
 from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
@@ -106,8 +109,7 @@ def _device_and_backend() -> tuple[torch.device, str]:
 
 def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     spec, tr = st.spec, st.spec["train"]
-    train_data, evals = _load_data(st, allow)
-    sampler = BlockSampler(train_data.blocks, spec["experiment"]["seed"], indices=evals.pop("_train_idx"))
+    sampler, evals = _load_data(st, allow)
 
     if prev_export is None:
         model = fresh_model(spec, st.info["total_layers"], spec["experiment"]["seed"])
@@ -271,26 +273,17 @@ def _predicted_state_bytes(st: Stage, model) -> int | None:
     return st.info["exact_model_state_bytes"] + 4 * tensors * (st.world - 1)
 
 
-def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any]]:
-    """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
-    data, seq = st.spec["data"], st.spec["model"]["seq_len"]
-    cache = st.run_dir / "cache"
-
-    def build():
-        return open_datasets(data, seq, cache)
-
-    if st.rank == 0:
-        tok, train, named = build()
-    dist.barrier()
-    if st.rank != 0:
-        tok, train, named = build()
+def _load_data(st: Stage, allow: set[str]) -> tuple[Any, dict[str, Any]]:
+    """Memory-map the shards `stepc data prepare` wrote before torchrun (no rank tokenises or waits),
+    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
+    data = Data.model_validate(st.spec["data"])
+    prepared = open_prepared(st.run_dir, data, st.spec["model"]["seq_len"])
+    tok = prepared.tokenizer
     if tok.get_vocab_size() > st.spec["model"]["vocab_size"]:
         raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
     st.tokenizer = tok
-    fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
-    check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
-    train_idx, evals = eval_sets(train, named, data["holdout_fraction"], st.spec["experiment"]["seed"])
-    return train, {"_train_idx": train_idx, **evals}
+    check_data_fingerprint(st.run_dir, prepared.fingerprint, st.rank, allow)
+    return training_sets(prepared, data.holdout_fraction, st.spec["experiment"]["seed"])
 
 
 @torch.no_grad()
