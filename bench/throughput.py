@@ -27,7 +27,7 @@ from stepc.runtime.data import open_prepared  # noqa: E402
 from stepc.runtime.model import fresh_model  # noqa: E402
 from stepc.runtime.prepare import prepare  # noqa: E402
 from stepc.runtime.sampler import BlockSampler  # noqa: E402
-from stepc.spec import Data  # noqa: E402
+from stepc.schema.spec import Data  # noqa: E402
 
 THREADS = 2
 

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stepc import corpus
+from stepc.commands import corpus
 from stepc.runtime.data import open_prepared
 from stepc.runtime.documents import expand_patterns, iter_documents
 from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.prepare import prepare
 from stepc.runtime.sampler import BlockSampler, holdout_split
 from stepc.runtime.tokenizer import EOS_TOKEN, eos_id
-from stepc.spec import Data
+from stepc.schema.spec import Data
 
 DOCS = [
     "To be, or not to be, that is the question.",

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import check_ok, load_weights, read_metrics, run_stage
 
 
@@ -52,7 +51,7 @@ def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run, 
 
     from stepc.runtime.data import open_prepared
     from stepc.runtime.evalsets import iter_eval_batches
-    from stepc.spec import Data
+    from stepc.schema.spec import Data
 
     manifest = json.loads((full_run / "manifest.json").read_text())
     spec = manifest["spec"]
@@ -111,8 +110,10 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
     # and training moved them (two untrained models would match vacuously)
     from stepc.runtime.model import fresh_model
+    from stepc.schema.manifest import load_manifest
 
-    init = fresh_model(spec, 2, spec["experiment"]["seed"]).state_dict()
+    typed = load_manifest(one).spec
+    init = fresh_model(typed, 2, typed.experiment.seed).state_dict()
     assert not torch.allclose(init["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"], atol=1e-3)
 
 

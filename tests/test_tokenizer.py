@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stepc.manifest import sha256_file
+from stepc.rundir import file_sha256_hex
 from stepc.runtime.documents import iter_documents
 from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
 from stepc.runtime.tokenizer import load_tokenizer as _load_tokenizer
@@ -21,7 +21,7 @@ WORDS = ("the king and queen of denmark speak to the ghost upon the battlements 
 
 def load_tokenizer(name: str, files: list[Path], cache: Path):
     """The tokenizer module's loader, fed the files' hashes and documents as `stepc data prepare` does."""
-    return _load_tokenizer(name, [sha256_file(f) for f in files],
+    return _load_tokenizer(name, [file_sha256_hex(f) for f in files],
                            lambda: (doc for f in files for doc in iter_documents(Path(f), "text")), cache)
 
 

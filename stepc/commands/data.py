@@ -30,19 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from stepc.runtime.prepare import prepare
-    from stepc.spec import Data
 
     target = Path(args.target)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}", key="--workers", fix="pass --workers 1 or more")
     if target.is_dir():
-        from stepc.diff import load_manifest
+        from stepc.schema.manifest import load_manifest
 
-        manifest = load_manifest(target)
-        data = Data.model_validate(manifest["spec"]["data"])
+        data = load_manifest(target).spec.data
         run_dir: Path | None = target
     else:
-        from stepc.load import load_spec
+        from stepc.compiler.load import load_spec
 
         spec, _ = load_spec(target)
         data, run_dir = spec.data, None

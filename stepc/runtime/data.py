@@ -17,12 +17,12 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.manifest import sha256_file
+from stepc.rundir import canonical_json, file_sha256_hex
 from stepc.runtime.documents import expand_patterns
 from stepc.runtime.sampler import BlendSampler, BlockSampler, holdout_split
-from stepc.runtime.shards import SHARD_FORMAT, Shard, TokenBlocks, canonical, read_index, shards_sha256
+from stepc.runtime.shards import SHARD_FORMAT, Shard, TokenBlocks, read_index, shards_sha256
 from stepc.runtime.tokenizer import tokenizer_hash
-from stepc.spec import Data
+from stepc.schema.spec import Data
 
 
 @dataclass
@@ -89,7 +89,7 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
                 "num_blocks": tb.num_blocks, "num_tokens": tb.num_tokens, "shards_sha256": shards_sha256(shards)}
         if kind == "train" and data.sources:
             body["weight"] = entry["weight"]
-        return tb, {**body, "sha256": hashlib.sha256(canonical(body)).hexdigest()}
+        return tb, {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
 
     train, train_fp = {}, {}
     for name in index["train"]:
@@ -99,7 +99,7 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
         validation[name], fingerprint[name] = blocks("validation", name)
     if data.sources:
         body = {"sources": train_fp}
-        fingerprint["train"] = {**body, "sha256": hashlib.sha256(canonical(body)).hexdigest()}
+        fingerprint["train"] = {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
     else:
         fingerprint["train"] = train_fp["train"]
     return PreparedData(tok, train, {n: index["train"][n]["weight"] for n in train}, validation, fingerprint)
@@ -112,7 +112,7 @@ def _check_unchanged(run_dir: Path, entry: dict[str, Any]) -> None:
     except OSError:
         raise _stale(run_dir, f"{path} is gone") from None
     if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]) and (
-            st.st_size != entry["size"] or sha256_file(path) != entry["sha256"]):
+            st.st_size != entry["size"] or file_sha256_hex(path) != entry["sha256"]):
         raise _stale(run_dir, f"{path} changed since preparation")
 
 

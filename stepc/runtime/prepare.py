@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.manifest import sha256_file
-from stepc.runtime.documents import check_readable, expand_patterns, iter_documents, plan_units, read_unit, Unit
-from stepc.runtime.shards import (INDEX_NAME, SHARD_FORMAT, atomic_write, canonical, token_dtype)
-from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
-from stepc.spec import Data
+from stepc.rundir import atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
+from stepc.runtime.shards import INDEX_NAME, SHARD_FORMAT, token_dtype
+from stepc.runtime.tokenizer import eos_id, load_tokenizer
+from stepc.schema.spec import Data
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,10 @@ def identify(path: Path, cache: Path, rehash: bool = False) -> DataFile:
         except (OSError, ValueError, KeyError):
             digest = None
     if digest is None:
-        digest = sha256_file(path)
+        digest = file_sha256_hex(path)
         if path.stat().st_mtime_ns != st.st_mtime_ns or path.stat().st_size != st.st_size:
             raise changed_error(path)
-        atomic_write(record, canonical({"sha256": digest}))
+        atomic_write_json(record, {"sha256": digest})
     return DataFile(path, st.st_size, st.st_mtime_ns, digest)
 
 
@@ -98,10 +98,10 @@ def resolve_tokenizer(data: Data, train_files: list[DataFile], cache: Path) -> t
         tok, digest = load_tokenizer(data.tokenizer, [f.sha256 for f in train_files], documents,
                                      cache / "tokenizers", data.text_field)
     except ValueError as exc:
-        raise UserError(str(exc), key="data.tokenizer", fix=f"use one of the accepted forms") from None
+        raise UserError(str(exc), key="data.tokenizer", fix="use one of the accepted forms") from None
     saved = cache / "tokenizers" / f"{digest}.json"
     if not saved.is_file():
-        atomic_write(saved, tok.to_str().encode("utf-8"))
+        atomic_write_bytes(saved, tok.to_str().encode("utf-8"))
     try:
         eos_id(tok)
     except ValueError as exc:
@@ -185,7 +185,7 @@ def _encode_unit(task: Task) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
     meta = {"format": SHARD_FORMAT, "start": task.unit.start, "stop": task.unit.stop, "tokens": tokens,
             "documents": documents, "sha256": digest.hexdigest()}
-    atomic_write(out.with_suffix(".json"), canonical(meta))
+    atomic_write_json(out.with_suffix(".json"), meta)
     return meta
 
 
@@ -228,7 +228,7 @@ def _report(meta: dict[str, Any], done: int, total: int, started: float, progres
 def _file_dir(cache: Path, tok_hash: str, file: DataFile, text_field: str) -> Path:
     key = {"format": SHARD_FORMAT, "sha256": file.sha256, "suffix": file.path.suffix,
            "text_field": None if file.path.suffix == ".txt" else text_field}
-    return cache / "shards" / tok_hash[:16] / hashlib.sha256(canonical(key)).hexdigest()[:32]
+    return cache / "shards" / tok_hash[:16] / hashlib.sha256(canonical_json(key).encode()).hexdigest()[:32]
 
 
 def _file_index(directory: Path) -> dict[str, Any] | None:
@@ -323,7 +323,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
             if kind == "train":
                 index[kind][name]["weight"] = data.training_sources()[name].weight
     if run_dir is not None:
-        atomic_write(Path(run_dir) / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n")
+        atomic_write_json(Path(run_dir) / INDEX_NAME, index)
     return index
 
 
@@ -336,7 +336,7 @@ def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str,
         if (meta["start"], meta["stop"]) != (unit.start, unit.stop):
             raise UserError("the shard cache holds units of another layout", file=str(directory),
                             fix=f"delete {directory} and rerun `stepc data prepare`")
-        if verify and sha256_file(directory / f"{i:05d}.bin") != meta["sha256"]:
+        if verify and file_sha256_hex(directory / f"{i:05d}.bin") != meta["sha256"]:
             raise UserError(f"shard {i:05d}.bin does not match its recorded sha256", file=str(directory),
                             fix=f"delete {directory} and rerun `stepc data prepare`")
         metas.append({**meta, "shard": f"{i:05d}.bin"})
@@ -350,4 +350,4 @@ def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str,
         raise changed_error(f.path)
     index = {"format": SHARD_FORMAT, "file_sha256": f.sha256, "tokenizer": tok_hash, "dtype": dtype.name,
              "units": metas, "documents": documents, "tokens": sum(m["tokens"] for m in metas)}
-    atomic_write(directory / "index.json", canonical(index))
+    atomic_write_json(directory / "index.json", index)

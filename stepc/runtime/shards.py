@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stepc.rundir import canonical_json
 
 SHARD_FORMAT = 2  # stepc 0.1's int32 .npy block cache was format 1
 INDEX_NAME = "data-index.json"
@@ -36,27 +36,6 @@ INDEX_NAME = "data-index.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (GPT-2's 50257 does), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` under a unique temp name beside ``path``, fsync, then ``os.replace``: a
-    reader sees the old file, the new one, or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users and ranks must read the cache
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -127,7 +106,7 @@ class TokenBlocks:
 
 def shards_sha256(shards: Sequence[Shard]) -> str:
     """One hash of the ordered per-shard sha256s (each computed while the shard was written)."""
-    return hashlib.sha256(canonical([s.sha256 for s in shards])).hexdigest()
+    return hashlib.sha256(canonical_json([s.sha256 for s in shards]).encode()).hexdigest()
 
 
 def read_index(run_dir: Path) -> dict[str, Any] | None:
