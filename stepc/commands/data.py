@@ -37,13 +37,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if target.is_dir():
         from stepc.schema.manifest import load_manifest
 
-        data = load_manifest(target).spec.data
+        spec = load_manifest(target).spec
         run_dir: Path | None = target
     else:
         from stepc.compiler.load import load_spec
 
         spec, _ = load_spec(target)
-        data, run_dir = spec.data, None
+        run_dir = None
+    data = spec.data
     started = time.monotonic()
     lines: list[str] = []
 
@@ -51,7 +52,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         lines.append(line)
         print(line, file=sys.stderr, flush=True)
 
-    index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress)
+    index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len)
     if lines or not args.quiet:
         for kind in ("train", "validation"):
             for name, entry in index[kind].items():

@@ -247,10 +247,12 @@ def _file_index(directory: Path) -> dict[str, Any] | None:
 
 
 def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int | None = None,
-            verify: bool = False, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+            verify: bool = False, progress: Callable[[str], None] = lambda line: None,
+            seq_len: int | None = None) -> dict[str, Any]:
     """Tokenise whatever is missing from the cache and return the data index (written to
     ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
-    file and every shard instead of trusting sizes and mtimes."""
+    file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
+    With ``seq_len``, a dataset shorter than one block is an error."""
     cache = Path(cache)
     workers = workers or default_workers()
     datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
@@ -281,9 +283,13 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
         units = plan_units(f.path, data.text_field)
         pending[directory] = (f, units)
         for i, unit in enumerate(units):
-            meta = directory / f"{i:05d}.json"
-            if meta.is_file() and (directory / f"{i:05d}.bin").is_file() and not verify:
-                continue  # finished by an earlier, interrupted preparation
+            meta, shard = directory / f"{i:05d}.json", directory / f"{i:05d}.bin"
+            if meta.is_file() and shard.is_file():  # finished earlier (perhaps by an interrupted run)
+                if not verify or file_sha256_hex(shard) == json.loads(meta.read_bytes())["sha256"]:
+                    continue
+                progress(f"{shard} does not match its recorded sha256: tokenising its unit again")
+                (directory / "index.json").unlink(missing_ok=True)
+                meta.unlink()
             tasks.append(Task(str(f.path), unit, data.text_field, chunks, str(directory / f"{i:05d}"), dtype.name,
                               eos, f.size, f.mtime_ns))
     if tasks:
@@ -300,7 +306,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
                     shutil.rmtree(directory, ignore_errors=True)
         raise
     for directory, (f, units) in pending.items():
-        _finish_file(directory, f, units, tok_hash, dtype, verify)
+        _finish_file(directory, f, units, tok_hash, dtype)
 
     index = {"format": SHARD_FORMAT, "tokenizer": {"name": data.tokenizer, "sha256": tok_hash,
                                                    "file": f"tokenizers/{tok_hash}.json"},
@@ -322,22 +328,25 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
                                  "documents": sum(e["documents"] for e in entries)}
             if kind == "train":
                 index[kind][name]["weight"] = data.training_sources()[name].weight
+            if seq_len is not None and index[kind][name]["tokens"] < seq_len:
+                key = (f"data.validation.{name}" if kind == "validation"
+                       else f"data.sources.{name}.files" if data.sources else "data.train")
+                raise UserError(f"data too small: {index[kind][name]['tokens']} tokens, fewer than one block of "
+                                f"seq_len={seq_len}", file=patterns[kind][name][0], key=key,
+                                fix="add data or lower model.seq_len")
     if run_dir is not None:
         atomic_write_json(Path(run_dir) / INDEX_NAME, index)
     return index
 
 
-def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str, dtype: np.dtype, verify: bool) -> None:
-    """Write the file's index.json (its shards in unit order) once every unit is done; check the
-    file still is what was hashed, and with ``verify`` that every shard matches its sha256."""
+def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str, dtype: np.dtype) -> None:
+    """Write the file's index.json (its shards in unit order) once every unit is done, after
+    checking that the file still is what was hashed."""
     metas = []
     for i, unit in enumerate(units):
         meta = json.loads((directory / f"{i:05d}.json").read_bytes())
         if (meta["start"], meta["stop"]) != (unit.start, unit.stop):
             raise UserError("the shard cache holds units of another layout", file=str(directory),
-                            fix=f"delete {directory} and rerun `stepc data prepare`")
-        if verify and file_sha256_hex(directory / f"{i:05d}.bin") != meta["sha256"]:
-            raise UserError(f"shard {i:05d}.bin does not match its recorded sha256", file=str(directory),
                             fix=f"delete {directory} and rerun `stepc data prepare`")
         metas.append({**meta, "shard": f"{i:05d}.bin"})
     documents = sum(m["documents"] for m in metas)
