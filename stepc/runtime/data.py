@@ -40,8 +40,11 @@ def _stale(run_dir: Path, why: str) -> UserError:
                          "directory the spec's data paths are relative to")
 
 
-def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
-    """The run's prepared datasets as memory-mapped blocks of ``seq_len`` tokens."""
+def current_index(run_dir: Path, data: Data) -> dict[str, Any]:
+    """The run's data index if it still describes ``data`` and the files on disk: same settings,
+    same files matching each pattern, each file's size and mtime as recorded (or, when those
+    changed, the same sha256), every shard present at its recorded size. Otherwise a UserError
+    naming `stepc data prepare`. Costs a glob and a stat per file and shard."""
     index = read_index(run_dir)
     if index is None:
         raise _stale(run_dir, "no data-index.json")
@@ -55,6 +58,30 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
                 "validation": {n: d["patterns"] for n, d in index["validation"].items()}}
     if recorded != expected:
         raise _stale(run_dir, "data-index.json was prepared for other [data] settings")
+    cache, itemsize = Path(data.cache_dir), np.dtype(index["dtype"]).itemsize
+    for kind in ("train", "validation"):
+        for name, entry in index[kind].items():
+            key = (f"data.validation.{name}" if kind == "validation"
+                   else f"data.sources.{name}.files" if data.sources else "data.train")
+            now = [p.as_posix() for p in expand_patterns(entry["patterns"], key)]
+            if now != [f["path"] for f in entry["files"]]:
+                raise _stale(run_dir, f"the files matching [{key}] changed since preparation")
+            for f in entry["files"]:
+                _check_unchanged(run_dir, f)
+                for s in f["shards"]:
+                    path = cache / s["path"]
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        size = -1
+                    if size != s["tokens"] * itemsize:
+                        raise _stale(run_dir, f"shard {path} is missing or truncated")
+    return index
+
+
+def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
+    """The run's prepared datasets as memory-mapped blocks of ``seq_len`` tokens."""
+    index = current_index(run_dir, data)
     cache = Path(data.cache_dir)
     tok_path = cache / index["tokenizer"]["file"]
     try:
@@ -66,19 +93,9 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
 
     def blocks(kind: str, name: str) -> tuple[TokenBlocks, dict[str, Any]]:
         entry = index[kind][name]
-        key = "data.train" if kind == "train" and not data.sources else (
-            f"data.sources.{name}.files" if kind == "train" else f"data.validation.{name}")
-        now = [p.as_posix() for p in expand_patterns(entry["patterns"], key)]
-        if now != [f["path"] for f in entry["files"]]:
-            raise _stale(run_dir, f"the files matching [{key}] changed since preparation")
-        shards = []
-        for f in entry["files"]:
-            _check_unchanged(run_dir, f)
-            for s in f["shards"]:
-                path = cache / s["path"]
-                if not path.is_file() or path.stat().st_size != s["tokens"] * np.dtype(index["dtype"]).itemsize:
-                    raise _stale(run_dir, f"shard {path} is missing or truncated")
-                shards.append(Shard(path, s["tokens"], s["sha256"]))
+        key = (f"data.validation.{name}" if kind == "validation"
+               else f"data.sources.{name}.files" if data.sources else "data.train")
+        shards = [Shard(cache / s["path"], s["tokens"], s["sha256"]) for f in entry["files"] for s in f["shards"]]
         tb = TokenBlocks(shards, np.dtype(index["dtype"]), seq_len)
         if tb.num_blocks < 1:
             raise UserError(f"data too small: {tb.num_tokens} tokens, fewer than one block of seq_len={seq_len}",

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from stepc.errors import UserError
 from stepc.rundir import atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.runtime.data import current_index
 from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.shards import INDEX_NAME, SHARD_FORMAT, token_dtype
 from stepc.runtime.tokenizer import eos_id, load_tokenizer
@@ -255,6 +256,11 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
     With ``seq_len``, a dataset shorter than one block is an error."""
     cache = Path(cache)
     workers = workers or default_workers()
+    if run_dir is not None and not verify:
+        try:  # already prepared and nothing changed: a stat per file and shard, no tokenizer, no hashing
+            return current_index(Path(run_dir), data)
+        except UserError:
+            pass
     datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
     patterns: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
     for name, source in data.training_sources().items():
