@@ -161,7 +161,9 @@ def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int
     definition for the runtime's evaluations and `stepc eval`, so both score the same blocks."""
     sources, sets = [], {}
     blend = len(prepared.train) > 1 or next(iter(prepared.train)) != "train"
-    for name, blocks in prepared.train.items():
+    names = sorted(prepared.train)  # sources in name order: the blend never depends on TOML key order
+    for name in names:
+        blocks = prepared.train[name]
         train_idx, heldout_idx = holdout_split(len(blocks), holdout_fraction, seed)
         sources.append((blocks, train_idx))
         if len(heldout_idx):
@@ -170,5 +172,5 @@ def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int
     if not blend:
         blocks, train_idx = sources[0]
         return BlockSampler(blocks, seed, indices=train_idx), sets
-    return BlendSampler(sources, [prepared.weights[n] for n in prepared.train], seed), sets
+    return BlendSampler(sources, [prepared.weights[n] for n in names], seed), sets
 
