@@ -31,10 +31,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
 from stepc.runtime.data import current_index
 from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
-from stepc.runtime.shards import INDEX_NAME, SHARD_FORMAT, token_dtype
+from stepc.runtime.shards import SHARD_FORMAT, token_dtype
 from stepc.runtime.tokenizer import eos_id, load_tokenizer
 from stepc.schema.spec import Data
 
@@ -341,7 +341,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
                                 f"seq_len={seq_len}", file=patterns[kind][name][0], key=key,
                                 fix="add data or lower model.seq_len")
     if run_dir is not None:
-        atomic_write_json(Path(run_dir) / INDEX_NAME, index)
+        atomic_write_json(RunDir(run_dir).data_index, index)
     return index
 
 

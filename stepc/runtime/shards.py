@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from stepc.rundir import canonical_json
+from stepc.rundir import RunDir, canonical_json
 
 SHARD_FORMAT = 2  # stepc 0.1's int32 .npy block cache was format 1
-INDEX_NAME = "data-index.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -112,6 +111,6 @@ def shards_sha256(shards: Sequence[Shard]) -> str:
 def read_index(run_dir: Path) -> dict[str, Any] | None:
     """The run's data index, or None when `stepc data prepare` has not written it."""
     try:
-        return json.loads((run_dir / INDEX_NAME).read_bytes())
+        return json.loads(RunDir(run_dir).data_index.read_bytes())
     except FileNotFoundError:
         return None
