@@ -228,8 +228,8 @@ def main() -> int:
         files, docs = build_corpus(root / "corpus", int(args.size_gb * 1e9))
         build_s = time.perf_counter() - t0
         first = sorted((root / "corpus").glob("*.parquet"))[0]
-        raw_all = raw_encode(first, 20, None)
-        raw_one = raw_encode(first, 20, 1)
+        raw_all = raw_encode(first, 5, None)
+        raw_one = raw_encode(first, 5, 1)
         spec = write_spec(root / "bench.toml", "bench-data", str(root / "corpus" / "*.parquet"), root / "cache")
         prep = prepare_corpus(spec, args.workers, root)
         index_tokens = sum(int(line.split(" documents, ")[1].split(" tokens")[0]) for line in prep["output"].splitlines()
