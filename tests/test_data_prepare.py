@@ -202,3 +202,25 @@ def test_verify_data_retokenises_a_corrupted_shard(tmp_path):
     prepare(data, tmp_path / "cache", tmp_path, workers=1, verify=True, progress=lines.append)
     assert any("does not match its recorded sha256" in line for line in lines)
     assert shard_bytes(tmp_path / "cache") == good
+
+
+def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):
+    """Above BPE_SAMPLE_CHARS of text, bpe-N trains on seeded whole units up to that budget:
+    deterministic, bounded, and keyed apart from a tokenizer trained on everything."""
+    from stepc.runtime import prepare as prepare_module
+    from stepc.runtime import tokenizer as tokenizer_module
+
+    files = mixed_corpus(tmp_path / "d")
+    whole = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c0")), tmp_path / "c0", None, 1)
+    monkeypatch.setattr(documents, "TARGET_UNIT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "BPE_SAMPLE_CHARS", 4000)
+    monkeypatch.setattr(tokenizer_module, "BPE_SAMPLE_CHARS", 4000)
+    read: list[int] = []
+    real_train = tokenizer_module.train_bpe
+    monkeypatch.setattr(tokenizer_module, "train_bpe", lambda n, docs: read.append(sum(map(len, docs))) or real_train(n, docs))
+    a = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c1")), tmp_path / "c1", None, 1)
+    b = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c2")), tmp_path / "c2", None, 1)
+    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] != whole["tokenizer"]["sha256"]
+    assert len(read) == 2 and all(4000 <= n < 4000 + 5000 for n in read)  # the budget plus at most one document
+    assert {p.name for p in (tmp_path / "c1" / "tokenizers").glob("tokenizer-*")} != \
+           {p.name for p in (tmp_path / "c0" / "tokenizers").glob("tokenizer-*")}

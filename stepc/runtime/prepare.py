@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonica
 from stepc.runtime.data import current_index
 from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.shards import SHARD_FORMAT, token_dtype
-from stepc.runtime.tokenizer import eos_id, load_tokenizer
+from stepc.runtime.tokenizer import BPE_SAMPLE_CHARS, eos_id, load_tokenizer
 from stepc.schema.spec import Data
 
 
@@ -93,15 +94,25 @@ def changed_error(path: Path) -> UserError:
 # ------------------------------------------------------------------------------- tokenizer
 
 def resolve_tokenizer(data: Data, train_files: list[DataFile], cache: Path) -> tuple[Tokenizer, str]:
-    """The spec's tokenizer (bpe-N trained on the training files of every source, in order),
-    also saved by content under ``cache/tokenizers`` for the training processes to load."""
+    """The spec's tokenizer, also saved by content under ``cache/tokenizers`` for the training
+    processes to load. bpe-N trains on every training document in order when they fit in
+    BPE_SAMPLE_CHARS, else on whole units drawn in a fixed seeded order until that budget."""
+    sampled = data.tokenizer.startswith("bpe-") and sum(f.size for f in train_files) > BPE_SAMPLE_CHARS
+
     def documents() -> Iterator[str]:
-        for f in train_files:
-            yield from iter_documents(f.path, data.text_field)
+        if not sampled:
+            for f in train_files:
+                yield from iter_documents(f.path, data.text_field)
+            return
+        units = [(f.path, unit) for f in train_files for unit in plan_units(f.path, data.text_field)]
+        random.Random(0).shuffle(units)
+        for path, unit in units:
+            for batch in read_unit(path, unit, data.text_field, txt_chunks=False):
+                yield from (text for text, _ in batch)
 
     try:
         tok, digest = load_tokenizer(data.tokenizer, [f.sha256 for f in train_files], documents,
-                                     cache / "tokenizers", data.text_field)
+                                     cache / "tokenizers", data.text_field, sampled)
     except ValueError as exc:
         raise UserError(str(exc), key="data.tokenizer", fix="use one of the accepted forms") from None
     saved = cache / "tokenizers" / f"{digest}.json"

@@ -121,28 +121,32 @@ def train_bpe(vocab_size: int, documents: list[str]) -> Tokenizer:
     return tok
 
 
-def _bpe_cache_key(vocab_size: int, file_sha256s: list[str], text_field: str) -> str:
+def _bpe_cache_key(vocab_size: int, file_sha256s: list[str], text_field: str, sampled: bool) -> str:
     """Hash of everything that determines the trained tokenizer (contents, not paths)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"recipe": BPE_RECIPE_VERSION, "vocab_size": vocab_size,
-                         "tokenizers": tokenizers.__version__, "text_field": text_field}).encode())
+    recipe = {"recipe": BPE_RECIPE_VERSION, "vocab_size": vocab_size, "tokenizers": tokenizers.__version__,
+              "text_field": text_field}
+    if sampled:  # added only then, so corpora small enough to train on whole keep their keys
+        recipe["sample_chars"] = BPE_SAMPLE_CHARS
+    h.update(json.dumps(recipe).encode())
     for digest in file_sha256s:
         h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
 
 def load_bpe(vocab_size: int, file_sha256s: list[str], documents: Callable[[], Iterable[str]],
-             cache_dir: Path, text_field: str = "text") -> Tokenizer:
+             cache_dir: Path, text_field: str = "text", sampled: bool = False) -> Tokenizer:
     """Train (or reuse from ``cache_dir``) a ``bpe-<vocab_size>`` tokenizer.
 
     ``file_sha256s`` (hex, in order) identify the training files; ``documents()`` streams their
     documents and is called only on a cache miss. Training reads at most
-    :data:`BPE_SAMPLE_CHARS` of text: a deterministic prefix of the documents (all of them for
-    corpora below that size, so small corpora get exactly the tokenizer of stepc 0.1).
+    :data:`BPE_SAMPLE_CHARS` of text from ``documents()``; ``sampled`` says the caller streams a
+    fixed sample rather than every document (it changes the cache key). Corpora below that size
+    are read whole, in order, so they get exactly the tokenizer of stepc 0.1.
     """
     if not file_sha256s:
         raise ValueError("a bpe-<N> tokenizer needs at least one training file")
-    cache = Path(cache_dir) / f"tokenizer-{_bpe_cache_key(vocab_size, file_sha256s, text_field)[:32]}.json"
+    cache = Path(cache_dir) / f"tokenizer-{_bpe_cache_key(vocab_size, file_sha256s, text_field, sampled)[:32]}.json"
     if cache.is_file():
         try:
             return Tokenizer.from_file(str(cache))
@@ -162,7 +166,7 @@ def load_bpe(vocab_size: int, file_sha256s: list[str], documents: Callable[[], I
 
 
 def load_tokenizer(name: str, file_sha256s: list[str], documents: Callable[[], Iterable[str]], cache_dir: Path,
-                   text_field: str = "text") -> tuple[Tokenizer, str]:
+                   text_field: str = "text", sampled: bool = False) -> tuple[Tokenizer, str]:
     """Resolve a ``[data] tokenizer`` value to ``(tokenizer, sha256 hex of its JSON)``.
 
     ``file_sha256s``, ``documents`` and ``text_field`` are used only by ``bpe-<N>`` (see
@@ -176,7 +180,7 @@ def load_tokenizer(name: str, file_sha256s: list[str], documents: Callable[[], I
         # 256 byte symbols + EOS are fixed; fewer than ~256 merges makes a useless tokenizer.
         if vocab_size < 512:
             raise ValueError(f"tokenizer {name!r}: N must be at least 512 (256 bytes + EOS + merges)")
-        tok = load_bpe(vocab_size, file_sha256s, documents, cache_dir, text_field)
+        tok = load_bpe(vocab_size, file_sha256s, documents, cache_dir, text_field, sampled)
     else:
         path = Path(name).expanduser()
         if path.is_dir() and (path / "tokenizer.json").is_file():
