@@ -68,9 +68,9 @@ def test_blend_prepared_opened_and_fingerprinted(tmp_path):
     data = Data.model_validate({"sources": {"web": {"files": [a], "weight": 3.0}, "books": {"files": [b]}},
                                 "tokenizer": "bpe-512", "cache_dir": str(tmp_path / "cache"), "holdout_fraction": 0.1})
     index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
-    assert {n: e["weight"] for n, e in index["train"].items()} == {"web": 3.0, "books": 1.0}
+    assert set(index["train"]) == {"web", "books"}  # shards per source; weights are read from the spec
     prepared = open_prepared(tmp_path, data, 16)
-    sampler, sets = training_sets(prepared, data.holdout_fraction, seed=1)
+    sampler, sets = training_sets(prepared, data.holdout_fraction, seed=1, weights=data.weights_at(1))
     assert isinstance(sampler, BlendSampler) and set(sets) == {"heldout-web", "heldout-books"}
     names = ("books", "web")  # sources in name order
     sizes = [len(prepared.train[n]) for n in names]
@@ -112,3 +112,20 @@ def test_train_and_sources_together_are_refused(tmp_path, capsys):
     assert main(["plan", str(spec)]) == 2
     err = capsys.readouterr().err
     assert str(spec) in err and "data.train" in err and "data.sources" in err and "Traceback" not in err
+
+
+def test_a_different_blend_per_stage(tmp_path):
+    a = write_source(tmp_path / "d", "a", "alpha beta")
+    b = write_source(tmp_path / "d", "b", "gamma delta")
+    data = Data.model_validate({"sources": {"web": {"files": [a], "weight": 1.0, "stage_weights": [3.0, 1.0]},
+                                            "books": {"files": [b]}},
+                                "tokenizer": "bpe-512", "cache_dir": str(tmp_path / "cache")})
+    assert [data.weights_at(i) for i in (1, 2, 3)] == [{"web": 3.0, "books": 1.0}, {"web": 1.0, "books": 1.0},
+                                                       {"web": 1.0, "books": 1.0}]  # the last value holds
+    prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    prepared = open_prepared(tmp_path, data, 16)
+    counts = [training_sets(prepared, 0.0, 1, data.weights_at(i))[0].counts.tolist() for i in (1, 2)]
+    total = sum(counts[0])
+    assert counts[0][1] == pytest.approx(0.75 * total, abs=1) and counts[1][1] == pytest.approx(0.5 * total, abs=1)
+    # one fingerprint for every stage (they share data-fingerprint.json): it records the whole schedule
+    assert prepared.fingerprint["train"]["sources"]["web"]["stage_weights"] == [3.0, 1.0]

@@ -29,7 +29,6 @@ from stepc.schema.spec import Data
 class PreparedData:
     tokenizer: Tokenizer
     train: dict[str, TokenBlocks]  # source name -> blocks ("train" for the single-source form)
-    weights: dict[str, float]
     validation: dict[str, TokenBlocks]
     fingerprint: dict[str, Any]
 
@@ -50,11 +49,11 @@ def current_index(run_dir: Path, data: Data) -> dict[str, Any]:
         raise _stale(run_dir, "no data-index.json")
     expected = {"format": SHARD_FORMAT, "tokenizer": data.tokenizer, "text_field": data.text_field,
                 "cache_dir": data.cache_dir,
-                "train": {n: (list(s.files), s.weight) for n, s in data.training_sources().items()},
+                "train": {n: list(s.files) for n, s in data.training_sources().items()},
                 "validation": {n: [p] for n, p in data.validation.items()}}
     recorded = {"format": index.get("format"), "tokenizer": index["tokenizer"]["name"], "text_field": index["text_field"],
                 "cache_dir": index["cache_dir"],
-                "train": {n: (d["patterns"], d["weight"]) for n, d in index["train"].items()},
+                "train": {n: d["patterns"] for n, d in index["train"].items()},
                 "validation": {n: d["patterns"] for n, d in index["validation"].items()}}
     if recorded != expected:
         raise _stale(run_dir, "data-index.json was prepared for other [data] settings")
@@ -105,7 +104,10 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
                 "tokenizer": index["tokenizer"]["sha256"], "seq_len": seq_len, "text_field": data.text_field,
                 "num_blocks": tb.num_blocks, "num_tokens": tb.num_tokens, "shards_sha256": shards_sha256(shards)}
         if kind == "train" and data.sources:
-            body["weight"] = entry["weight"]
+            source = data.training_sources()[name]  # every stage's weight: stages share one fingerprint
+            body["weight"] = source.weight
+            if source.stage_weights:
+                body["stage_weights"] = list(source.stage_weights)
         return tb, {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
 
     train, train_fp = {}, {}
@@ -119,7 +121,7 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
         fingerprint["train"] = {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
     else:
         fingerprint["train"] = train_fp["train"]
-    return PreparedData(tok, train, {n: index["train"][n]["weight"] for n in train}, validation, fingerprint)
+    return PreparedData(tok, train, validation, fingerprint)
 
 
 def _check_unchanged(run_dir: Path, entry: dict[str, Any]) -> None:
@@ -154,11 +156,12 @@ def index_files(index: dict[str, Any], blend: bool) -> dict[str, list[dict[str, 
     return out
 
 
-def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int
+def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int, weights: dict[str, float] | None = None
                   ) -> tuple[BlockSampler | BlendSampler, dict[str, tuple[Any, np.ndarray | None]]]:
     """The training sampler and ``{name: (blocks, indices)}`` eval sets: each source's held-out
     split ("heldout", or "heldout-<source>" for a blend) plus the named validation sets. One
-    definition for the runtime's evaluations and `stepc eval`, so both score the same blocks."""
+    definition for the runtime's evaluations and `stepc eval`, so both score the same blocks.
+    ``weights`` (a blend's, for the stage being trained; :meth:`Data.weights_at`) default to 1."""
     sources, sets = [], {}
     blend = len(prepared.train) > 1 or next(iter(prepared.train)) != "train"
     names = sorted(prepared.train)  # sources in name order: the blend never depends on TOML key order
@@ -172,5 +175,5 @@ def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int
     if not blend:
         blocks, train_idx = sources[0]
         return BlockSampler(blocks, seed, indices=train_idx), sets
-    return BlendSampler(sources, [prepared.weights[n] for n in names], seed), sets
+    return BlendSampler(sources, [(weights or {}).get(n, 1.0) for n in names], seed), sets
 

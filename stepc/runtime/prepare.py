@@ -347,8 +347,6 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
             index[kind][name] = {"patterns": patterns[kind][name], "files": entries,
                                  "tokens": sum(e["tokens"] for e in entries),
                                  "documents": sum(e["documents"] for e in entries)}
-            if kind == "train":
-                index[kind][name]["weight"] = data.training_sources()[name].weight
             if seq_len is not None and index[kind][name]["tokens"] < seq_len:
                 key = (f"data.validation.{name}" if kind == "validation"
                        else f"data.sources.{name}.files" if data.sources else "data.train")

@@ -284,7 +284,8 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler,
         raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec.model.vocab_size}")
     st.tokenizer = tok
     check_data_fingerprint(st.run_dir, prepared.fingerprint, st.rank, allow)
-    return training_sets(prepared, st.spec.data.holdout_fraction, st.spec.experiment.seed)
+    return training_sets(prepared, st.spec.data.holdout_fraction, st.spec.experiment.seed,
+                         st.spec.data.weights_at(st.stage.index))
 
 
 @torch.no_grad()

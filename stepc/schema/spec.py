@@ -172,6 +172,12 @@ class Source(Section):
     """Files of this source: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are launched from."""
     weight: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     """Relative share of training samples drawn from this source (normalised over all sources), e.g. 0.7 and 0.3."""
+    stage_weights: list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None
+    """Optional: this source's weight in stage 1, 2, ... (a different blend per stage); the last value holds for later stages. Default: weight in every stage."""
+
+    def weight_at(self, stage: int) -> float:
+        """The weight in stage ``stage`` (1-based)."""
+        return self.stage_weights[min(stage, len(self.stage_weights)) - 1] if self.stage_weights else self.weight
 
 
 class Data(Section):
@@ -200,6 +206,10 @@ class Data(Section):
     def training_sources(self) -> dict[str, Source]:
         """The blend: [data.sources], or data.train as the single source "train" of weight 1."""
         return dict(self.sources) if self.sources else {"train": Source(files=list(self.train))}
+
+    def weights_at(self, stage: int) -> dict[str, float]:
+        """Each training source's weight in stage ``stage`` (1-based)."""
+        return {name: source.weight_at(stage) for name, source in self.training_sources().items()}
 
 
 class Eval(Section):
