@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepc.errors import UserError
+from stepc.schema.rules import DATA_SUFFIXES
 
-SUFFIXES = (".parquet", ".jsonl", ".txt")
+SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/schema/rules.py)
 TARGET_UNIT_BYTES = 64 << 20  # text per unit: ~20M GPT-2 tokens, 40 MB of uint16 shard
 BATCH_DOCUMENTS = 1024  # documents per encode_batch call: bounds memory, keeps Rust busy
 BATCH_BYTES = 8 << 20
