@@ -23,9 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stepc.runtime.data import BlockSampler, PackedDataset, expand_patterns  # noqa: E402
+from stepc.runtime.data import open_prepared  # noqa: E402
 from stepc.runtime.model import fresh_model  # noqa: E402
-from stepc.runtime.tokenizer import load_tokenizer  # noqa: E402
+from stepc.runtime.prepare import prepare  # noqa: E402
+from stepc.runtime.sampler import BlockSampler  # noqa: E402
+from stepc.schema.spec import Data  # noqa: E402
 
 THREADS = 2
 
@@ -79,10 +81,9 @@ def runtime_tokens_per_s(spec: Path, out: Path) -> float:
 def plain_tokens_per_s(steps: int, cache: Path) -> float:
     """The loop a researcher would write by hand: no FSDP, no process group."""
     torch.set_num_threads(THREADS)
-    files = expand_patterns([str(ROOT / "data/corpus/train/*.txt")])
-    tok, tok_hash = load_tokenizer("bpe-4096", files, cache)
-    data = PackedDataset([str(ROOT / "data/corpus/train/*.txt")], tok, 128, cache, tokenizer_sha256=tok_hash)
-    sampler = BlockSampler(data.blocks, 42)
+    data = Data(train=[str(ROOT / "data/corpus/train/*.txt")], tokenizer="bpe-4096", cache_dir=str(cache))
+    prepare(data, cache, cache)
+    sampler = BlockSampler(open_prepared(cache, data, 128).train["train"], 42)
     spec = {"model": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 341, "num_attention_heads": 4,
                       "num_key_value_heads": 2, "seq_len": 128, "tie_embeddings": False}}
     model = fresh_model(spec, 6, 42)

@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
+    from stepc.commands.data import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
     p.set_defaults(func=cmd_help_spec)
     return parser
@@ -214,6 +218,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
+    # Tokenise before any stage starts (the stage scripts repeat it; prepared data makes that a quick check).
+    code = subprocess.call([sys.executable, "-m", "stepc.cli", "data", "prepare", str(run_dir)])
+    if code:
+        print(f"data preparation failed with exit code {code}", file=sys.stderr)
+        return code
     for index in indices:
         print(f"== stage {index} of {manifest.num_stages}", flush=True)
         code = subprocess.call(["bash", str(RunDir(run_dir).stage_script(index))])

@@ -76,8 +76,9 @@ class RunDir:
         return self.root / "logs"
 
     @property
-    def cache(self) -> Path:
-        return self.root / "cache"
+    def data_index(self) -> Path:
+        """Written by `stepc data prepare RUN_DIR`: per dataset, its files and their token shards in the cache."""
+        return self.root / "data-index.json"
 
     @property
     def data_fingerprint(self) -> Path:

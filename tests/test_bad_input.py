@@ -221,6 +221,7 @@ def test_accepted(tmp_path, capsys, changes):
 def test_bpe_rule_is_one_rule_for_compiler_and_runtime(tmp_path, capsys):
     """Every bpe-N name gets the same verdict from `stepc compile` and from the runtime's tokenizer loader
     (which really trains the tokenizer on a small file when it accepts the name)."""
+    from stepc.rundir import file_sha256_hex
     from stepc.runtime.tokenizer import load_tokenizer
 
     corpus = tmp_path / "tiny.txt"
@@ -233,7 +234,7 @@ def test_bpe_rule_is_one_rule_for_compiler_and_runtime(tmp_path, capsys):
         code, err, _, _ = compile_text(run, spec_text(data__tokenizer=name), capsys)
         assert code in (0, 2) and "Traceback" not in err, err
         try:
-            load_tokenizer(name, [corpus], tmp_path / "cache")
+            load_tokenizer(name, [file_sha256_hex(corpus)], lambda: iter([corpus.read_text()]), tmp_path / "cache")
             runtime_ok = True
         except ValueError:
             runtime_ok = False

@@ -1,5 +1,5 @@
-"""Data pipeline: reading, exact EOS packing, the block cache, holdout, sampler, eval batches,
-and the demo-corpus builder (on a small fake sdist, no network)."""
+"""Data pipeline: reading, exact EOS packing into shards, the shard cache, holdout, sampler, eval
+batches, and the demo-corpus builder (on a small fake sdist, no network)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from stepc.commands import corpus
-from stepc.runtime.data import BlockSampler, PackedDataset, holdout_split, iter_eval_batches, read_documents, tokenize_to_blocks
-from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
+from stepc.runtime.data import open_prepared
+from stepc.runtime.documents import expand_patterns, iter_documents
+from stepc.runtime.evalsets import iter_eval_batches
+from stepc.runtime.prepare import prepare
+from stepc.runtime.sampler import BlockSampler, holdout_split
+from stepc.runtime.tokenizer import EOS_TOKEN, eos_id
+from stepc.schema.spec import Data
 
 DOCS = [
     "To be, or not to be, that is the question.",
@@ -25,15 +30,6 @@ DOCS = [
     "Of man's first disobedience, and the fruit\nOf that forbidden tree whose mortal taste",
     "Brought death into the world, and all our woe,\nWith loss of Eden, till one greater Man",
 ] * 8
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory):
-    """A small bpe tokenizer trained on DOCS (fast, no optional packages needed)."""
-    root = tmp_path_factory.mktemp("tok")
-    path = root / "train.txt"
-    path.write_text("\n\n".join(DOCS), encoding="utf-8")
-    return load_tokenizer("bpe-512", [path], root / "cache")
 
 
 def write_mixed_files(root: Path) -> None:
@@ -46,98 +42,77 @@ def write_mixed_files(root: Path) -> None:
     pq.write_table(pa.table({"text": DOCS[20:], "n": list(range(len(DOCS) - 20))}), root / "c.parquet")
 
 
+def read_documents(patterns: list[str]) -> list[tuple[Path, list[str]]]:
+    return [(p, list(iter_documents(p, "text"))) for p in expand_patterns(patterns)]
+
+
 # ------------------------------------------------------------------------------- reading
 
 def test_read_documents_formats_and_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_mixed_files(tmp_path / "d")
     monkeypatch.chdir(tmp_path)  # relative patterns resolve against the CWD
-    got = read_documents(["d/*.parquet", "d/*.txt", "d/b.jsonl", "d/*"], "text")
+    got = read_documents(["d/*.parquet", "d/*.txt", "d/b.jsonl", "d/*"])
     assert [p.as_posix() for p, _ in got] == ["d/c.parquet", "d/a.txt", "d/b.jsonl"]  # no dups
     assert got[1][1] == [DOCS[0]] and got[2][1] == DOCS[1:20] and got[0][1] == DOCS[20:]
 
 
-def test_read_documents_errors(tmp_path: Path) -> None:
-    write_mixed_files(tmp_path)
-    with pytest.raises(ValueError, match="nothing-here"):
-        read_documents([str(tmp_path / "nothing-here/*.parquet")], "text")
-    with pytest.raises(ValueError, match="'body'"):
-        read_documents([str(tmp_path / "c.parquet")], "body")
-    with pytest.raises(ValueError, match="'body'"):
-        read_documents([str(tmp_path / "b.jsonl")], "body")
-
-
 def test_txt_line_endings_normalised(tmp_path: Path) -> None:
     (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\n")
-    assert read_documents([str(tmp_path / "w.txt")], "text")[0][1] == ["one\ntwo\nthree\n"]
+    assert read_documents([str(tmp_path / "w.txt")])[0][1] == ["one\ntwo\nthree\n"]
 
 
 # ------------------------------------------------------------------------------- packing
 
-def test_packing_is_exact_with_eos_separators(tok) -> None:
-    tokenizer, _ = tok
-    eos = eos_id(tokenizer)
-    blocks, total = tokenize_to_blocks(DOCS, tokenizer, seq_len=16)
-    expected = [i for doc in DOCS for i in tokenizer.encode(doc).ids + [eos]]
-    assert total == len(expected)
-    assert blocks.dtype == np.int32 and blocks.shape == (total // 16, 16)
-    assert blocks.ravel().tolist() == expected[: blocks.size]  # tail dropped, nothing else
-    # Decoding the full stream gives the documents back, separated by the EOS string.
-    full, _ = tokenize_to_blocks(DOCS, tokenizer, seq_len=1)
-    decoded = tokenizer.decode(full.ravel().tolist(), skip_special_tokens=False)
-    assert decoded == EOS_TOKEN.join(DOCS) + EOS_TOKEN
+def prepared(tmp_path: Path, patterns: list[str], seq_len: int, tokenizer: str = "bpe-512", **kw):
+    data = Data(train=patterns, tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **kw)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    index = prepare(data, tmp_path / "cache", run_dir, workers=1)
+    return index, open_prepared(run_dir, data, seq_len)
 
 
-def test_packed_dataset_cache_and_fingerprint(tmp_path: Path, tok) -> None:
-    tokenizer, tok_hash = tok
+def test_packing_is_exact_with_eos_separators(tmp_path: Path) -> None:
     write_mixed_files(tmp_path / "d")
     patterns = [str(tmp_path / "d/*")]
-    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    assert not ds.from_cache
-    ref, total = tokenize_to_blocks((d for _, docs in read_documents(patterns, "text") for d in docs),
-                                    tokenizer, 8)
-    np.testing.assert_array_equal(ds.blocks, ref)
-    fp = ds.fingerprint
-    assert fp["tokenizer"] == tok_hash and fp["seq_len"] == 8
-    assert fp["num_blocks"] == len(ref) and fp["num_tokens"] == total
+    _, data = prepared(tmp_path, patterns, 16)
+    tok, blocks = data.tokenizer, data.train["train"]
+    eos = eos_id(tok)
+    docs = [d for _, ds in read_documents(patterns) for d in ds]
+    expected = [i for doc in docs for i in tok.encode(doc).ids + [eos]]
+    assert blocks.num_tokens == len(expected)
+    assert blocks.shape == (len(expected) // 16, 16)
+    assert blocks.block_array().ravel().tolist() == expected[: blocks.num_blocks * 16]  # tail dropped, nothing else
+    assert blocks[np.array([1, 0])].tolist() == [expected[16:32], expected[:16]]
+    decoded = tok.decode(blocks.tokens(0, blocks.num_tokens).tolist(), skip_special_tokens=False)
+    assert decoded == EOS_TOKEN.join(docs) + EOS_TOKEN
+
+
+def test_fingerprint_and_cache_reuse(tmp_path: Path) -> None:
+    write_mixed_files(tmp_path / "d")
+    patterns = [str(tmp_path / "d/*")]
+    index, data = prepared(tmp_path, patterns, 8)
+    fp = data.fingerprint["train"]
+    assert fp["tokenizer"] == index["tokenizer"]["sha256"] and fp["seq_len"] == 8
+    assert fp["num_blocks"] == data.train["train"].num_blocks and fp["num_tokens"] == index["train"]["train"]["tokens"]
     names = ("a.txt", "b.jsonl", "c.parquet")
     assert [f["path"] for f in fp["files"]] == [str(tmp_path / "d" / n) for n in names]
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in fp["files"])
-
-    again = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    assert again.from_cache and again.fingerprint == fp
-    other = PackedDataset(patterns, tokenizer, 4, tmp_path / "cache")  # new key: seq_len
-    assert not other.from_cache and other.fingerprint["sha256"] != fp["sha256"]
-
-
-def test_corrupt_or_partial_cache_is_not_trusted(tmp_path: Path, tok) -> None:
-    tokenizer, _ = tok
-    write_mixed_files(tmp_path / "d")
-    patterns = [str(tmp_path / "d/*")]
-    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    fp, npy = ds.fingerprint, ds.cache_path
-    good = npy.read_bytes()
-    del ds
-
-    npy.write_bytes(good[:-7] + b"\x01\x02\x03\x04\x05\x06\x07")  # same size, wrong content
-    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    assert not ds.from_cache and ds.fingerprint == fp
-    del ds
-
-    npy.write_bytes(good[: len(good) // 2])  # truncated
-    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    assert not ds.from_cache and ds.fingerprint == fp
-    del ds
-
-    npy.with_suffix(".json").unlink()  # blocks without metadata (crash between the two writes)
-    ds = PackedDataset(patterns, tokenizer, 8, tmp_path / "cache")
-    assert not ds.from_cache and ds.fingerprint == fp
-    assert not list((tmp_path / "cache").glob("*.tmp"))  # no temp files left behind
+    shards = sorted((tmp_path / "cache" / "shards").rglob("*.bin"))
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    _, again = prepared(tmp_path, patterns, 8)
+    assert again.fingerprint == data.fingerprint
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes  # reused, not re-tokenised
+    _, other = prepared(tmp_path, patterns, 4)  # another seq_len: same shards, another fingerprint
+    assert other.fingerprint["train"]["sha256"] != fp["sha256"]
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
 
 
-def test_too_little_data_is_an_error(tmp_path: Path, tok) -> None:
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(ValueError, match="too small"):
-        PackedDataset([str(tmp_path / "x.txt")], tok[0], 4096, tmp_path / "cache")
+def test_too_little_data_is_an_error(tmp_path: Path) -> None:
+    from stepc.errors import UserError
+
+    (tmp_path / "x.txt").write_text("hi there, this is a short document " * 30)
+    with pytest.raises(UserError, match="too small"):
+        prepared(tmp_path, [str(tmp_path / "x.txt")], 4096)
 
 
 # ------------------------------------------------------------------------ holdout and sampler

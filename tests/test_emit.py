@@ -292,7 +292,8 @@ def test_stage_script_passes_the_manifest_path_intact(tmp_path, capsys):
         result = subprocess.run(["bash", str(run_dir / f"stage-{index}.sh"), "--extra arg"], capture_output=True,
                                 text=True, cwd=workdir, env=env, timeout=60)
         assert result.returncode == 0, result.stderr
-        printed = result.stdout.strip()
+        prepare, printed = result.stdout.strip().splitlines()  # PYTHON=echo: the data preparation, then torchrun
+        assert prepare == f"-m stepc.cli data prepare {run_dir} --quiet"
         assert printed.startswith("-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --standalone")
         assert printed.endswith(f"-m stepc.runtime --manifest {run_dir}/manifest.json --stage {index} --extra arg")
     assert (run_dir / "logs").is_dir()

@@ -348,13 +348,13 @@ def runtime_accepts(data: dict[str, Any], root: Path) -> None:
     """What compile accepted, the runtime's own code accepts too: its tokenizer loader gets past the name
     (a bpe-N name then fails only for want of training files), and every data path that ends in literal
     text names a file type the runtime's reader supports."""
-    from stepc.runtime.data import SUFFIXES
+    from stepc.runtime.documents import SUFFIXES
     from stepc.runtime.tokenizer import load_tokenizer
 
     name = data["tokenizer"]
     if name.lower().startswith("bpe-") and "/" not in name and not name.endswith(".json"):
         with pytest.raises(ValueError, match="needs at least one training file"):
-            load_tokenizer(name, [], root / "cache")
+            load_tokenizer(name, [], lambda: iter(()), root / "cache")
     for pattern in data["train"] + list(data["validation"].values()):
         last = pattern.rsplit("/", 1)[-1]
         if last and last[-1] not in "*?]":

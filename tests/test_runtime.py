@@ -46,10 +46,12 @@ def test_measured_model_state_bytes_equal_the_prediction(full_run):
         assert start["predicted_model_state_bytes"] - info["exact_model_state_bytes"] < 4 * 200
 
 
-def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run):
+def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from stepc.runtime.data import iter_eval_batches, open_datasets
+    from stepc.runtime.data import open_prepared
+    from stepc.runtime.evalsets import iter_eval_batches
+    from stepc.schema.spec import Data
 
     manifest = json.loads((full_run / "manifest.json").read_text())
     spec = manifest["spec"]
@@ -61,8 +63,9 @@ def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run):
     assert not any("lora" in k or ".base." in k for k in model.state_dict())
 
     # The export is the trained model: its perplexity on the validation set equals the runtime's last eval.
-    _, _, named = open_datasets(spec["data"], spec["model"]["seq_len"], full_run / "cache")
-    blocks = named["play"].blocks
+    data = Data.model_validate(spec["data"])
+    monkeypatch.chdir(full_run)  # the stages ran from here: the relative [data] cache_dir is under it
+    blocks = open_prepared(full_run, data, spec["model"]["seq_len"]).validation["play"]
     world = manifest["spec"]["launch"]["nproc_per_node"]
     total, count = 0.0, 0
     with torch.no_grad():
@@ -81,7 +84,7 @@ def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run):
 
 def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     """Same global batch (1 rank x 4 sequences vs 2 ranks x 2): same samples per step, same weights."""
-    from stepc.runtime.data import BlockSampler
+    from stepc.runtime.sampler import BlockSampler
 
     one = make_run.compile("rt", train={"micro_batch_size": 4}, launch={"nproc_per_node": 1})
     spec = json.loads((one / "manifest.json").read_text())["spec"]

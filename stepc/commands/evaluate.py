@@ -39,10 +39,15 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
         raise UserError(f"--limit {limit}: must be a positive number of documents", key="--limit", fix="pass e.g. --limit 100")
     task_manager = _task_manager(tasks, include_path) if tasks else None
 
+    from stepc.runtime.prepare import prepare
+
+    prepare(manifest.spec.data, Path(manifest.spec.data.cache_dir), run_dir)  # quick when the stages prepared it
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
+    from stepc.runtime.data import open_prepared, training_sets
+    from stepc.runtime.evalsets import iter_eval_batches
     from stepc.runtime.metrics import loss_sums
     from stepc.runtime.precision import compute_dtype
 
@@ -50,12 +55,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # the runtime's eval dtype (bf16 on a GPU under precision = "bf16"), so the perplexities agree
     model = AutoModelForCausalLM.from_pretrained(export, dtype=compute_dtype(spec.train.precision, device)).to(device).eval()
-    try:
-        tok, train, named = open_datasets(spec.data, spec.model.seq_len, RunDir(run_dir).cache)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read the run's data: {exc}", file=str(run_dir),
-                        fix="run from the directory the spec's data paths are relative to") from None
-    _, sets = eval_sets(train, named, spec.data.holdout_fraction, spec.experiment.seed)
+    _, sets = training_sets(open_prepared(run_dir, spec.data, spec.model.seq_len), spec.data.holdout_fraction,
+                            spec.experiment.seed)
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name, (blocks, indices) in sets.items():
         total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices), device).tolist()

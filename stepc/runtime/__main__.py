@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from stepc.errors import UserError
 from stepc.runtime.guard import ALLOWABLE, RuntimeFailure, preflight
 
 
@@ -20,12 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preflight", action="store_true",
                         help="only run the checks that need no torch (manifest, stage order) and exit; the stage scripts "
                              "run this before torchrun, which would turn the exit code 2 of a refusal into 1")
+    parser.add_argument("--verify-data", action="store_true",
+                        help="accepted for the stage scripts; `stepc data prepare --verify-data` (run by them) re-hashes "
+                             "every data file and shard")
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:
         try:
             preflight(args.manifest, args.stage, allow)
-        except RuntimeFailure as failure:
+        except (RuntimeFailure, UserError) as failure:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2
         return 0
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return train(args.manifest, args.stage, allow)
-    except RuntimeFailure as failure:
+    except (RuntimeFailure, UserError) as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)
         return 2
 

@@ -19,7 +19,6 @@ from stepc.rundir import (
     canonical_json,
     content_hash,
     digest,
-    file_sha256_hex,
     files_entry_problem,
     read_manifest,
 )
@@ -131,7 +130,8 @@ def previous_stage_export(run_dir: Path, stage: int, hashes: bool = False) -> Pa
 
 def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     """Preflight half of check_data_fingerprint: the data files (paths, sizes, contents) recorded by an
-    earlier stage or attempt must still be there unchanged. Names each file that differs."""
+    earlier stage or attempt must still be there unchanged. Runs after `stepc data prepare`, so it compares
+    the recorded fingerprint with the fresh data index (sha256s computed there, no hashing here)."""
     path = RunDir(run_dir).data_fingerprint
     if "data-change" in allow or not path.exists():
         return
@@ -140,26 +140,24 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
                              "or pass --allow-data-change") from None
-    from stepc.runtime.data import expand_patterns  # numpy/tokenizers, no torch
+    from stepc.runtime.data import fingerprint_files, index_files  # numpy/tokenizers, no torch
+    from stepc.runtime.shards import read_index
 
-    changed: list[str] = []
-    datasets = {"train": data.train, **{name: [pattern] for name, pattern in data.validation.items()}}
-    for name, patterns in sorted(datasets.items()):
-        before = {e["path"]: e for e in recorded.get(name, {}).get("files", [])}
-        try:
-            files = expand_patterns(patterns)
-        except ValueError as exc:
-            changed.append(f"{name}: {exc}")
-            continue
-        now = {f.as_posix() for f in files}
-        changed += [f"{name}: {gone} is gone" for gone in sorted(set(before) - now)]
-        for file in files:
-            entry = before.get(file.as_posix())
-            if entry is None:
-                changed.append(f"{name}: {file} is new")
-            elif file.stat().st_size != entry["size"]:
-                changed.append(f"{name}: {file} changed size ({entry['size']} -> {file.stat().st_size} bytes)")
-            elif file_sha256_hex(file) != entry["sha256"]:
+    index = read_index(run_dir)
+    if index is None:
+        raise RuntimeFailure(f"{run_dir} has no prepared data (data-index.json); run `stepc data prepare {run_dir}`")
+    before_all, now_all = fingerprint_files(recorded), index_files(index, blend=bool(data.sources))
+    changed: list[str] = [f"{name}: the dataset is new" for name in sorted(set(now_all) - set(before_all))]
+    changed += [f"{name}: the dataset is gone" for name in sorted(set(before_all) - set(now_all))]
+    for name in sorted(set(before_all) & set(now_all)):
+        before = {e["path"]: e for e in before_all[name]}
+        now = {e["path"]: e for e in now_all[name]}
+        changed += [f"{name}: {gone} is gone" for gone in sorted(set(before) - set(now))]
+        changed += [f"{name}: {new} is new" for new in sorted(set(now) - set(before))]
+        for file in sorted(set(before) & set(now)):
+            if now[file]["size"] != before[file]["size"]:
+                changed.append(f"{name}: {file} changed size ({before[file]['size']} -> {now[file]['size']} bytes)")
+            elif now[file]["sha256"] != before[file]["sha256"]:
                 changed.append(f"{name}: {file} changed content (sha256)")
     if changed:
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""

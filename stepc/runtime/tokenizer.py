@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import tokenizers
@@ -33,6 +34,9 @@ GPT2_EOS_ID = 50256
 GPT2_FILE_SHA256_PREFIX = {"encoder.json": "196139668be6", "vocab.bpe": "1ce1664773c5"}
 # Bump when the bpe-N training recipe changes, so stale cached tokenizers are not reused.
 BPE_RECIPE_VERSION = 1
+# bpe-N trains on at most this much text (a deterministic prefix of the training documents): the
+# trainer needs ~5 bytes of RAM per byte of text, so a 30 GB corpus would need ~150 GB.
+BPE_SAMPLE_CHARS = 200_000_000
 # EOS spellings of common tokenizer families, tried in order by eos_id() (GPT-2/NeoX, LLaMA-1/2
 # and Mistral, LLaMA-3, Gemma). A document separator for pre-training, so not a chat end token.
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
@@ -117,51 +121,62 @@ def train_bpe(vocab_size: int, documents: list[str]) -> Tokenizer:
     return tok
 
 
-def _bpe_cache_key(vocab_size: int, train_files: list[Path], text_field: str) -> str:
+def _bpe_cache_key(vocab_size: int, file_sha256s: list[str], text_field: str, sampled: bool) -> str:
     """Hash of everything that determines the trained tokenizer (contents, not paths)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"recipe": BPE_RECIPE_VERSION, "vocab_size": vocab_size,
-                         "tokenizers": tokenizers.__version__, "text_field": text_field}).encode())
-    for path in train_files:
-        file_hash = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                file_hash.update(chunk)
-        h.update(file_hash.digest())
+    recipe = {"recipe": BPE_RECIPE_VERSION, "vocab_size": vocab_size, "tokenizers": tokenizers.__version__,
+              "text_field": text_field}
+    if sampled:  # added only then, so corpora small enough to train on whole keep their keys
+        recipe["sample_chars"] = BPE_SAMPLE_CHARS
+    h.update(json.dumps(recipe).encode())
+    for digest in file_sha256s:
+        h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
 
-def load_bpe(vocab_size: int, train_files: list[Path], cache_dir: Path,
-             text_field: str = "text") -> Tokenizer:
-    """Train (or reuse from ``cache_dir``) a ``bpe-<vocab_size>`` tokenizer on ``train_files``."""
-    from stepc.runtime.data import read_file_documents  # local: data.py imports this module too
+def load_bpe(vocab_size: int, file_sha256s: list[str], documents: Callable[[], Iterable[str]],
+             cache_dir: Path, text_field: str = "text", sampled: bool = False) -> Tokenizer:
+    """Train (or reuse from ``cache_dir``) a ``bpe-<vocab_size>`` tokenizer.
 
-    if not train_files:
+    ``file_sha256s`` (hex, in order) identify the training files; ``documents()`` streams their
+    documents and is called only on a cache miss. Training reads at most
+    :data:`BPE_SAMPLE_CHARS` of text from ``documents()``; ``sampled`` says the caller streams a
+    fixed sample rather than every document (it changes the cache key). Corpora below that size
+    are read whole, in order, so they get exactly the tokenizer of stepc 0.1.
+    """
+    if not file_sha256s:
         raise ValueError("a bpe-<N> tokenizer needs at least one training file")
-    cache = Path(cache_dir) / f"tokenizer-{_bpe_cache_key(vocab_size, train_files, text_field)[:32]}.json"
+    cache = Path(cache_dir) / f"tokenizer-{_bpe_cache_key(vocab_size, file_sha256s, text_field, sampled)[:32]}.json"
     if cache.is_file():
         try:
             return Tokenizer.from_file(str(cache))
         except Exception:  # a damaged cache file: retrain and overwrite it
             pass
-    documents = [doc for path in train_files for doc in read_file_documents(Path(path), text_field)]
-    text = train_bpe(vocab_size, documents).to_str()
+    sample: list[str] = []
+    chars = 0
+    for doc in documents():
+        sample.append(doc)
+        chars += len(doc)
+        if chars >= BPE_SAMPLE_CHARS:
+            break
+    text = train_bpe(vocab_size, sample).to_str()
     atomic_write_text(cache, text)
     # Round-trip through the serialized form so a fresh and a cached load hash identically.
     return Tokenizer.from_str(text)
 
 
-def load_tokenizer(name: str, train_files: list[Path], cache_dir: Path,
-                   text_field: str = "text") -> tuple[Tokenizer, str]:
+def load_tokenizer(name: str, file_sha256s: list[str], documents: Callable[[], Iterable[str]], cache_dir: Path,
+                   text_field: str = "text", sampled: bool = False) -> tuple[Tokenizer, str]:
     """Resolve a ``[data] tokenizer`` value to ``(tokenizer, sha256 hex of its JSON)``.
 
-    ``train_files`` (already expanded, in order) and ``text_field`` are used only by ``bpe-<N>``;
-    ``cache_dir`` holds trained tokenizers. Raises ValueError naming the accepted forms otherwise.
+    ``file_sha256s``, ``documents`` and ``text_field`` are used only by ``bpe-<N>`` (see
+    :func:`load_bpe`); ``cache_dir`` holds trained tokenizers. Raises ValueError naming the
+    accepted forms otherwise.
     """
     if name == "gpt2":
         tok = build_gpt2_tokenizer()
     elif (vocab_size := bpe_size(name)) is not None:  # the compiler's rule (stepc/schema/rules.py); raises ValueError
-        tok = load_bpe(vocab_size, [Path(p) for p in train_files], cache_dir, text_field)
+        tok = load_bpe(vocab_size, file_sha256s, documents, cache_dir, text_field, sampled)
     else:
         path = Path(name).expanduser()
         if path.is_dir() and (path / "tokenizer.json").is_file():

@@ -36,8 +36,9 @@ from stepc.runtime import carry
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.batches import device_batches
 from stepc.runtime.console import Console, echo
-from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
+from stepc.runtime.data import open_prepared, training_sets
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism
+from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.export import write_export
 from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
@@ -47,6 +48,7 @@ from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
 from stepc.runtime.oom import oom_failure
 from stepc.runtime.precision import autocast_unsharded
+from stepc.runtime.sampler import BlendSampler, BlockSampler
 from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -116,8 +118,7 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
 
 def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     spec, tr = st.spec, st.spec.train
-    train_data, evals = _load_data(st, allow)
-    sampler = BlockSampler(train_data.blocks, spec.experiment.seed, indices=evals.pop("_train_idx"))
+    sampler, evals = _load_data(st, allow)
 
     new_layers: list[int] = []
     if prev_export is None:  # built on `meta`: no rank ever holds the whole model
@@ -378,26 +379,17 @@ def _predicted_state_bytes(st: Stage, model) -> int | None:
     return st.stage.exact_model_state_bytes + 4 * tensors * (st.world - 1)
 
 
-def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any]]:
-    """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
-    data, seq = st.spec.data, st.spec.model.seq_len
-    cache = RunDir(st.run_dir).cache
-
-    def build():
-        return open_datasets(data, seq, cache)
-
-    if st.rank == 0:
-        tok, train, named = build()
-    dist.barrier()
-    if st.rank != 0:
-        tok, train, named = build()
+def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler, dict[str, Any]]:
+    """Memory-map the shards `stepc data prepare` wrote before torchrun (no rank tokenises or waits),
+    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
+    prepared = open_prepared(st.run_dir, st.spec.data, st.spec.model.seq_len)
+    tok = prepared.tokenizer
     if tok.get_vocab_size() > st.spec.model.vocab_size:
-        raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
+        raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec.model.vocab_size}")
     st.tokenizer = tok
-    fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
-    check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
-    train_idx, evals = eval_sets(train, named, data.holdout_fraction, st.spec.experiment.seed)
-    return train, {"_train_idx": train_idx, **evals}
+    check_data_fingerprint(st.run_dir, prepared.fingerprint, st.rank, allow)
+    return training_sets(prepared, st.spec.data.holdout_fraction, st.spec.experiment.seed,
+                         st.spec.data.weights_at(st.stage.index))
 
 
 @torch.no_grad()

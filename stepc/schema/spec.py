@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stepc.schema.rules import slurm_time_minutes
 from stepc.schema.units import parse_bytes
@@ -184,17 +184,49 @@ class Train(Section):
         return value
 
 
+class Source(Section):
+    files: list[NonEmpty] = Field(min_length=1)
+    """Files of this source: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are launched from."""
+    weight: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    """Relative share of training samples drawn from this source (normalised over all sources), e.g. 0.7 and 0.3."""
+    stage_weights: list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None
+    """Optional: this source's weight in stage 1, 2, ... (a different blend per stage); the last value holds for later stages. Default: weight in every stage."""
+
+    def weight_at(self, stage: int) -> float:
+        """The weight in stage ``stage`` (1-based)."""
+        return self.stage_weights[min(stage, len(self.stage_weights)) - 1] if self.stage_weights else self.weight
+
+
 class Data(Section):
     train: list[NonEmpty] = Field(default=["data/corpus/train/*.txt"], min_length=1)
-    """Training files: at least one parquet, jsonl or txt path or glob, relative to the directory the stage scripts are launched from."""
+    """Training files: at least one parquet, jsonl or txt path or glob, relative to the directory the stage scripts are launched from. One source of weight 1; use [data.sources] for a weighted blend instead."""
+    sources: dict[str, Source] = {}
+    """Weighted training sources (a blend), e.g. [data.sources.web] files = ["data/web/*.parquet"], weight = 0.7. Replaces data.train; each source is packed on its own and samples are drawn from the sources in proportion to their weights, deterministically from the seed."""
     text_field: str = Field(default="text", min_length=1)
     """Column (parquet) or key (jsonl) that holds the document text."""
     tokenizer: str = Field(default="gpt2", min_length=1)
     """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files, 512 <= N <= vocab_size, ASCII digits), or a local Hugging Face tokenizer directory or tokenizer.json (write "./bpe-x" for a directory whose name starts with "bpe-")."""
     holdout_fraction: float = Field(default=0.01, ge=0.0, lt=0.5, allow_inf_nan=False)
-    """Fraction of training blocks held out as the "heldout" validation set."""
+    """Fraction of training blocks held out as the "heldout" validation set (of every source, for a blend: "heldout-<source>")."""
     validation: dict[str, NonEmpty] = {}
     """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"; names are ASCII letters, digits, '_' or '-' (not "heldout")."""
+    cache_dir: str = ".cache/stepc"
+    """Where `stepc data prepare` keeps token shards and tokenizers, shared by every run that uses the same files and tokenizer (keyed by file content and tokenizer hash); relative to the directory the stage scripts are launched from."""
+
+    @model_validator(mode="after")
+    def _train_or_sources(self) -> Data:
+        # Compared with the default, not model_fields_set: a manifest's dumped spec lists every key.
+        if self.sources and self.train != Data.model_fields["train"].default:
+            raise ValueError("set either data.train (one source) or [data.sources] (a weighted blend), not both")
+        return self
+
+    def training_sources(self) -> dict[str, Source]:
+        """The blend: [data.sources], or data.train as the single source "train" of weight 1."""
+        return dict(self.sources) if self.sources else {"train": Source(files=list(self.train))}
+
+    def weights_at(self, stage: int) -> dict[str, float]:
+        """Each training source's weight in stage ``stage`` (1-based)."""
+        return {name: source.weight_at(stage) for name, source in self.training_sources().items()}
 
 
 class Eval(Section):

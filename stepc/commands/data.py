@@ -1,0 +1,63 @@
+"""`stepc data prepare SPEC|RUN_DIR`: tokenise the spec's data into the shared shard cache.
+
+Given a run directory it also writes RUN_DIR/data-index.json, which the training processes read;
+the stage scripts, `stepc run` and run.sbatch run it before torchrun. Given a spec it only fills
+the cache (e.g. on a CPU node ahead of the GPU job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from stepc.errors import UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data preparation (tokenise once into memory-mapped token shards)")
+    data_sub = p.add_subparsers(required=True, metavar="ACTION")
+    q = data_sub.add_parser("prepare", help="tokenise a spec's or run directory's data files into the shard cache "
+                                            "(resumable, incremental; run automatically before every stage)")
+    q.add_argument("target", help="a TOML spec, or a run directory (then RUN_DIR/data-index.json is written too)")
+    q.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: every CPU this process may use)")
+    q.add_argument("--verify-data", action="store_true",
+                   help="re-hash every data file and shard instead of trusting sizes and modification times")
+    q.add_argument("--quiet", action="store_true", help="print nothing when the data is already prepared")
+    q.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from stepc.runtime.prepare import prepare
+
+    target = Path(args.target)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}", key="--workers", fix="pass --workers 1 or more")
+    if target.is_dir():
+        from stepc.schema.manifest import load_manifest
+
+        spec = load_manifest(target).spec
+        run_dir: Path | None = target
+    else:
+        from stepc.compiler.load import load_spec
+
+        spec, _ = load_spec(target)
+        run_dir = None
+    data = spec.data
+    started = time.monotonic()
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len)
+    if lines or not args.quiet:
+        for kind in ("train", "validation"):
+            for name, entry in index[kind].items():
+                print(f"{kind} {name}: {len(entry['files'])} file(s), {entry['documents']} documents, "
+                      f"{entry['tokens']} tokens ({index['dtype']})")
+        where = f"; index {run_dir / 'data-index.json'}" if run_dir else ""
+        print(f"data prepared in {time.monotonic() - started:.1f} s (cache {data.cache_dir}{where})")
+    return 0

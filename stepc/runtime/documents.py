@@ -1,0 +1,269 @@
+"""Reading training documents: globs to files, files to units of work, units to streamed text.
+
+A *unit* is a piece of one file that one worker tokenises on its own: a range of parquet row
+groups, a byte range of a jsonl file (cut at line starts), or a whole txt file. Units depend only
+on the file's bytes, so the worker count never changes them, and each holds a bounded amount of
+text in memory at a time (one row-group batch, a few MB of lines, or one txt chunk).
+
+Every reader yields *pieces* ``(text, ends_document)``: parquet and jsonl pieces are whole
+documents; a large txt file (one document) arrives in chunks cut where the byte-level BPE
+pre-tokenizer would split anyway (see :func:`txt_split_point`), so chunked and whole-file encoding
+give the same ids. Every bad input is a :class:`stepc.errors.UserError` naming the file, the byte
+offset where it helps, and the fix. Hand-written because no library streams these three formats
+with that error reporting.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepc.errors import UserError
+from stepc.schema.rules import DATA_SUFFIXES
+
+SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/schema/rules.py)
+TARGET_UNIT_BYTES = 64 << 20  # text per unit: ~20M GPT-2 tokens, 40 MB of uint16 shard
+BATCH_DOCUMENTS = 1024  # documents per encode_batch call: bounds memory, keeps Rust busy
+BATCH_BYTES = 8 << 20
+TXT_CHUNK_BYTES = 4 << 20
+
+Piece = tuple[str, bool]  # (text, this piece ends a document)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One worker's share of a file: row groups [start, stop) of a parquet file, bytes
+    [start, stop) of a jsonl file, or a whole txt file (start = stop = 0)."""
+
+    start: int
+    stop: int
+
+
+def _fail(path: Path | str, message: str, fix: str) -> UserError:
+    return UserError(message, file=str(path), fix=fix)
+
+
+def expand_patterns(patterns: Sequence[str | os.PathLike[str]], key: str = "data.train") -> list[Path]:
+    """Expand globs (``**`` allowed) in order; each pattern's matches sorted; duplicates dropped.
+
+    Relative patterns resolve against the CWD and stay relative (paths "as given"), so a
+    fingerprint does not depend on where the repository is checked out.
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.fspath(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise UserError(f"the data pattern {os.fspath(pattern)!r} matches no file (relative to {os.getcwd()})",
+                            file=os.fspath(pattern), key=key,
+                            fix="correct the path or glob, or launch from the directory the spec's data paths "
+                                "are relative to (the project root)")
+        for match in map(Path, matches):
+            if match.suffix not in SUFFIXES:
+                raise _fail(match, f"unsupported data file type {match.suffix!r}",
+                            f"use {', '.join(SUFFIXES)} files, or narrow the glob in [{key}] so it matches only those")
+            if match.resolve() not in seen:
+                seen.add(match.resolve())
+                files.append(match)
+    return files
+
+
+def check_readable(path: Path) -> int:
+    """Size of a readable, non-empty data file; a UserError otherwise."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise _fail(path, f"cannot read this data file ({exc.strerror or exc})",
+                    "fix its permissions or remove it from the data globs") from None
+    if size == 0:
+        raise _fail(path, "this data file is empty", "remove it or narrow the data glob")
+    return size
+
+
+def plan_units(path: Path, text_field: str) -> list[Unit]:
+    """The file's units, a pure function of its bytes (and the column for parquet)."""
+    if path.suffix == ".parquet":
+        meta = _parquet_file(path, text_field).metadata
+        units, start, size = [], 0, 0
+        for rg in range(meta.num_row_groups):
+            size += meta.row_group(rg).total_byte_size
+            if size >= TARGET_UNIT_BYTES:
+                units.append(Unit(start, rg + 1))
+                start, size = rg + 1, 0
+        if start < meta.num_row_groups or not units:
+            units.append(Unit(start, meta.num_row_groups))
+        return units
+    if path.suffix == ".jsonl":
+        total = path.stat().st_size
+        cuts = [0]
+        with open(path, "rb") as fh:
+            while cuts[-1] + TARGET_UNIT_BYTES < total:
+                fh.seek(cuts[-1] + TARGET_UNIT_BYTES)
+                fh.readline()  # to the start of the next line
+                if fh.tell() >= total:
+                    break
+                cuts.append(fh.tell())
+        return [Unit(a, b) for a, b in zip(cuts, cuts[1:] + [total])]
+    return [Unit(0, 0)]
+
+
+def read_unit(path: Path, unit: Unit, text_field: str, txt_chunks: bool) -> Iterator[list[Piece]]:
+    """Batches of pieces of one unit (see the module docstring). Empty and null documents are
+    skipped: they would only add stray EOS tokens."""
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path, unit, text_field)
+    elif path.suffix == ".jsonl":
+        yield from _read_jsonl(path, unit, text_field)
+    elif path.suffix == ".txt":
+        yield from _read_txt(path, TXT_CHUNK_BYTES if txt_chunks else None)
+    else:
+        raise _fail(path, f"unsupported data file type {path.suffix!r}", f"use {', '.join(SUFFIXES)} files")
+
+
+def iter_documents(path: Path, text_field: str) -> Iterator[str]:
+    """Whole documents of a file, in order (for tokenizer training; a txt file is one document)."""
+    for unit in plan_units(path, text_field):
+        for batch in read_unit(path, unit, text_field, txt_chunks=False):
+            yield from (text for text, _ in batch)
+
+
+# ------------------------------------------------------------------------------- parquet
+
+def _parquet_file(path: Path, text_field: str):
+    import pyarrow as pa  # imported lazily: only parquet users pay for pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _fail(path, f"not a readable parquet file ({exc})", "rewrite or remove the file") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"no column {text_field!r} (columns: {', '.join(schema.names)})", file=str(path),
+                        key="data.text_field", fix="set [data] text_field to the column that holds the text")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"column {text_field!r} holds {kind}, not text", file=str(path), key="data.text_field",
+                        fix="point [data] text_field at a string column")
+    return pf
+
+
+def _read_parquet(path: Path, unit: Unit, text_field: str) -> Iterator[list[Piece]]:
+    pf = _parquet_file(path, text_field)
+    for batch in pf.iter_batches(batch_size=BATCH_DOCUMENTS, row_groups=range(unit.start, unit.stop),
+                                 columns=[text_field], use_threads=False):
+        pieces = [(doc, True) for doc in batch.column(0).to_pylist() if doc]
+        if pieces:
+            yield pieces
+
+
+# --------------------------------------------------------------------------------- jsonl
+
+def _read_jsonl(path: Path, unit: Unit, text_field: str) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
+    size = 0
+    with open(path, "rb") as fh:
+        fh.seek(unit.start)
+        offset = unit.start
+        while offset < unit.stop:
+            raw = fh.readline()
+            if not raw:
+                break
+            at, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(path, f"not UTF-8 text at byte offset {at + exc.start}",
+                            "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _fail(path, f"the line at byte offset {at} is not JSON ({exc.msg})",
+                            "make every line one JSON object (JSON Lines)") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"the line at byte offset {at} has no field {text_field!r}", file=str(path),
+                                key="data.text_field", fix="set [data] text_field to the key that holds the text")
+            doc = record[text_field]
+            if doc is not None and not isinstance(doc, str):
+                raise UserError(f"field {text_field!r} at byte offset {at} holds {type(doc).__name__}, not text",
+                                file=str(path), key="data.text_field", fix="store the document text as a JSON string")
+            if doc:
+                batch.append((doc, True))
+                size += len(raw)
+            if len(batch) >= BATCH_DOCUMENTS or size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------------- txt
+
+# A lone newline between two characters that every regex engine agrees are not whitespace.
+_SPLIT = re.compile(r"(?<=[\w.,;:!?'\")\]]\n)(?=\w)")
+
+
+def txt_split_point(text: str) -> int:
+    """Last index ``i > 0`` with ``text[i-2]`` a word character or closing punctuation,
+    ``text[i-1] == "\\n"`` and ``text[i]`` a word character; 0 when there is none.
+
+    Byte-level BPE's pre-tokenizer (GPT-2's regex) always ends a pre-token after such a lone
+    newline and starts a new one at the next character, whether or not the text continues, so
+    encoding the two halves separately gives exactly the ids of the whole (tests check this on
+    the bundled corpus with tiny chunks).
+    """
+    tail = max(0, len(text) - (1 << 16))
+    while True:
+        last = 0
+        for match in _SPLIT.finditer(text, tail):
+            last = match.start()
+        if last or tail == 0:
+            return last
+        tail = max(0, tail - (1 << 20))
+
+
+def _read_txt(path: Path, chunk_bytes: int | None) -> Iterator[list[Piece]]:
+    """The whole file as one document, decoded as UTF-8 (BOM dropped) with universal newlines
+    (\\r\\n and \\r become \\n, so line endings never change token ids)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    pending = ""
+    consumed = 0  # bytes read so far; the decoder may hold back the start of a split character
+    first = True
+    with open(path, "rb") as fh:
+        while True:
+            raw = fh.read(chunk_bytes or -1)
+            final = not raw or chunk_bytes is None
+            held = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as exc:
+                raise _fail(path, f"not UTF-8 text at byte offset {consumed - held + exc.start}",
+                            "re-encode the file as UTF-8") from None
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False  # a UTF-8 byte-order mark
+            consumed += len(raw)
+            text = pending + text
+            if not final and text.endswith("\r"):  # a \r\n may straddle two reads
+                text, pending = text[:-1], "\r"
+            else:
+                pending = ""
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if final:
+                if text:
+                    yield [(text, True)]
+                return
+            cut = txt_split_point(text)
+            if cut:
+                yield [(text[:cut], False)]
+                text = text[cut:]
+            pending = text + pending

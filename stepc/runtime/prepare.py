@@ -1,0 +1,381 @@
+"""Data preparation: tokenise every data file once, in parallel, into the shard cache, and write
+the run's data index. Runs before any training process (stage scripts, `stepc run`, run.sbatch),
+so no collective ever waits on tokenisation.
+
+- Streams: memory is one batch of documents per worker, whatever the corpus size.
+- Parallel: units (see documents.py) go to ``workers`` processes; each unit's shard depends
+  only on the unit and the tokenizer, so the output never depends on the worker count.
+- Resumable: shards and their metadata are written atomically; a rerun skips finished units.
+- Incremental and shared: shards are keyed by file content and tokenizer hash, so a new file is
+  the only one tokenised and runs with the same files share the cache.
+- Cheap when done: a file's sha256 is remembered under its (path, size, mtime, inode), so a
+  rerun on prepared data stats files and reads a few small JSON files.
+
+Hand-written on `tokenizers`' batch encoder and pyarrow rather than HF ``datasets.map``: that
+keeps an Arrow copy of the text on disk and reached ~0.7x the throughput of this design on a 1 GB
+parquet corpus, and neither it nor litdata keeps stepc 0.1's exact packing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from stepc.errors import UserError
+from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.runtime.data import current_index
+from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
+from stepc.runtime.shards import SHARD_FORMAT, token_dtype
+from stepc.runtime.tokenizer import BPE_SAMPLE_CHARS, eos_id, load_tokenizer
+from stepc.schema.spec import Data
+
+
+@dataclass(frozen=True)
+class DataFile:
+    path: Path  # as given (relative to the launch directory when the pattern was)
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- file identity
+
+def _stat_key(path: Path, st: os.stat_result) -> str:
+    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def identify(path: Path, cache: Path, rehash: bool = False) -> DataFile:
+    """Size, mtime and sha256 of a data file; the hash is reused from the cache while the file's
+    path, size, mtime and inode are unchanged (``rehash`` forces a fresh one)."""
+    check_readable(path)
+    st = path.stat()
+    record = cache / "hashes" / f"{_stat_key(path, st)}.json"
+    digest = None
+    if not rehash:
+        try:
+            digest = json.loads(record.read_bytes())["sha256"]
+        except (OSError, ValueError, KeyError):
+            digest = None
+    if digest is None:
+        digest = file_sha256_hex(path)
+        if path.stat().st_mtime_ns != st.st_mtime_ns or path.stat().st_size != st.st_size:
+            raise changed_error(path)
+        atomic_write_json(record, {"sha256": digest})
+    return DataFile(path, st.st_size, st.st_mtime_ns, digest)
+
+
+def changed_error(path: Path) -> UserError:
+    return UserError("this data file changed while it was being prepared", file=str(path),
+                     fix="wait until whatever writes it has finished, then rerun `stepc data prepare`")
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+def resolve_tokenizer(data: Data, train_files: list[DataFile], cache: Path) -> tuple[Tokenizer, str]:
+    """The spec's tokenizer, also saved by content under ``cache/tokenizers`` for the training
+    processes to load. bpe-N trains on every training document in order when they fit in
+    BPE_SAMPLE_CHARS, else on whole units drawn in a fixed seeded order until that budget."""
+    sampled = data.tokenizer.startswith("bpe-") and sum(f.size for f in train_files) > BPE_SAMPLE_CHARS
+
+    def documents() -> Iterator[str]:
+        if not sampled:
+            for f in train_files:
+                yield from iter_documents(f.path, data.text_field)
+            return
+        units = [(f.path, unit) for f in train_files for unit in plan_units(f.path, data.text_field)]
+        random.Random(0).shuffle(units)
+        for path, unit in units:
+            for batch in read_unit(path, unit, data.text_field, txt_chunks=False):
+                yield from (text for text, _ in batch)
+
+    try:
+        tok, digest = load_tokenizer(data.tokenizer, [f.sha256 for f in train_files], documents,
+                                     cache / "tokenizers", data.text_field, sampled)
+    except ValueError as exc:
+        raise UserError(str(exc), key="data.tokenizer", fix="use one of the accepted forms") from None
+    saved = cache / "tokenizers" / f"{digest}.json"
+    if not saved.is_file():
+        atomic_write_bytes(saved, tok.to_str().encode("utf-8"))
+    try:
+        eos_id(tok)
+    except ValueError as exc:
+        raise UserError(str(exc), key="data.tokenizer", fix="use a tokenizer with an end-of-document token") from None
+    return tok, digest
+
+
+def txt_chunks_safe(tok: Tokenizer) -> bool:
+    """Whether a txt file may be encoded in chunks (cut at lone newlines) with the same ids as a
+    whole: true for byte-level BPE with GPT-2's regex and no normalizer (gpt2, bpe-N)."""
+    conf = json.loads(tok.to_str())
+    pre = conf.get("pre_tokenizer") or {}
+    return (conf.get("normalizer") is None and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+
+
+# --------------------------------------------------------------------------------- workers
+
+_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tok_json: str) -> None:
+    global _TOKENIZER
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process; the pool is the parallelism
+    _TOKENIZER = Tokenizer.from_str(tok_json)
+
+
+@dataclass(frozen=True)
+class Task:
+    path: str
+    unit: Unit
+    text_field: str
+    txt_chunks: bool
+    out: str  # shard path without suffix
+    dtype: str
+    eos: int
+    size: int
+    mtime_ns: int
+
+
+def encode_unit(task: Task) -> dict[str, Any]:
+    """:func:`_encode_unit`, with a UserError returned as its fields (it does not pickle)."""
+    try:
+        return _encode_unit(task)
+    except UserError as err:
+        return {"error": [err.message, err.file, err.key, err.fix]}
+
+
+def _encode_unit(task: Task) -> dict[str, Any]:
+    """Tokenise one unit into ``<out>.bin`` (flat ids, EOS after every document), then write
+    ``<out>.json`` (tokens, documents, sha256 of the .bin); both atomically, metadata last."""
+    assert _TOKENIZER is not None
+    path, out = Path(task.path), Path(task.out)
+    dtype = np.dtype(task.dtype)
+    eos = np.array([task.eos], dtype=dtype)
+    digest = hashlib.sha256()
+    tokens = documents = 0
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            for batch in read_unit(path, task.unit, task.text_field, task.txt_chunks):
+                encodings = _TOKENIZER.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+                parts = []
+                for enc, (_, ends) in zip(encodings, batch):
+                    parts.append(np.asarray(enc.ids, dtype=dtype))
+                    if ends:
+                        parts.append(eos)
+                        documents += 1
+                buf = np.concatenate(parts) if parts else np.zeros(0, dtype)
+                fh.write(buf.tobytes())
+                digest.update(buf.tobytes())
+                tokens += len(buf)
+            fh.flush()
+            os.fsync(fh.fileno())
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) != (task.size, task.mtime_ns):
+            raise changed_error(path)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out.with_suffix(".bin"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"format": SHARD_FORMAT, "start": task.unit.start, "stop": task.unit.stop, "tokens": tokens,
+            "documents": documents, "sha256": digest.hexdigest()}
+    atomic_write_json(out.with_suffix(".json"), meta)
+    return meta
+
+
+def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
+    if not tasks:
+        return
+    started, done = time.monotonic(), 0
+    if workers <= 1:
+        _init_worker(tok.to_str())
+        for meta in map(encode_unit, tasks):
+            done = _report(meta, done, len(tasks), started, progress)
+        return
+    # spawn: a forked child would inherit the parent's tokenizer thread pool in an unusable state.
+    # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of memory) raises
+    # BrokenProcessPool instead of hanging the preparation forever.
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
+        futures = [pool.submit(encode_unit, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                done = _report(future.result(), done, len(tasks), started, progress)
+        except BrokenProcessPool:
+            raise UserError("a tokeniser worker process died (out of memory?)", file=tasks[0].path,
+                            fix="rerun `stepc data prepare` with fewer --workers; finished shards are kept") from None
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _report(meta: dict[str, Any], done: int, total: int, started: float, progress: Callable[[str], None]) -> int:
+    if "error" in meta:
+        raise UserError(*meta["error"])
+    done += 1
+    progress(f"  {done}/{total} units tokenised ({(time.monotonic() - started):.1f} s)")
+    return done
+
+
+# ----------------------------------------------------------------------------- preparation
+
+def _file_dir(cache: Path, tok_hash: str, file: DataFile, text_field: str) -> Path:
+    key = {"format": SHARD_FORMAT, "sha256": file.sha256, "suffix": file.path.suffix,
+           "text_field": None if file.path.suffix == ".txt" else text_field}
+    return cache / "shards" / tok_hash[:16] / hashlib.sha256(canonical_json(key).encode()).hexdigest()[:32]
+
+
+def _file_index(directory: Path) -> dict[str, Any] | None:
+    try:
+        index = json.loads((directory / "index.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    for unit in index["units"]:
+        shard = directory / unit["shard"]
+        try:
+            if shard.stat().st_size != unit["tokens"] * np.dtype(index["dtype"]).itemsize:
+                return None
+        except OSError:
+            return None
+    return index
+
+
+def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int | None = None,
+            verify: bool = False, progress: Callable[[str], None] = lambda line: None,
+            seq_len: int | None = None) -> dict[str, Any]:
+    """Tokenise whatever is missing from the cache and return the data index (written to
+    ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
+    file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
+    With ``seq_len``, a dataset shorter than one block is an error."""
+    cache = Path(cache)
+    workers = workers or default_workers()
+    if run_dir is not None and not verify:
+        try:  # already prepared and nothing changed: a stat per file and shard, no tokenizer, no hashing
+            return current_index(Path(run_dir), data)
+        except UserError:
+            pass
+    datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
+    patterns: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
+    for name, source in data.training_sources().items():
+        key = "data.train" if not data.sources else f"data.sources.{name}.files"
+        patterns["train"][name] = list(source.files)
+        datasets["train"][name] = [identify(p, cache, verify) for p in expand_patterns(source.files, key)]
+    for name, pattern in sorted(data.validation.items()):
+        patterns["validation"][name] = [pattern]
+        datasets["validation"][name] = [identify(p, cache, verify) for p in expand_patterns([pattern], f"data.validation.{name}")]
+
+    train_files = [f for files in datasets["train"].values() for f in files]
+    tok, tok_hash = resolve_tokenizer(data, train_files, cache)
+    dtype = token_dtype(tok.get_vocab_size())
+    eos = eos_id(tok)
+    chunks = txt_chunks_safe(tok)
+
+    unique: dict[Path, DataFile] = {}
+    for files in (*datasets["train"].values(), *datasets["validation"].values()):
+        for f in files:
+            unique.setdefault(_file_dir(cache, tok_hash, f, data.text_field), f)
+    tasks: list[Task] = []
+    pending: dict[Path, tuple[DataFile, list[Unit]]] = {}
+    for directory, f in unique.items():
+        if _file_index(directory) is not None and not verify:
+            continue
+        units = plan_units(f.path, data.text_field)
+        pending[directory] = (f, units)
+        for i, unit in enumerate(units):
+            meta, shard = directory / f"{i:05d}.json", directory / f"{i:05d}.bin"
+            if meta.is_file() and shard.is_file():  # finished earlier (perhaps by an interrupted run)
+                if not verify or file_sha256_hex(shard) == json.loads(meta.read_bytes())["sha256"]:
+                    continue
+                progress(f"{shard} does not match its recorded sha256: tokenising its unit again")
+                (directory / "index.json").unlink(missing_ok=True)
+                meta.unlink()
+            tasks.append(Task(str(f.path), unit, data.text_field, chunks, str(directory / f"{i:05d}"), dtype.name,
+                              eos, f.size, f.mtime_ns))
+    if tasks:
+        progress(f"preparing {len(pending)} file(s): {len(tasks)} unit(s) on {min(workers, len(tasks))} worker(s)")
+    directories = {Path(t.out).parent for t in tasks}
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_tasks(tasks, tok, workers, progress)
+    except UserError as err:
+        if "changed while" in err.message and err.file:
+            for directory, (f, _) in pending.items():  # shards of new content under the old key
+                if str(f.path) == err.file:
+                    shutil.rmtree(directory, ignore_errors=True)
+        raise
+    for directory, (f, units) in pending.items():
+        _finish_file(directory, f, units, tok_hash, dtype)
+
+    index = {"format": SHARD_FORMAT, "tokenizer": {"name": data.tokenizer, "sha256": tok_hash,
+                                                   "file": f"tokenizers/{tok_hash}.json"},
+             "cache_dir": data.cache_dir, "dtype": dtype.name, "eos": eos, "text_field": data.text_field,
+             "train": {}, "validation": {}}
+    for kind in ("train", "validation"):
+        for name, files in datasets[kind].items():
+            entries = []
+            for f in files:
+                directory = _file_dir(cache, tok_hash, f, data.text_field)
+                findex = _file_index(directory)
+                assert findex is not None
+                entries.append({"path": f.path.as_posix(), "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256,
+                                "shards": [{"path": (directory / u["shard"]).relative_to(cache).as_posix(),
+                                            "tokens": u["tokens"], "sha256": u["sha256"]} for u in findex["units"]],
+                                "documents": findex["documents"], "tokens": findex["tokens"]})
+            index[kind][name] = {"patterns": patterns[kind][name], "files": entries,
+                                 "tokens": sum(e["tokens"] for e in entries),
+                                 "documents": sum(e["documents"] for e in entries)}
+            if seq_len is not None and index[kind][name]["tokens"] < seq_len:
+                key = (f"data.validation.{name}" if kind == "validation"
+                       else f"data.sources.{name}.files" if data.sources else "data.train")
+                raise UserError(f"data too small: {index[kind][name]['tokens']} tokens, fewer than one block of "
+                                f"seq_len={seq_len}", file=patterns[kind][name][0], key=key,
+                                fix="add data or lower model.seq_len")
+    if run_dir is not None:
+        atomic_write_json(RunDir(run_dir).data_index, index)
+    return index
+
+
+def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str, dtype: np.dtype) -> None:
+    """Write the file's index.json (its shards in unit order) once every unit is done, after
+    checking that the file still is what was hashed."""
+    metas = []
+    for i, unit in enumerate(units):
+        meta = json.loads((directory / f"{i:05d}.json").read_bytes())
+        if (meta["start"], meta["stop"]) != (unit.start, unit.stop):
+            raise UserError("the shard cache holds units of another layout", file=str(directory),
+                            fix=f"delete {directory} and rerun `stepc data prepare`")
+        metas.append({**meta, "shard": f"{i:05d}.bin"})
+    documents = sum(m["documents"] for m in metas)
+    if documents == 0:
+        raise UserError("this data file holds no documents (every text is empty)", file=str(f.path),
+                        fix="remove it from the data globs")
+    st = f.path.stat()
+    if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+        shutil.rmtree(directory, ignore_errors=True)
+        raise changed_error(f.path)
+    index = {"format": SHARD_FORMAT, "file_sha256": f.sha256, "tokenizer": tok_hash, "dtype": dtype.name,
+             "units": metas, "documents": documents, "tokens": sum(m["tokens"] for m in metas)}
+    atomic_write_json(directory / "index.json", index)

@@ -1,0 +1,226 @@
+"""`stepc data prepare`: identical token ids to stepc 0.1's packing, output independent of workers and
+chunking, resumable after SIGKILL, incremental, and cheap stage starts (no hashing unless a file changed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stepc.errors import UserError
+from stepc.runtime import data as data_module
+from stepc.runtime import documents
+from stepc.runtime.data import open_prepared
+from stepc.runtime.prepare import prepare
+from stepc.schema.spec import Data
+
+REPO = Path(__file__).resolve().parents[1]
+PLAYS = ["comedy_of_errors.txt", "tempest.txt", "midsummer_nights_dream.txt", "julius_caesar.txt"]
+# sha256 of the int32 block array stepc 0.1's PackedDataset built from PLAYS (commit becd991, before the
+# shard pipeline replaced it), with the tokenizer's own sha256. Both pipelines were also compared on the
+# whole bundled corpus (gpt2 and bpe-4096, seq_len 128): identical.
+FROZEN = {
+    ("gpt2", 128): ("f93d84a01b0e22e54c109fc65cea3d0541758c9adabbb34770bc27939b548b9b",
+                    "48a3474f0554d755574fa97d3b217ec1a1ab1ea519ef7ea5bba4609eba2aaacf", 995),
+    ("bpe-512", 64): ("907fcef7773df993afee398e30621badf82837f2a1397b8ca7021349cfac292e",
+                      "134246259c8aec9e69d040b78311a72a599ed978b0555788678ed5fcec03825e", 3246),
+}
+
+
+def plays(small_corpus_dir: Path) -> list[str]:
+    return [str(small_corpus_dir / name) for name in PLAYS]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir() -> Path:
+    root = REPO / "data" / "corpus" / "train"
+    if not (REPO / "data" / "corpus" / "COMPLETE").exists():
+        from stepc.commands.corpus import build_corpus
+
+        build_corpus(REPO / "data" / "corpus")
+    return root
+
+
+def shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted((cache / "shards").rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("tokenizer,seq_len", sorted(FROZEN))
+def test_packing_of_the_bundled_corpus_is_unchanged(tmp_path, monkeypatch, corpus_dir, tokenizer, seq_len):
+    """Token ids identical to stepc 0.1's packing, with txt files read in 4 KB chunks (many cut points)."""
+    monkeypatch.setattr(documents, "TXT_CHUNK_BYTES", 4096)
+    data = Data(train=plays(corpus_dir), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"))
+    index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    blocks = open_prepared(tmp_path, data, seq_len).train["train"]
+    tok_sha, blocks_sha, num_blocks = FROZEN[(tokenizer, seq_len)]
+    assert index["tokenizer"]["sha256"] == tok_sha
+    assert blocks.num_blocks == num_blocks
+    assert hashlib.sha256(blocks.block_array().data).hexdigest() == blocks_sha
+    assert index["dtype"] == "uint16"  # both vocabularies fit in 16 bits
+    assert sum(len(f["shards"]) for f in index["train"]["train"]["files"]) == len(PLAYS)
+
+
+def mixed_corpus(root: Path) -> list[str]:
+    """A parquet file of 12 row groups, a jsonl file, and a txt file."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(40 + i % 13)) for i in range(240)]
+    pq.write_table(pa.table({"text": docs[:120]}), root / "a.parquet", row_group_size=10)
+    with open(root / "b.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"text": doc}) + "\n" for doc in docs[120:])
+    (root / "c.txt").write_text("\n".join(docs[:50]) + "\n", encoding="utf-8")
+    return [str(root / "a.parquet"), str(root / "b.jsonl"), str(root / "c.txt")]
+
+
+def test_output_is_independent_of_worker_count_and_unit_size(tmp_path, monkeypatch):
+    files = mixed_corpus(tmp_path / "d")
+    one = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c1"))
+    prepare(one, tmp_path / "c1", None, workers=1)
+    monkeypatch.setattr(documents, "TARGET_UNIT_BYTES", 2000)  # several units per parquet and jsonl file
+    many = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c2"))
+    (tmp_path / "r2").mkdir()
+    index = prepare(many, tmp_path / "c2", tmp_path / "r2", workers=2)  # two spawned worker processes
+    units = [len(f["shards"]) for f in index["train"]["train"]["files"]]
+    assert units[0] > 3 and units[1] > 3 and units[2] == 1
+    (tmp_path / "r1").mkdir()
+    prepare(one, tmp_path / "c1", tmp_path / "r1", workers=1)
+    a = open_prepared(tmp_path / "r1", one, 32).train["train"]
+    b = open_prepared(tmp_path / "r2", many, 32).train["train"]
+    assert a.num_tokens == b.num_tokens
+    assert np.array_equal(a.tokens(0, a.num_tokens), b.tokens(0, b.num_tokens))
+    assert np.array_equal(a[np.arange(len(a))], b.block_array())  # blocks that span shards read right
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from stepc.runtime import documents
+from stepc.runtime.prepare import prepare
+from stepc.schema.spec import Data
+documents.TARGET_UNIT_BYTES = 3000
+files, cache = sys.argv[1].split(","), Path(sys.argv[2])
+prepare(Data(train=files, tokenizer="gpt2", cache_dir=str(cache)), cache, None, workers=1,
+        progress=lambda line: print(line, flush=True))
+"""
+
+
+def test_killed_preparation_resumes_and_gives_identical_bytes(tmp_path):
+    files = mixed_corpus(tmp_path / "d")
+    big = tmp_path / "d" / "big.jsonl"  # enough units that the kill lands in the middle
+    with open(big, "w", encoding="utf-8") as fh:
+        for i in range(1000):
+            fh.write(json.dumps({"text": f"Line {i} of a long file. " * 12}) + "\n")
+    files.append(str(big))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cache = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, ",".join(files), str(cache)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    done = 0
+    deadline = time.monotonic() + 120
+    while done < 3 and time.monotonic() < deadline:  # wait until a few units are finished, then SIGKILL
+        line = proc.stdout.readline()
+        done += "units tokenised" in line
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done >= 3, "the preparation never finished three units"
+    finished = {p: p.stat().st_mtime_ns for p in (cache / "shards").rglob("0*.json")}
+    assert finished  # some units were complete when the process died
+    complete = list((cache / "shards").rglob("index.json"))
+    assert len(complete) < len(files), "the kill came too late to test resuming"
+
+    rerun = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ",".join(files), str(cache)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert all(p.stat().st_mtime_ns == m for p, m in finished.items())  # finished shards were kept, not redone
+    clean = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ",".join(files), str(tmp_path / "clean")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert shard_bytes(cache) == shard_bytes(tmp_path / "clean")
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_adding_a_file_tokenises_only_that_file(tmp_path):
+    files = mixed_corpus(tmp_path / "d")
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+    prepare(Data(train=files[:2], tokenizer="bpe-512", cache_dir=str(cache)), cache, None, workers=1)
+    before = {p: p.stat().st_mtime_ns for p in (cache / "shards").rglob("*.bin")}
+    tok_before = sorted(p.name for p in (cache / "tokenizers").iterdir())
+    # bpe-N trains on the training files, so adding one changes the tokenizer: use validation to add a file.
+    data = Data(train=files[:2], tokenizer="bpe-512", cache_dir=str(cache), validation={"extra": files[2]})
+    prepare(data, cache, None, workers=1, progress=lines.append)
+    assert lines[0].startswith("preparing 1 file(s): 1 unit(s)")
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len(list((cache / "shards").rglob("*.bin"))) == len(before) + 1
+    assert sorted(p.name for p in (cache / "tokenizers").iterdir()) == tok_before
+    lines.clear()
+    prepare(data, cache, None, workers=1, progress=lines.append)
+    assert lines == []  # nothing left to do
+
+
+def test_stage_start_trusts_size_and_mtime_and_rehashes_only_changed_files(tmp_path, monkeypatch):
+    files = mixed_corpus(tmp_path / "d")
+    data = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "cache"))
+    prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    hashed: list[str] = []
+    real = data_module.file_sha256_hex
+    monkeypatch.setattr(data_module, "file_sha256_hex", lambda p: hashed.append(str(p)) or real(p))
+    first = open_prepared(tmp_path, data, 16).fingerprint
+    assert hashed == []  # nothing re-hashed: size and mtime match the preparation
+    os.utime(files[2], ns=(time.time_ns(), time.time_ns()))  # touched, same bytes
+    assert open_prepared(tmp_path, data, 16).fingerprint == first
+    assert hashed == [files[2]]
+    text = Path(files[2]).read_bytes()
+    Path(files[2]).write_bytes(text.replace(b"word1", b"WORD1", 1))  # same size, other content
+    with pytest.raises(UserError, match="changed since preparation") as err:
+        open_prepared(tmp_path, data, 16)
+    assert "stepc data prepare" in err.value.fix
+
+
+def test_verify_data_retokenises_a_corrupted_shard(tmp_path):
+    files = mixed_corpus(tmp_path / "d")
+    data = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "cache"))
+    prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    good = shard_bytes(tmp_path / "cache")
+    shard = sorted((tmp_path / "cache" / "shards").rglob("*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF  # same size: only a re-hash notices
+    shard.write_bytes(bytes(raw))
+    prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    assert shard_bytes(tmp_path / "cache") != good  # the default trusts sizes
+    lines: list[str] = []
+    prepare(data, tmp_path / "cache", tmp_path, workers=1, verify=True, progress=lines.append)
+    assert any("does not match its recorded sha256" in line for line in lines)
+    assert shard_bytes(tmp_path / "cache") == good
+
+
+def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):
+    """Above BPE_SAMPLE_CHARS of text, bpe-N trains on seeded whole units up to that budget:
+    deterministic, bounded, and keyed apart from a tokenizer trained on everything."""
+    from stepc.runtime import prepare as prepare_module
+    from stepc.runtime import tokenizer as tokenizer_module
+
+    files = mixed_corpus(tmp_path / "d")
+    whole = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c0")), tmp_path / "c0", None, 1)
+    monkeypatch.setattr(documents, "TARGET_UNIT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "BPE_SAMPLE_CHARS", 4000)
+    monkeypatch.setattr(tokenizer_module, "BPE_SAMPLE_CHARS", 4000)
+    read: list[int] = []
+    real_train = tokenizer_module.train_bpe
+    monkeypatch.setattr(tokenizer_module, "train_bpe", lambda n, docs: read.append(sum(map(len, docs))) or real_train(n, docs))
+    a = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c1")), tmp_path / "c1", None, 1)
+    b = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c2")), tmp_path / "c2", None, 1)
+    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] != whole["tokenizer"]["sha256"]
+    assert len(read) == 2 and all(4000 <= n < 4000 + 5000 for n in read)  # the budget plus at most one document
+    assert {p.name for p in (tmp_path / "c1" / "tokenizers").glob("tokenizer-*")} != \
+           {p.name for p in (tmp_path / "c0" / "tokenizers").glob("tokenizer-*")}
