@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stepc.runtime.data import open_prepared  # noqa: E402
-from stepc.runtime.model import fresh_model  # noqa: E402
+from stepc.runtime.model import llama_config  # noqa: E402
 from stepc.runtime.prepare import prepare  # noqa: E402
 from stepc.runtime.sampler import BlockSampler  # noqa: E402
-from stepc.schema.spec import Data  # noqa: E402
+from stepc.schema.spec import Data, Model  # noqa: E402
 
 THREADS = 2
 
@@ -84,9 +85,10 @@ def plain_tokens_per_s(steps: int, cache: Path) -> float:
     data = Data(train=[str(ROOT / "data/corpus/train/*.txt")], tokenizer="bpe-4096", cache_dir=str(cache))
     prepare(data, cache, cache)
     sampler = BlockSampler(open_prepared(cache, data, 128).train["train"], 42)
-    spec = {"model": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 341, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "seq_len": 128, "tie_embeddings": False}}
-    model = fresh_model(spec, 6, 42)
+    model_spec = Model(vocab_size=4096, hidden_size=128, intermediate_size=341, num_attention_heads=4,
+                       num_key_value_heads=2, seq_len=128, num_layers=6)
+    torch.manual_seed(42)
+    model = LlamaForCausalLM(llama_config(model_spec, 6))  # transformers' own model and loss, as a researcher would
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)  # as the runtime
     times = []
