@@ -50,7 +50,7 @@ def _cosine(step: int, peak: float, warmup: int, nominal: int, ratio: float) -> 
 def test_relora_restarts_rewarm_linearly_over_restart_warmup():
     # ReLoRA: full-rank until step 20, then a restart at 20 (the switch to adapters) and every 10 steps
     peak, warmup, nominal, reset, rewarm, start = 1e-3, 2, 200, 10, 4, 20
-    lr = lambda s: lr_at(s, peak, warmup, nominal, 0.1, reset, rewarm, start)  # noqa: E731
+    lr = lambda s: lr_at(s, peak, warmup, nominal, 0.1, reset, rewarm, start)
     for s in (0, 1):
         assert lr(s) == pytest.approx(peak * (s + 1) / 2, rel=1e-12)
     for s in (5, 19):  # before the first restart: the plain cosine
@@ -61,7 +61,7 @@ def test_relora_restarts_rewarm_linearly_over_restart_warmup():
             assert lr(s) == pytest.approx(factor * _cosine(s, peak, warmup, nominal, 0.1), rel=1e-12), (restart, k)
         assert lr(restart + 4) == pytest.approx(_cosine(restart + 4, peak, warmup, nominal, 0.1), rel=1e-12)
     # STEP's adapters (resets_from = 0): no restart at step 0, the first at reset_every
-    step_lr = lambda s: lr_at(s, peak, warmup, nominal, 0.1, 8, 2, 0)  # noqa: E731
+    step_lr = lambda s: lr_at(s, peak, warmup, nominal, 0.1, 8, 2, 0)
     assert step_lr(0) == pytest.approx(peak / 2, rel=1e-12) and step_lr(1) == pytest.approx(peak, rel=1e-12)
     assert step_lr(8) == pytest.approx(0.5 * _cosine(8, peak, warmup, nominal, 0.1), rel=1e-12)
     assert step_lr(9) == pytest.approx(_cosine(9, peak, warmup, nominal, 0.1), rel=1e-12)
@@ -78,7 +78,7 @@ def test_every_stage_rewarms_to_the_peak_and_decays_over_its_nominal_length(full
 
     logged = {(m["stage"], m["step"]): m["lr"] for m in read_metrics(full_run) if m["event"] == "train"}
     peak, floor = 3e-3, 3e-4
-    cos = lambda done, nominal: floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (done - 1 - 4) / (nominal - 4)))  # noqa: E731
+    cos = lambda done, nominal: floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (done - 1 - 4) / (nominal - 4)))
     expected = {
         (1, 10): cos(10, 24),   # step 9 of stage 1: 5/20 of the way down
         (1, 18): cos(18, 24),   # stage 1 stops at 13/20 of its cosine (growth at 75%), not at the floor

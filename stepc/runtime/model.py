@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stepc.runtime.faults import pause_point
 from stepc.runtime.growth import grow_layers
 from stepc.runtime.lora import LoRALinear, apply_adapters
 from stepc.schema.plan import StagePlan
@@ -44,6 +45,7 @@ def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[Ll
     new_layers = []
     if stage.new_layers:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
         new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed)
+    pause_point("growth")  # tests only: kill -9 mid-growth (see stepc/runtime/faults.py)
     old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
     generator = torch.Generator().manual_seed(seed)
     adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, generator)
