@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     _die_with_launcher()
+    from stepc.runtime.console import quiet_library_bars_unless_tty
+
+    quiet_library_bars_unless_tty()  # no carriage-return bars from transformers in SLURM logs
     from stepc.runtime.train import main as train  # heavy imports after argument parsing
 
     try:

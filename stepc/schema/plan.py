@@ -1,7 +1,7 @@
 """The typed plan: what the compiler solved and the runtime executes, stage by stage.
 
-Serialised into the manifest's "plan" key (field names are the manifest's keys, part of the
-contract in DESIGN.md) and read back by the runtime with `Plan.model_validate`.
+Serialised into the manifest's "plan" key (field names are the manifest's keys, which tools
+and tests rely on: see the README's run-directory section) and read back by the runtime with `Plan.model_validate`.
 """
 
 from __future__ import annotations
