@@ -59,3 +59,31 @@ def test_galore_plan_peak_equals_the_counted_optimizer_state(tie):
     assert stage.peak_bytes == plan.peak_bytes == measured, (stage.peak_bytes, measured, parts)
     # and it is below the plain AdamW count of the same model (16 bytes per parameter)
     assert measured < 4 * parts["weights"]
+
+
+def test_the_runtimes_measured_bytes_count_galores_projectors():
+    """`model_state_bytes` (what metrics.jsonl and `stepc report` call measured) equals the count above."""
+    import socket
+
+    import torch.distributed as dist
+
+    from stepc.runtime.metrics import model_state_bytes
+    from stepc.runtime.model import fresh_model
+    from stepc.runtime.train import _optimizer
+
+    spec = parse_spec(spec_for("galore"))
+    expected, _ = _measured_bytes(spec)
+    torch.manual_seed(0)
+    model = fresh_model(spec, spec.model.num_layers, 0)
+    optimizer = _optimizer(model, spec)
+    batch = torch.randint(0, spec.model.vocab_size, (2, spec.model.seq_len))
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        assert model_state_bytes(model, optimizer) == expected == make_plan(spec).peak_bytes
+    finally:
+        dist.destroy_process_group()
