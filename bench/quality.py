@@ -1,4 +1,11 @@
-"""A small-scale Table 2 on CPU: vanilla, ReLoRA, GaLore and 2-stage STEP at equal FLOPs.
+"""A small-scale Table 2 on CPU: vanilla, ReLoRA, GaLore and 2-stage STEP at equal FLOPs, plus STEP with
+other growth operators (G_stack's stack, MIDAS's middle stack, LLaMA-Pro's block expansion) and with the
+optimizer state carried across the growth.
+
+The operator rows change only [step] growth_operator (and fpi/position for LLaMA-Pro): same layout (the
+ILP does not depend on the operator), same FLOPs, same STEP regime (old layers frozen behind adapters).
+They compare the *operators* inside STEP; they are not G_stack or MIDAS as published, which train the
+whole grown model.
 
 Each method is compiled from the same base spec (only [experiment] method and the method's own
 settings differ), trained on the bundled corpus with the emitted stage scripts (1 CPU rank each,
@@ -7,7 +14,8 @@ on the same held-out split and validation set. Peak model-state memory is report
 the paper's Eq. 1-5 (decoder layers only, as the paper's Table 2 does), the exact prediction for
 the whole model, and the bytes measured from the live tensors during training.
 
-    python bench/quality.py [--reference-steps 600]    # ~25 min on 2 cores; table + bench/results/quality.json
+    python bench/quality.py [--reference-steps 600] [--methods vanilla step step-stack ...]
+    # all 9 rows: ~55 min on 2 cores; table + bench/results/quality.json
 """
 
 from __future__ import annotations
@@ -22,11 +30,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("vanilla", "relora", "galore", "step")
+# row name -> (experiment.method, extra [step] lines). STEP rows: the ILP's 2-stage layout (5+3 here).
+# "growth" rows train the whole grown model (G_stack and MIDAS as published) on a pinned 4+4 layout:
+# G_stack doubles the model (whole-model stack), MIDAS copies its middle 2-layer block twice.
+VARIANTS = {
+    "vanilla": ("vanilla", ""),
+    "relora": ("relora", ""),
+    "galore": ("galore", ""),
+    "step": ("step", ""),  # the paper's choice: interpolation-mean, upper
+    "step-stack": ("step", 'growth_operator = "stack"'),  # G_stack's operator inside STEP
+    "step-stack-middle": ("step", 'growth_operator = "stack-middle"'),  # MIDAS's operator inside STEP
+    "step-llama-pro": ("step", 'growth_operator = "interpolation-copy"\nposition = "spread"\nfpi = true'),
+    "step-carry": ("step", "carry_optimizer_state = true"),
+    "gstack": ("growth", 'growth_operator = "stack"'),
+    "midas": ("growth", 'growth_operator = "stack-middle"\nstack_block = 2'),
+}
+METHODS = tuple(VARIANTS)
 
 BASE = """
 [experiment]
-name = "quality-{method}"
+name = "quality-{name}"
 seed = 7
 method = "{method}"
 
@@ -52,6 +75,7 @@ relora_warm_start_steps = {warm}
 galore_rank = 32
 galore_update_gap = 50
 galore_scale = 0.25
+{step_extra}
 
 [train]
 reference_steps = {steps}
@@ -78,9 +102,10 @@ nproc_per_node = 1
 """
 
 
-def spec_text(method: str, steps: int, accounting: str = "exact") -> str:
+def spec_text(name: str, steps: int, accounting: str = "exact") -> str:
+    method, step_extra = VARIANTS[name]
     return BASE.format(
-        method=method, accounting=accounting, stages="stages = 2" if method == "step" else "",
+        name=name, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
         steps=steps, reset=max(20, steps // 4), warm=max(10, steps // 10), warmup=max(5, steps // 20),
         ckpt=max(10, steps // 2), lr=1e-2 if method == "galore" else 3e-3, root=ROOT.as_posix(),
     )
@@ -91,6 +116,7 @@ def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def run_method(method: str, steps: int, out: Path) -> dict:
+    """Train and score one row of VARIANTS (`method` is the row name)."""
     spec_path = out / f"{method}.toml"
     spec_path.write_text(spec_text(method, steps))
     run_dir = out / f"quality-{method}"
@@ -134,14 +160,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reference-steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-quality")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="rows to run; the first is the reference of the 'vs' columns (default: all, vanilla first)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         rows.append(run_method(method, args.reference_steps, args.out))
         print(f"done {method} in {rows[-1]['wall_s']} s", flush=True)
     vanilla = rows[0]
-    header = (f"{'method':8} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "
+    header = (f"{'method':17} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "
               f"{'Eq.1-5 peak':>12} {'exact peak':>11} {'measured':>10} {'vs vanilla (Eq./meas.)':>23}")
     print(header)
     for r in rows:
@@ -149,14 +178,14 @@ def main() -> None:
         less_measured = 100 * (1 - r["measured_peak_bytes"] / vanilla["measured_peak_bytes"])
         r["ppl_vs_vanilla_pct"] = round(100 * (r["ppl_heldout"] / vanilla["ppl_heldout"] - 1), 2)
         r["paper_peak_reduction_pct"], r["measured_peak_reduction_pct"] = round(less_paper, 1), round(less_measured, 1)
-        print(f"{r.method:8} {'+'.join(map(str, r['layout'])):>8} {r.steps:6d} {r.tokens:10,d} {r.flops:10.3e} "
+        print(f"{r['method']:17} {'+'.join(map(str, r['layout'])):>8} {r['steps']:6d} {r['tokens']:10,d} {r['flops']:10.3e} "
               f"{r['ppl_heldout']:13.2f} {r['ppl_milton']:11.2f} {r['paper_peak_bytes'] / 1e6:9.2f} MB "
               f"{r['exact_peak_bytes'] / 1e6:8.2f} MB {r['measured_peak_bytes'] / 1e6:7.2f} MB "
               f"{less_paper:10.1f}% / {less_measured:5.1f}%")
-    out = ROOT / "bench" / "results" / "quality.json"
+    out = args.results.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 if __name__ == "__main__":

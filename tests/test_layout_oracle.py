@@ -94,19 +94,28 @@ def stage_table(costs: Costs, num_layers: int) -> list[list[int]]:
     return [[costs.stage_bytes(new, before) for new in range(num_layers - before + 1)] for before in range(num_layers + 1)]
 
 
-def dp_optimum(costs: Costs, num_layers: int, stages: int) -> int:
-    """min over layouts of max stage bytes: best[N] after k stages = min_n max(best_prev[N - n], cost(n, N - n))."""
+def allowed(stage: int, new: int, multiple: int) -> bool:
+    """Whole stacking blocks: the first stage holds at least one block, every growth adds whole blocks."""
+    return new >= multiple if stage == 0 else new % multiple == 0
+
+
+def dp_optimum(costs: Costs, num_layers: int, stages: int, multiple: int = 1) -> int | None:
+    """min over layouts of max stage bytes: best[N] after k stages = min_n max(best_prev[N - n], cost(n, N - n)).
+
+    None when no layout obeys the block constraint."""
     table = stage_table(costs, num_layers)
     best: dict[int, int] = {0: 0}
-    for _ in range(stages):
+    for stage in range(stages):
         nxt: dict[int, int] = {}
         for before, value in best.items():
             for new in range(1, num_layers - before + 1):
+                if stages > 1 and not allowed(stage, new, multiple):
+                    continue
                 peak = max(value, table[before][new])
                 if peak < nxt.get(before + new, peak + 1):
                     nxt[before + new] = peak
         best = nxt
-    return best[num_layers]
+    return best.get(num_layers)
 
 
 def compositions(num_layers: int, stages: int):
@@ -115,9 +124,12 @@ def compositions(num_layers: int, stages: int):
         yield [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def brute_force(costs: Costs, num_layers: int, stages: int) -> tuple[int, list[list[int]]]:
+def brute_force(costs: Costs, num_layers: int, stages: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
     """The optimal peak and every layout that attains it."""
-    scored = [(max(layout_peaks(costs, layers)), layers) for layers in compositions(num_layers, stages)]
+    scored = [(max(layout_peaks(costs, layers)), layers) for layers in compositions(num_layers, stages)
+              if stages == 1 or all(allowed(i, n, multiple) for i, n in enumerate(layers))]
+    if not scored:
+        return None, []
     best = min(peak for peak, _ in scored)
     return best, [layers for peak, layers in scored if peak == best]
 
@@ -180,3 +192,61 @@ def test_ilp_handles_byte_scale_costs():
         optimum = dp_optimum(costs, 96, stages)
         for solver in ("glpk", "highs"):
             assert solve_layout(costs, 96, stages, solver).peak_bytes == optimum
+
+
+# ----------------------------------------------------------------------------- whole stacking blocks
+
+
+def block_cases() -> list[tuple[Case, int]]:
+    rng = random.Random(4242)
+    out = []
+    for i in range(60):
+        num_layers = rng.randint(2, 40)
+        multiple = rng.randint(2, max(2, num_layers // 2))
+        stages = rng.randint(2, max(2, num_layers // multiple))
+        d, r = rng.randint(64, 4096), rng.randint(1, 256)
+        costs = paper_costs(d, r) if i % 2 else exact_case_costs(rng, d, r)
+        out.append((Case(f"{i:02d}-d{d}-L{num_layers}-K{stages}-B{multiple}", costs, num_layers, stages), multiple))
+    return out
+
+
+def test_block_oracle_matches_brute_force():
+    rng = random.Random(8)
+    infeasible = 0
+    for _ in range(150):
+        num_layers = rng.randint(2, 12)
+        stages, multiple = rng.randint(2, num_layers), rng.randint(2, 5)
+        costs = paper_costs(rng.randint(64, 4096), rng.randint(1, 256))
+        optimum = dp_optimum(costs, num_layers, stages, multiple)
+        assert optimum == brute_force(costs, num_layers, stages, multiple)[0]
+        infeasible += optimum is None
+    assert 0 < infeasible < 150
+
+
+@pytest.mark.parametrize("case,multiple", block_cases(), ids=lambda c: getattr(c, "label", None))
+def test_ilp_with_whole_blocks_matches_oracle(case, multiple):
+    optimum = dp_optimum(case.costs, case.num_layers, case.stages, multiple)
+    if optimum is None:
+        with pytest.raises(ValueError, match="whole"):
+            solve_layout(case.costs, case.num_layers, case.stages, "glpk", multiple)
+        return
+    for solver in ("glpk", "highs"):
+        layout = solve_layout(case.costs, case.num_layers, case.stages, solver, multiple)
+        assert layout.peak_bytes == optimum == max(layout_peaks(case.costs, layout.layers))
+        assert sum(layout.layers) == case.num_layers and len(layout.layers) == case.stages
+        assert layout.layers[0] >= multiple and all(n % multiple == 0 for n in layout.layers[1:]), layout.layers
+
+
+@pytest.mark.parametrize("solver", ["glpk", "highs"])
+def test_whole_block_tie_break_is_the_lexicographically_largest_allowed_optimum(solver):
+    rng = random.Random(12)
+    constrained = 0
+    for _ in range(30):
+        multiple = rng.randint(2, 3)
+        num_layers = rng.randint(2 * multiple, 12)
+        stages = rng.randint(2, num_layers // multiple)
+        costs = paper_costs(rng.randint(64, 4096), rng.randint(1, 256))
+        best, optimal = brute_force(costs, num_layers, stages, multiple)
+        constrained += best != brute_force(costs, num_layers, stages)[0]
+        assert solve_layout(costs, num_layers, stages, solver, multiple).layers == max(optimal)
+    assert constrained > 0  # the block constraint changed the optimum somewhere: it was not vacuous

@@ -194,7 +194,7 @@ def write_sweep(out: Path, base: str, points: list[Point], force: bool, max_para
     for point in points:
         write_run_dir(out / point.name, point.compiled.files, force)
     sweep_dir = sweep_dir_for(out, base)
-    write_run_dir(sweep_dir, render_sweep(base, points, sweep_dir, max_parallel), force)
+    write_run_dir(sweep_dir, render_sweep(base, points, sweep_dir, max_parallel), force, marker="sweep.json")
     return sweep_dir
 
 

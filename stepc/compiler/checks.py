@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
+from stepc.compiler.layout import layout_allowed
 from stepc.compiler.static_checks import runtime_facing_problems
 from stepc.errors import UserError
 from stepc.schema.spec import Spec
+
+STAGED = ("step", "growth")  # methods that grow the model over several stages
 
 
 def normalize(spec: Spec, file: str) -> Spec:
@@ -18,7 +23,7 @@ def normalize(spec: Spec, file: str) -> Spec:
         "num_key_value_heads": model.num_key_value_heads or model.num_attention_heads,
         "intermediate_size": model.intermediate_size or round(8 / 3 * model.hidden_size),
     })
-    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method == "step" else 1)
+    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method in STAGED else 1)
     memory = memory.model_copy(update={"stages": memory.stages if memory.stages is not None else default_stages})
     spec = spec.model_copy(update={"model": model, "memory": memory})
     for key, problem, fix in _problems(spec):
@@ -35,9 +40,11 @@ def _problems(spec: Spec):
         yield "model.num_attention_heads", f"head dimension {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one", "choose heads so hidden_size / heads is even"
     if m.num_attention_heads % m.num_key_value_heads:
         yield "model.num_key_value_heads", f"{m.num_key_value_heads} key/value heads do not divide {m.num_attention_heads} attention heads", "choose a divisor of num_attention_heads"
-    if mem.layers is not None and exp.method != "step" and len(mem.layers) != 1:  # before the stages rule: stages defaults to len(layers)
+    if exp.method == "growth" and mem.layers is None:
+        yield "memory.layers", "method \"growth\" trains the whole model in every stage, so memory cannot choose the layout (its peak is always the last stage's)", "pin the layers per stage, e.g. layers = [4, 4] (the whole-model stack of G_stack)"
+    if mem.layers is not None and exp.method not in STAGED and len(mem.layers) != 1:  # before the stages rule: stages defaults to len(layers)
         yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
-    if exp.method != "step" and mem.stages != 1:
+    if exp.method not in STAGED and mem.stages != 1:
         yield "memory.stages", f"method '{exp.method}' trains in one stage, got stages = {mem.stages!r}", "set stages = 1 (or remove it), or use method = \"step\""
     if mem.stages == "auto" and mem.budget is None:
         yield "memory.budget", "stages = \"auto\" needs a budget to fit", "set budget, e.g. budget = \"3.5GB\", or give stages as an int"
@@ -50,6 +57,7 @@ def _problems(spec: Spec):
             yield "memory.stages", f"stages = {mem.stages} but layers pins {len(mem.layers)} stages", "remove stages or make it match len(layers)"
         if mem.stages == "auto":
             yield "memory.stages", "stages = \"auto\" cannot be combined with pinned layers", "remove one of stages = \"auto\" and layers"
+    yield from _growth_problems(spec)
     if st.lora_rank > m.hidden_size:
         yield "step.lora_rank", f"rank {st.lora_rank} exceeds hidden_size {m.hidden_size}", "use a rank below hidden_size (the paper uses 128)"
     ranks = la.nnodes * la.nproc_per_node
@@ -68,3 +76,49 @@ def _problems(spec: Spec):
         yield "model.vocab_size", f"the GPT-2 tokenizer has 50257 tokens but vocab_size = {m.vocab_size}", "set vocab_size = 50257 or use tokenizer = \"bpe-<N>\" with N <= vocab_size"
     yield from runtime_facing_problems(spec)  # data paths, tokenizer names, validation sets, sizes
 
+
+
+STACK_OPERATORS = ("stack", "stack-middle")
+
+
+def _growth_problems(spec: Spec):
+    """Growth-operator rules: stacking places its own layers, and a fixed block must fit every growth."""
+    st, mem, L = spec.step, spec.memory, spec.model.num_layers
+    stacking = st.growth_operator in STACK_OPERATORS
+    if stacking and "position" in st.model_fields_set:
+        yield "step.position", f"growth_operator = \"{st.growth_operator}\" places the copied block itself; position = \"{st.position}\" would be ignored", "remove position (or use an interpolation operator)"
+    yield from _grow_at_tokens_problems(spec)
+    if st.carry_optimizer_state and spec.experiment.method in ("vanilla", "galore"):
+        yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", "remove carry_optimizer_state (it applies to method = \"step\" and \"relora\")"
+    if st.stack_block is None or spec.experiment.method not in STAGED:
+        return
+    b = st.stack_block
+    if not stacking:
+        yield "step.stack_block", f"stack_block only applies to the stacking operators, not growth_operator = \"{st.growth_operator}\"", "remove stack_block, or set growth_operator = \"stack\" or \"stack-middle\""
+    elif mem.layers is not None and not layout_allowed(mem.layers, b):
+        yield "memory.layers", f"pinned layers {mem.layers} do not grow by whole {b}-layer blocks (stage 1 needs >= {b} layers, every later stage a multiple of {b})", f"pin multiples of {b}, or change step.stack_block"
+    elif isinstance(mem.stages, int) and mem.stages > 1 and L < b * mem.stages:
+        yield "step.stack_block", f"{mem.stages} stages of whole {b}-layer blocks need at least {b * mem.stages} layers; the model has {L}", f"use a block of at most {L // mem.stages} layers, or fewer stages"
+
+
+def _grow_at_tokens_problems(spec: Spec):
+    """grow_at_tokens: instead of grow_at, one strictly increasing count per growth, each a whole step."""
+    st, mem, tr = spec.step, spec.memory, spec.train
+    tokens = st.grow_at_tokens
+    if tokens is None:
+        return
+    if spec.experiment.method not in STAGED:
+        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", "remove grow_at_tokens (it applies to method = \"step\" and \"growth\")"
+        return
+    if "grow_at" in st.model_fields_set:
+        yield "step.grow_at_tokens", "grow_at and grow_at_tokens both set the growth times", "keep one of them"
+    growths = len(mem.layers) - 1 if mem.layers is not None else (mem.stages - 1 if isinstance(mem.stages, int) else None)
+    if growths is not None and len(tokens) != growths:
+        yield "step.grow_at_tokens", f"{len(tokens)} growth times for {growths} growths ({growths + 1} stages)", f"give {growths} token counts, one per growth"
+    if any(b <= a for a, b in pairwise(tokens)):
+        yield "step.grow_at_tokens", f"{tokens} is not strictly increasing (the counts are cumulative tokens since the start of the run)", "list increasing token counts"
+    if tokens[0] < tr.global_batch_tokens:
+        yield "step.grow_at_tokens", f"{tokens[0]} tokens is less than one optimizer step of train.global_batch_tokens = {tr.global_batch_tokens}", f"grow after at least {tr.global_batch_tokens} tokens"
+    steps = [t // tr.global_batch_tokens for t in tokens]
+    if any(b <= a for a, b in pairwise(steps)):
+        yield "step.grow_at_tokens", f"{tokens} rounds down to the optimizer steps {steps} (global_batch_tokens = {tr.global_batch_tokens}): a stage would train no step", "space the growths at least one global batch apart"

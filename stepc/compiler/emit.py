@@ -44,6 +44,8 @@ def render_files(spec: Spec, plan: Plan, spec_text: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {"spec.toml": spec_text.encode()}
     for stage in plan.stages:
         summary = f"{stage.frozen_layers} frozen + {stage.new_layers} new layers, {stage.steps} steps"
+        if plan.method == "growth":  # nothing is frozen: the whole grown model trains
+            summary = f"{stage.total_layers} layers ({stage.new_layers} new), all trained, {stage.steps} steps"
         files[f"stage-{stage.index}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
     files["run.sbatch"] = env.get_template("run.sbatch.j2").render(common).encode()
     files["plan.md"] = env.get_template("plan.md.j2").render(
@@ -54,8 +56,11 @@ def render_files(spec: Spec, plan: Plan, spec_text: str) -> dict[str, bytes]:
     return files
 
 
-def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool) -> None:
-    """Write `files` into `run_dir`; with `force`, replace compiled files but keep checkpoints and logs."""
+def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool, marker: str = "manifest.json") -> None:
+    """Write `files` into `run_dir`; with `force`, replace compiled files but keep checkpoints and logs.
+
+    `marker` is the file that makes an existing directory one of ours (a sweep directory's is sweep.json):
+    --force never writes into a non-empty directory without it."""
     if run_dir.parent.exists() and not run_dir.parent.is_dir():
         raise UserError(f"the output root {run_dir.parent} is a file, not a directory", key="--out",
                         fix="pass --out a directory (it is created if missing)")
@@ -66,8 +71,8 @@ def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool) -> None:
     if run_dir.exists() and not force:
         raise UserError(f"run directory {run_dir} already exists", key="experiment.name",
                         fix="pass --force to recompile it (checkpoints, logs and metrics are kept), or choose another experiment.name")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "manifest.json").is_file():
-        raise UserError(f"{run_dir} is a non-empty directory without manifest.json: not a run directory, and --force "
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / marker).is_file():
+        raise UserError(f"{run_dir} is a non-empty directory without {marker}: not one stepc wrote, and --force "
                         "would write stage scripts into it", key="experiment.name",
                         fix=f"move {run_dir} away, or choose another experiment.name or --out")
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepc.compiler.layout import Layout, pinned_layout, solve_layout
+from stepc.compiler.layout import Layout, layout_feasible, pinned_layout, solve_layout
 from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_bytes, vanilla_bytes
 from stepc.compiler.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
 from stepc.compiler.static_checks import plan_problems
@@ -28,15 +28,22 @@ def make_plan(spec: Spec) -> Plan:
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
         new, old, sched = phase["new"], phase["old"], phase["schedule"]
+        # method "growth" trains every layer: the stage costs what a vanilla model of old + new layers does
+        trained, frozen = (new + old, 0) if method == "growth" else (new, old)
+        # AdamW state handed over from stage i-1 (embeddings, final norm, head; with method "growth" the
+        # old layers too: stepc/runtime/carry.py). Memory is unchanged: they hold those moments from
+        # their first step on either way.
+        carried = exact.fixed_params + (old * exact.layer_params if method == "growth" else 0)
         stages.append(StagePlan(**{
-            "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": old,
-            "trainable_params": costs.trainable_params(new, old), "frozen_params": costs.frozen_params(new, old),
-            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(new, old),
+            "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": frozen,
+            "trainable_params": costs.trainable_params(trained, frozen), "frozen_params": costs.frozen_params(trained, frozen),
+            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(trained, frozen),
             # GaLore's projected moments live in optimizer objects the runtime does not measure tensor by tensor.
-            "exact_model_state_bytes": None if galore else exact.stage_bytes(new, old),
+            "exact_model_state_bytes": None if galore else exact.stage_bytes(trained, frozen),
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,
             "lr_offset": phase["lr_offset"],
             "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
+            "carried_optimizer_params": carried if spec.step.carry_optimizer_state and i > 1 else 0,
         }))
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
@@ -56,7 +63,7 @@ def make_plan(spec: Spec) -> Plan:
 def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:
     """The runtime stages of each method: (new layers, frozen layers, schedule, global LR offset).
 
-    STEP and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
+    STEP, growth and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
     start, then a phase that adds no layer and puts adapters on all of them, on one global jagged
     cosine (so the second phase's LR continues at `lr_offset`). GaLore: one stage.
     """
@@ -76,10 +83,15 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
         ]
     trainable, frozen, old = [], [], 0
     for new in layers:
-        trainable.append(new * P + old * E)
-        frozen.append(old * P)
+        if spec.experiment.method == "growth":  # the whole grown model trains
+            trainable.append((old + new) * P)
+            frozen.append(0)
+        else:
+            trainable.append(new * P + old * E)
+            frozen.append(old * P)
         old += new
-    schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at, tr.flops_accounting)
+    schedule = stage_schedule(trainable, frozen, L * P, tr.reference_steps, tr.global_batch_tokens, st.grow_at,
+                              tr.flops_accounting, st.grow_at_tokens)
     phases, old = [], 0
     for new, sched in zip(layers, schedule):
         phases.append({"new": new, "old": old, "lr_offset": 0, "schedule": sched})
@@ -87,28 +99,42 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
     return phases
 
 
+def layer_multiple(spec: Spec) -> int:
+    """Every growth must add a multiple of this many layers (1: no constraint): a stacking operator
+    with a fixed block (step.stack_block) copies whole blocks."""
+    st = spec.step
+    if spec.experiment.method in ("step", "growth") and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
+        return st.stack_block
+    return 1
+
+
 def choose_layout(spec: Spec, costs: Costs) -> Layout:
     """Pinned, fixed-K optimum, or the fewest stages that fit the budget; infeasible budgets are user errors."""
     mem, L = spec.memory, spec.model.num_layers
-    if mem.layers is not None:
+    multiple = layer_multiple(spec)
+    if spec.experiment.method == "growth":  # checks require pinned layers; the last stage is the vanilla model
+        layout = Layout(list(mem.layers), costs.stage_bytes(L, 0), "pinned")
+    elif mem.layers is not None:
         layout = pinned_layout(costs, mem.layers)
     elif mem.stages == "auto":
         for k in range(1, min(L, AUTO_STAGES_LIMIT) + 1):
-            layout = solve_layout(costs, L, k, mem.solver)
+            if not layout_feasible(L, k, multiple):
+                break
+            layout = solve_layout(costs, L, k, mem.solver, multiple)
             if layout.peak_bytes <= mem.budget:
                 return layout
         _raise_infeasible(spec, costs)
     else:
-        layout = solve_layout(costs, L, mem.stages, mem.solver)
-    if mem.budget is not None and spec.experiment.method == "step" and layout.peak_bytes > mem.budget:
+        layout = solve_layout(costs, L, mem.stages, mem.solver, multiple)
+    if mem.budget is not None and spec.experiment.method in ("step", "growth") and layout.peak_bytes > mem.budget:
         _raise_infeasible(spec, costs, layout)
     return layout
 
 
 def _raise_infeasible(spec: Spec, costs: Costs, tried: Layout | None = None) -> None:
-    mem, L = spec.memory, spec.model.num_layers
-    counts = sorted({1, 2, 3, 4, 6, 8, min(L, AUTO_STAGES_LIMIT)} & set(range(1, L + 1)))
-    best = {k: solve_layout(costs, L, k, mem.solver).peak_bytes for k in counts}
+    mem, L, multiple = spec.memory, spec.model.num_layers, layer_multiple(spec)
+    counts = sorted(k for k in {1, 2, 3, 4, 6, 8, min(L, AUTO_STAGES_LIMIT)} if k <= L and layout_feasible(L, k, multiple))
+    best = {k: solve_layout(costs, L, k, mem.solver, multiple).peak_bytes for k in counts}
     table = ", ".join(f"K={k}: {format_bytes(b)}" for k, b in best.items())
     what = f"layout {tried.layers} peaks at {format_bytes(tried.peak_bytes)}" if tried else "no stage count fits"
     raise UserError(

@@ -8,10 +8,21 @@ STEP grows a trained model by inserting new decoder layers between existing ones
 * ``interpolation-mean``: it is ``(phi_j + phi_{j+1}) / 2`` (bert2BERT-style
   fusing of both neighbours, the paper's default).
 
+Beyond the paper, two *stacking* operators copy whole blocks of layers instead of
+filling gaps (their placement is defined exactly in :func:`stack_plan`):
+
+* ``stack`` (G_stack, Du et al. 2024, "Stacking your transformers"): the new layers
+  are copies of the top block of the current model, placed above it; when ``n_i``
+  equals the current depth this is G_stack's whole-model stack;
+* ``stack-middle`` (MIDAS, Saunshi et al. 2024): copies of the middle block, inserted
+  directly above that block.
+
 Optionally the new layers get *function preserving initialisation* (FPI): the
 output projections of their attention and MLP blocks are zeroed, so each new
 layer adds exactly zero to the residual stream and the grown model computes the
-same logits as before growth.
+same logits as before growth. LLaMA-Pro's block expansion (Wu et al. 2024) is the
+recipe ``interpolation-copy`` + ``fpi`` + position ``spread``: one zero-output copy
+of the last layer of each of ``n_i`` equal groups, placed after that group.
 
 No library does this for Hugging Face models, and inserting modules into
 ``model.model.layers`` is not enough on its own: transformers keeps per-layer
@@ -30,12 +41,15 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-__all__ = ["POSITIONS", "OPERATORS", "plan_insertion", "grow_layers"]
+__all__ = ["OPERATORS", "POSITIONS", "STACK_OPERATORS", "grow_layers", "plan_insertion", "stack_plan"]
 
-#: Where new layers go (paper Figure 3 / Table 4; "upper" performed best).
-POSITIONS: tuple[str, ...] = ("upper", "lower", "intermediate", "random")
-#: Growth operators (paper Appendix C / Table 9).
-OPERATORS: tuple[str, ...] = ("interpolation-mean", "interpolation-copy")
+#: Where new layers go (paper Figure 3 / Table 4; "upper" performed best). "spread" spaces them
+#: evenly through the stack, as LLaMA-Pro's block expansion does.
+POSITIONS: tuple[str, ...] = ("upper", "lower", "intermediate", "random", "spread")
+#: Operators that copy a contiguous block and place it themselves (``position`` does not apply).
+STACK_OPERATORS: tuple[str, ...] = ("stack", "stack-middle")
+#: Growth operators (paper Appendix C / Table 9, plus G_stack and MIDAS stacking).
+OPERATORS: tuple[str, ...] = ("interpolation-mean", "interpolation-copy", *STACK_OPERATORS)
 
 
 def _choose_gaps(num_old: int, count: int, position: str, rng: random.Random) -> list[int]:
@@ -58,6 +72,11 @@ def _choose_gaps(num_old: int, count: int, position: str, rng: random.Random) ->
         return list(range(start, start + count))
     if position == "random":
         return sorted(rng.sample(range(num_old), count))
+    if position == "spread":
+        # LLaMA-Pro: split the stack into `count` groups of (nearly) equal size and put one new
+        # layer after the last layer of each group, the top one included. count <= num_old makes
+        # consecutive values differ by >= 1, so the gaps are distinct.
+        return [(k + 1) * num_old // count - 1 for k in range(count)]
     raise ValueError(f"unknown position {position!r}; expected one of {POSITIONS}")
 
 
@@ -67,7 +86,7 @@ def plan_insertion(num_old: int, num_new: int, position: str, seed: int) -> list
     Args:
         num_old: number of layers of the model before growth (>= 1).
         num_new: number of layers to insert (>= 0).
-        position: ``"upper"``, ``"lower"``, ``"intermediate"`` or ``"random"``.
+        position: ``"upper"``, ``"lower"``, ``"intermediate"``, ``"random"`` or ``"spread"``.
         seed: seed of the ``random.Random`` used by ``"random"`` (ignored otherwise,
             but it is always required so that plans are reproducible from the spec).
 
@@ -97,6 +116,46 @@ def plan_insertion(num_old: int, num_new: int, position: str, seed: int) -> list
     gaps = [j for j in range(num_old) for _ in range(full_rounds)]
     gaps += _choose_gaps(num_old, remainder, position, rng)
     return sorted(gaps)
+
+
+def stack_plan(num_old: int, num_new: int, operator: str, block: int | None = None) -> tuple[int, list[int]]:
+    """Placement of the stacking operators: ``(gap, sources)``.
+
+    The ``num_new`` new layers are inserted as one contiguous run directly after old layer
+    ``gap``; new layer ``k`` (bottom to top) is a copy of old layer ``sources[k]``.
+
+    The copied block has ``b = block`` layers, or ``b = min(num_new, num_old)`` when ``block`` is
+    None, and is repeated (bottom to top, the last repetition cut short) until ``num_new`` layers
+    exist: ``sources[k] = start + k % b``.
+
+    * ``"stack"`` (G_stack): the block is the top ``b`` layers, ``start = num_old - b``, and
+      the run goes above the top layer (``gap = num_old - 1``). With ``num_new == num_old``
+      the grown model is the old model twice over (G_stack's whole-model stack); with
+      ``num_new = (g - 1) * num_old`` it is stacked ``g`` times.
+    * ``"stack-middle"`` (MIDAS): the block is the middle ``b`` layers,
+      ``start = (num_old - b) // 2`` (an odd leftover puts the extra layer above the block),
+      and the run goes directly above the block (``gap = start + b - 1``), so the copies sit
+      next to their originals in the middle of the stack. With ``b == num_old`` it equals
+      ``"stack"``.
+
+    Raises:
+        ValueError: on an unknown operator, ``num_old < 1``, ``num_new < 0``, or a block that
+            does not fit (``block < 1`` or ``block > num_old``).
+    """
+    if operator not in STACK_OPERATORS:
+        raise ValueError(f"unknown stacking operator {operator!r}; expected one of {STACK_OPERATORS}")
+    if isinstance(num_old, bool) or not isinstance(num_old, int) or num_old < 1:
+        raise ValueError(f"num_old must be an int >= 1, got {num_old!r}")
+    if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 0:
+        raise ValueError(f"num_new must be an int >= 0, got {num_new!r}")
+    size = min(num_new, num_old) if block is None else block
+    if block is not None and not 1 <= block <= num_old:
+        raise ValueError(f"a block of {block} layers does not fit a {num_old}-layer model")
+    if num_new == 0:
+        return num_old - 1, []
+    start = num_old - size if operator == "stack" else (num_old - size) // 2
+    gap = num_old - 1 if operator == "stack" else start + size - 1
+    return gap, [start + k % size for k in range(num_new)]
 
 
 def _source_state_dict(
@@ -168,7 +227,7 @@ def _sync_transformers_metadata(
     * ``config.layer_types`` (when set) sizes the cache per layer.
 
     ``sources[i]`` is the old index of layer ``i`` (for a new layer: the old layer
-    it was inserted after, whose type it inherits).
+    whose type it inherits: the one it was inserted after, or the one it copies when stacking).
     """
     layers = model.model.layers
     for i, layer in enumerate(layers):
@@ -186,21 +245,25 @@ def grow_layers(
     position: str,
     fpi: bool,
     seed: int,
+    block: int | None = None,
 ) -> list[int]:
-    """Insert ``num_new`` decoder layers into ``model`` in place (Interpolation growth).
+    """Insert ``num_new`` decoder layers into ``model`` in place.
 
     Args:
         model: an *unsharded* ``LlamaForCausalLM`` (grow before ``fully_shard``).
         num_new: number of layers to add.
-        operator: ``"interpolation-mean"`` or ``"interpolation-copy"``.
-        position: see :func:`plan_insertion`.
+        operator: ``"interpolation-mean"``, ``"interpolation-copy"``, ``"stack"`` or
+            ``"stack-middle"``.
+        position: see :func:`plan_insertion` (ignored by the stacking operators, which place
+            their copies themselves: :func:`stack_plan`).
         fpi: zero the new layers' ``o_proj``/``down_proj`` so logits are unchanged.
         seed: seed for ``position="random"``.
+        block: stacking operators only: size of the copied block (see :func:`stack_plan`).
 
     Returns:
         The indices, in the grown model, of the new layers (ascending).
 
-    Every new layer placed in the same gap gets the same initialisation. The new
+    Interpolation: every new layer placed in the same gap gets the same initialisation. The new
     layers live on the same device(s)/dtype(s) as their source layers and are
     trainable; old layers are left untouched (freezing them is the caller's job).
     """
@@ -216,11 +279,14 @@ def grow_layers(
         raise ValueError(
             f"model has {num_old} layers but config.num_hidden_layers={config.num_hidden_layers}"
         )
-    plan = plan_insertion(num_old, num_new, position, seed)
-    per_gap = Counter(plan)
     layer_types_old = getattr(config, "layer_types", None)
     if layer_types_old is not None:
         layer_types_old = list(layer_types_old)
+    if operator in STACK_OPERATORS:
+        stack_gap, stack_sources = stack_plan(num_old, num_new, operator, block)
+        per_gap = Counter({stack_gap: num_new})
+    else:
+        per_gap = Counter(plan_insertion(num_old, num_new, position, seed))
 
     new_list: list[nn.Module] = []
     sources: list[int] = []
@@ -230,17 +296,20 @@ def grow_layers(
         sources.append(j)
         if per_gap[j] == 0:
             continue
-        # One state dict per gap: all layers in this gap share the same init.
-        state = _source_state_dict(old_layers, j, operator)
-        for _ in range(per_gap[j]):
+        # Interpolation: one state dict per gap, all layers in this gap share the same init.
+        # Stacking: the one gap holds the whole run, new layer k copying old layer stack_sources[k].
+        shared = None if operator in STACK_OPERATORS else _source_state_dict(old_layers, j, operator)
+        for k in range(per_gap[j]):
+            source = j if shared is not None else stack_sources[k]
+            state = shared if shared is not None else old_layers[source].state_dict()
             # Clone so every new layer owns its storage (assign=True would alias it).
-            fresh = {k: v.clone() for k, v in state.items()}
-            layer = _build_layer(config, len(new_list), fresh, like=old_layers[j])
+            fresh = {name: v.clone() for name, v in state.items()}
+            layer = _build_layer(config, len(new_list), fresh, like=old_layers[source])
             if fpi:
                 _zero_output_projections(layer)
             new_indices.append(len(new_list))
             new_list.append(layer)
-            sources.append(j)  # the new layer inherits the layer type of its source
+            sources.append(source)  # the new layer inherits the layer type of its source
 
     model.model.layers = nn.ModuleList(new_list)
     _sync_transformers_metadata(model, sources, layer_types_old)

@@ -35,7 +35,8 @@ def fresh_model(spec: Spec, num_layers: int, seed: int) -> LlamaForCausalLM:
 
 
 def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[LlamaForCausalLM, list[LoRALinear], list[int]]:
-    """Load stage i-1's merged export, insert the new layers, freeze the old ones behind adapters.
+    """Load stage i-1's merged export, insert the new layers, freeze the old ones behind adapters
+    (method "growth": leave every layer trainable, no adapters).
 
     Returns the model, its adapters and the indices of the new layers.
     """
@@ -44,8 +45,11 @@ def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[Ll
     seed = spec.experiment.seed + 1000 * stage.index
     new_layers = []
     if stage.new_layers:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
-        new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed)
+        new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed,
+                                 block=step.stack_block)
     pause_point("growth")  # tests only: kill -9 mid-growth (see stepc/runtime/faults.py)
+    if spec.experiment.method == "growth":  # classic model growth: the whole grown model trains
+        return model, [], new_layers
     old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
     generator = torch.Generator().manual_seed(seed)
     adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, generator)

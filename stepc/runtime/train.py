@@ -8,6 +8,8 @@ Launched by stage-<i>.sh through torchrun; every rank runs this file.
 
 Fault injection (tests only): STEPC_FAULT_NONFINITE_AT_STEP=N treats the loss of (1-based) step N
 as NaN, exercising the non-finite-loss stop without waiting for a real divergence.
+STEPC_DUMP_OPTIMIZER_AT_START=FILE writes the optimizer state a fresh stage starts with (after any
+carry) to FILE, so tests can compare carried moments with the previous stage's bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
+from stepc.runtime import carry
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.console import Console, echo
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
@@ -113,10 +116,11 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     train_data, evals = _load_data(st, allow)
     sampler = BlockSampler(train_data.blocks, spec.experiment.seed, indices=evals.pop("_train_idx"))
 
+    new_layers: list[int] = []
     if prev_export is None:
         model = fresh_model(spec, st.stage.total_layers, spec.experiment.seed)
     else:
-        model, st.adapters, _ = grown_model(spec, prev_export, st.stage)
+        model, st.adapters, new_layers = grown_model(spec, prev_export, st.stage)
     _prepare(model, st)
     optimizer = _optimizer(model, spec)
 
@@ -126,6 +130,10 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         start, path = found
         ckpt.load(path, model, optimizer)
         _log(st, f"resumed stage {st.index} from {path} at step {start}")
+    elif prev_export is not None and spec.step.carry_optimizer_state:
+        _carry_optimizer_state(st, model, optimizer, new_layers)
+    if start == 0 and os.environ.get("STEPC_DUMP_OPTIMIZER_AT_START"):
+        carry.dump_state(model, optimizer, Path(os.environ["STEPC_DUMP_OPTIMIZER_AT_START"]), st.rank)
 
     steps, offset = st.stage.steps, st.stage.lr_offset  # offset > 0: ReLoRA's LoRA phase continues one schedule
     reset_every = spec.step.relora_reset_every if st.adapters else None
@@ -173,10 +181,32 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             _save_checkpoint(st, done, model, optimizer)
             metrics.write(event="checkpoint", stage=st.index, step=done)
     console.close()
+    if spec.step.carry_optimizer_state and st.index < len(st.plan.stages):
+        found = ckpt.newest_complete(st.dir, warn=False)
+        if found is None or found[0] != steps:  # the next stage carries its optimizer state from here
+            _save_checkpoint(st, steps, model, optimizer)
+            metrics.write(event="checkpoint", stage=st.index, step=steps)
     _evaluate(st, model, evals, metrics, steps)
     _finish(st, model, metrics, steps)
     if tracking is not None:
         tracking.close()
+
+
+def _carry_optimizer_state(st: Stage, model, optimizer, new_layers: list[int]) -> None:
+    """Start from stage i-1's final AdamW state for the parameters that survive the growth (carry.py)."""
+    prev_dir = RunDir(st.run_dir).stage_dir(st.index - 1)
+    prev_steps = st.plan.stages[st.index - 2].steps
+    found = ckpt.newest_complete(prev_dir)
+    if found is None or found[0] != prev_steps:
+        raise RuntimeFailure(f"step.carry_optimizer_state needs stage {st.index - 1}'s checkpoint at its final step "
+                             f"{ckpt.step_dir(prev_dir, prev_steps)}, which is missing or incomplete; rerun "
+                             f"stage-{st.index - 1}.sh after removing {RunDir(st.run_dir).final_export(st.index - 1)} so it writes it")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    names = carry.carry_names(trainable, new_layers, st.stage.total_layers)
+    carried = carry.load_carried(found[1], model, optimizer, names)
+    MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0).write(
+        event="optimizer_carry", stage=st.index, step=0, source=str(found[1].relative_to(st.run_dir)), carried=carried)
+    _log(st, f"carried the AdamW state of {len(carried)} parameter tensors from {found[1]}")
 
 
 def _fault_step(name: str) -> int | None:

@@ -21,7 +21,7 @@ class StagePlan(_Frozen):
     total_layers: int
     """Decoder layers the model has during this stage (frozen + new)."""
     frozen_layers: int
-    """Layers inherited from earlier stages, frozen behind ReLoRA adapters."""
+    """Layers inherited from earlier stages, frozen behind ReLoRA adapters (0 for method "growth", which trains them)."""
     trainable_params: int
     """Parameters that get gradients and optimizer state (new layers, adapters; per the accounting)."""
     frozen_params: int
@@ -43,6 +43,9 @@ class StagePlan(_Frozen):
     """Where this stage starts on a shared LR schedule (ReLoRA's LoRA phase continues the warm start's); 0 otherwise."""
     data_step_offset: int
     """Global data step this stage starts at: each stage reads on where the previous one stopped."""
+    carried_optimizer_params: int = 0
+    """Parameters whose AdamW state (moments, step) this stage takes over from the previous stage's final
+    checkpoint (step.carry_optimizer_state); 0 without carry and in stage 1. Memory is the same either way."""
 
 
 class Plan(_Frozen):

@@ -44,8 +44,8 @@ class Experiment(Section):
     """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is runs/<name>."""
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
-    method: Literal["step", "vanilla", "relora", "galore"] = "step"
-    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines)."""
+    method: Literal["step", "vanilla", "relora", "galore", "growth"] = "step"
+    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), or "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers)."""
 
 
 LINEAR_MAPS: tuple[tuple[str, str], ...] = (
@@ -103,14 +103,20 @@ class Memory(Section):
 
 
 class Step(Section):
-    growth_operator: Literal["interpolation-mean", "interpolation-copy"] = "interpolation-mean"
-    """How a new layer is initialised: the mean of its two neighbours, or a copy of the lower one (Appendix A)."""
-    position: Literal["upper", "intermediate", "lower", "random"] = "upper"
-    """Where new layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower" or "random" (seeded)."""
+    growth_operator: Literal["interpolation-mean", "interpolation-copy", "stack", "stack-middle"] = "interpolation-mean"
+    """How new layers are made: "interpolation-mean" (mean of the two neighbours, Appendix A), "interpolation-copy" (copy of the lower neighbour), "stack" (G_stack: copies of the top block of the current model, placed on top; n_i = current depth stacks the whole model) or "stack-middle" (MIDAS: copies of the middle block, placed right above it). The stacking operators place layers themselves: do not set position."""
+    position: Literal["upper", "intermediate", "lower", "random", "spread"] = "upper"
+    """Where interpolated layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower", "random" (seeded) or "spread" (evenly, one after each of n_i equal groups: LLaMA-Pro's block expansion with interpolation-copy and fpi = true)."""
+    stack_block: PositiveInt | None = None
+    """growth_operator = "stack"/"stack-middle" only: copy a block of this many layers, repeated n_i / stack_block times; the layout solver then makes every growth a multiple of it (and the first stage at least this deep). Default: the block is min(n_i, current depth) layers, no constraint."""
     fpi: bool = False
     """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
+    carry_optimizer_state: bool = False
+    """Carry the AdamW moments and step counts of parameters that survive a growth (method "step": embeddings, final norm, head; method "growth": also every old layer, matched through its new index) into the next stage instead of restarting them; new layers (copies included) and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
     """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
+    grow_at_tokens: list[Annotated[int, Field(gt=0, le=MAX_STEPS * 2**32)]] | None = None
+    """Alternative to grow_at: the cumulative training-token counts at which each growth happens, one per growth (stages - 1 entries), strictly increasing, e.g. [2_000_000_000] grows after 2B tokens. Each is rounded down to whole optimizer steps of train.global_batch_tokens; a stage's cosine spans max(reference_steps, its steps). The last stage still gets the rest of the FLOPs budget, which these must leave room for."""
     lora_rank: int = Field(default=128, gt=0, le=65536)
     """Rank r of the ReLoRA adapters on frozen layers (Table 6: 128)."""
     lora_alpha: float = Field(default=32.0, gt=0.0, le=1e6, allow_inf_nan=False)
