@@ -130,7 +130,18 @@ class SbatchResult(tuple):
 
 
 def slurm_available() -> str | None:
-    """None if a cluster can be started here, else the reason (for pytest.skip)."""
+    """None if a cluster can be started here, else the reason (for pytest.skip).
+
+    With STEPC_REQUIRE_SLURM=1 (CI, where scripts/setup.sh installs SLURM) a missing cluster is an
+    error instead: the SLURM tests fail rather than skip.
+    """
+    reason = _slurm_unavailable()
+    if reason and os.environ.get("STEPC_REQUIRE_SLURM") == "1":
+        raise RuntimeError(f"STEPC_REQUIRE_SLURM=1 but no SLURM cluster can start here: {reason}")
+    return reason
+
+
+def _slurm_unavailable() -> str | None:
     if os.name != "posix" or not Path("/proc").is_dir():
         return "SLURM harness needs Linux"
     missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]

@@ -260,8 +260,7 @@ def test_scripts_pass_bash_n(emitted, tmp_path):
 
 
 def test_scripts_pass_shellcheck(emitted):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    assert shutil.which("shellcheck"), "shellcheck is missing: bash scripts/setup.sh installs it (apt-get install shellcheck)"
     result = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts(emitted))], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

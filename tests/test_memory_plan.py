@@ -105,7 +105,6 @@ def test_680m_two_stages(solver):
     assert gb(plan.peak_bytes) == 6.342 and plan.peak_bytes == max(eq2([14, 10], 1536))
     # Section 4.1 prints the rounded values: "10.9G to 6.3G (42.2% reduction)".
     assert round(plan.vanilla_peak_bytes / 1e9, 1) == 10.9 and round(plan.peak_bytes / 1e9, 1) == 6.3
-    assert round(100 * (1 - 6.3 / 10.9), 1) == 42.2
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -133,7 +132,6 @@ def test_1_2b_pinned_layers_reproduce_table_1():
     # Section 4.1: "19.3G to 8.9G (53.9% reduction)" -- the paper's percentage uses the rounded values.
     vanilla, peak = round(three.vanilla_peak_bytes / 1e9, 1), round(three.peak_bytes / 1e9, 1)
     assert (vanilla, peak) == (19.3, 8.9)
-    assert round(100 * (1 - peak / vanilla), 1) == 53.9
 
 
 @pytest.mark.parametrize("file, d, sizes", [
@@ -267,7 +265,9 @@ def dp_best_peak(num_layers: int, stages: int, d: int, r: int = R) -> int:
     return best[num_layers]
 
 
-def test_dp_oracle_agrees_with_brute_force():
+@pytest.fixture(scope="module", autouse=True)
+def _dp_oracle_agrees_with_brute_force():
+    """The test's own oracle, checked once before the tests that use it (not counted as a test of stepc)."""
     for k in range(1, 5):
         assert dp_best_peak(24, k, 2048) == best_peak(24, k, 2048)
 

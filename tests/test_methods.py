@@ -93,7 +93,8 @@ def test_relora_lr_restarts_are_jagged_and_continue_the_global_cosine():
 
 
 def test_galore_projects_exactly_the_decoder_layers_matrices():
-    pytest.importorskip("galore_torch")
+    import galore_torch  # noqa: F401  (a test dependency: missing means failing, not skipping)
+
     from stepc.runtime.model import fresh_model
     from stepc.runtime.train import _optimizer
 
@@ -146,7 +147,7 @@ def test_eval_reports_the_training_runs_final_perplexity(trained_run):
 
 
 def test_eval_runs_a_local_lm_eval_task_offline(trained_run, tmp_path):
-    pytest.importorskip("lm_eval")
+    import lm_eval  # noqa: F401  (a test dependency: missing means failing, not skipping)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = [{"context": "To be, or not to", "choices": [" be", " cat", " seven"], "answer": 0},

@@ -2,7 +2,8 @@
 
 Run A is the session's `full_run`; run B is an identical spec compiled into another directory and
 interrupted with SIGKILL to the stage script's process group (which must take torchrun's workers
-down with it), in stage 1 after a checkpoint and in stage 2 before its first checkpoint.
+down with it), in stage 1 after a checkpoint and in stage 2 in the middle of growth (both ranks held
+at the fault-injection point `STEPC_FAULT_PAUSE_AT=growth`: the grown shards filled, no optimizer yet).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _complete_checkpoints(stage_dir):
     return sorted(p for p in stage_dir.glob("step-*") if (p / "COMPLETE").is_file() and not p.name.endswith(".tmp"))
 
 
-def test_kill9_resume_matches_uninterrupted_run(full_run, make_run):
+def test_kill9_resume_matches_uninterrupted_run(full_run, make_run, monkeypatch):
     run_b = make_run.compile("rt")
     stage1 = run_b / "checkpoints" / "stage-1"
 
@@ -87,11 +88,16 @@ def test_kill9_resume_matches_uninterrupted_run(full_run, make_run):
     _assert_same_weights(full_run / "checkpoints" / "stage-1" / "final", stage1 / "final")
     shutil.rmtree(leftover)
 
-    # --- stage 2: kill -9 during its start (grown model built, no checkpoint yet), rerun to completion
+    # --- stage 2: kill -9 in the middle of growth (both ranks held there), rerun to completion
     stage2 = run_b / "checkpoints" / "stage-2"
-    started = lambda: any(m["event"] == "stage_start" and m["stage"] == 2 for m in read_metrics(run_b))  # noqa: E731
+    marker = run_b / "paused"
+    monkeypatch.setenv("STEPC_FAULT_PAUSE_AT", "growth")
+    monkeypatch.setenv("STEPC_FAULT_PAUSE_FILE", str(marker))
     proc = start_stage(run_b, 2, run_b / "killed-2.log")
-    _kill_when(proc, started, "stage 2 to start")
+    monkeypatch.delenv("STEPC_FAULT_PAUSE_AT")  # the rerun below must not pause
+    in_growth = lambda: all(marker.with_name(f"paused.rank{r}").is_file() for r in range(2))  # noqa: E731
+    _kill_when(proc, in_growth, "both ranks to reach the growth pause point")
+    assert not any(m["stage"] == 2 for m in read_metrics(run_b))  # killed before stage 2 recorded anything
     assert not _complete_checkpoints(stage2) and not (stage2 / "final").exists()
     check_ok(run_stage(run_b, 2))
     _assert_same_weights(full_run / "export", run_b / "export")

@@ -29,7 +29,7 @@ def test_stage1_lowers_train_loss_and_heldout_ppl(full_run):
     evals = _events(metrics, "eval", 1)
     assert len(evals) >= 2
     assert evals[-1]["ppl_heldout"] < evals[0]["ppl_heldout"]
-    assert evals[-1]["ppl_heldout"] < 400 < 512  # better than uniform over the 512-token vocabulary
+    assert evals[-1]["ppl_heldout"] < 400  # well below uniform over the 512-token vocabulary (ppl 512)
 
 
 def test_measured_model_state_bytes_equal_the_prediction(full_run):
@@ -83,15 +83,19 @@ def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run, 
 
 
 def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
-    """Same global batch (1 rank x 4 sequences vs 2 ranks x 2): same samples per step, same weights."""
+    """Same global batch (1 rank x 2 micro-batches of 2 vs 2 ranks x 2): same samples, same losses, same weights.
+
+    The tolerance is a few times the float reordering noise measured between the two layouts (max
+    |diff| 2.6e-7 over 18 steps); a gradient summed where it should be averaged (over micro-batches or
+    ranks) moves the weights by ~8e-3, and a logged loss summed over ranks doubles it.
+    """
     from stepc.runtime.sampler import BlockSampler
 
-    one = make_run.compile("rt", train={"micro_batch_size": 4}, launch={"nproc_per_node": 1})
+    one = make_run.compile("rt", train={"micro_batch_size": 2}, launch={"nproc_per_node": 1})  # grad_accum 2
     spec = json.loads((one / "manifest.json").read_text())["spec"]
     two_spec = json.loads((full_run / "manifest.json").read_text())["spec"]
     assert spec["data"] == two_spec["data"] and spec["model"] == two_spec["model"]
-    assert {k: v for k, v in spec["train"].items() if k != "micro_batch_size"} == \
-           {k: v for k, v in two_spec["train"].items() if k != "micro_batch_size"}
+    assert spec["train"] == two_spec["train"]
 
     # The sampler hands out the same global samples per optimizer step for both layouts.
     sampler = BlockSampler(np.zeros((1000, 1), np.int32), seed=7, indices=np.arange(3, 990))
@@ -107,7 +111,11 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     b = load_weights(full_run / "checkpoints" / "stage-1" / "final")
     assert sorted(a) == sorted(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6, msg=lambda m, key=key: f"{key}: {m}")
+    losses = [{m["step"]: m["loss"] for m in _events(read_metrics(run), "train", 1)} for run in (one, full_run)]
+    assert losses[0].keys() == losses[1].keys() and len(losses[0]) >= 2
+    for step, loss in losses[0].items():
+        assert loss == pytest.approx(losses[1][step], rel=1e-6), (step, loss, losses[1][step])
     # and training moved them (two untrained models would match vacuously)
     from stepc.runtime.model import fresh_model
     from stepc.schema.manifest import load_manifest

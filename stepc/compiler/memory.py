@@ -166,7 +166,9 @@ def galore_bytes(spec: Spec, costs: Costs) -> int:
     """GaLore model states: weights and gradients (16-bit) plus fp32 master copy for every parameter,
     and for each 2-D layer matrix (m x n) Adam moments in the rank-r projected space plus the projector.
 
-    Outside the decoder layers (embeddings, head, norms) GaLore keeps ordinary AdamW state.
+    Everything else (embeddings, head, final norm, and the two RMSNorm weights inside each decoder
+    layer) keeps ordinary AdamW state: two fp32 moments. Exact for fp32 training on one rank, where
+    weight + gradient are the same 8 bytes per parameter (tests/test_galore_memory.py counts it).
     """
     m, r = spec.model, spec.step.galore_rank
     d, inter = m.hidden_size, m.intermediate_size
@@ -175,5 +177,5 @@ def galore_bytes(spec: Spec, costs: Costs) -> int:
         inter, kv = round(8 / 3 * d), d
     mats = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
     projected = sum(2 * 4 * r * max(a, b) + 4 * min(a, b) * r for a, b in mats)  # moments r x max, projector min x r
-    per_layer = 8 * costs.layer_params + projected
+    per_layer = 8 * costs.layer_params + 8 * 2 * d + projected  # + the layer norms' two fp32 moments
     return m.num_layers * per_layer + 16 * costs.fixed_params

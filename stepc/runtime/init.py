@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from stepc.runtime.faults import pause_point
 from stepc.runtime.growth import LayerSource, layer_sources
 from stepc.runtime.lora import LoRALinear, _kaiming_a_, apply_adapters
 from stepc.runtime.model import StepcLlama, runtime_config
@@ -163,6 +164,7 @@ def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
                     lora_a[(i, name)] = _kaiming_a_(torch.empty(module.lora_A.shape, dtype=torch.float32), generator)
         assert len(lora_a) == len(adapters)
         fill_model(materialised, _grown_fill(materialised, export, sources, step, lora_a, spec.experiment.seed))
+        pause_point("growth")  # tests only: kill -9 mid-growth, the grown shards filled (see stepc/runtime/faults.py)
 
     return model, adapters, new_layers, fill
 

@@ -42,6 +42,10 @@ def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
             total += _local_bytes(p.grad)
     for state in optimizer.state.values():
         total += sum(_local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+        # GaLoreAdamW keeps each matrix's projector as an object holding its orthogonal matrix
+        projector = getattr(state.get("projector"), "ortho_matrix", None)
+        if isinstance(projector, torch.Tensor):
+            total += _local_bytes(projector)
     out = torch.tensor([total], dtype=torch.float64, device=device)
     dist.all_reduce(out)
     return int(out.item())
