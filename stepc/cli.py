@@ -1,6 +1,7 @@
 """The `stepc` command line: a thin layer over the compiler passes.
 
-Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (one paragraph, no traceback).
+Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (one paragraph, no traceback),
+130 `stepc run` interrupted (the stage checkpointed the step in flight; rerun to resume).
 """
 
 from __future__ import annotations
@@ -156,12 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
-    for index in indices:
-        print(f"== stage {index} of {len(manifest['plan']['stages'])}", flush=True)
-        code = subprocess.call(["bash", str(run_dir / f"stage-{index}.sh")])
-        if code:
-            print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
-            return 1
+    from stepc.localrun import run_stages
+
+    code = run_stages(run_dir, manifest, indices)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
+    if code:
+        return code
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     if (run_dir / "export").is_dir():
         print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")

@@ -20,16 +20,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preflight", action="store_true",
                         help="only run the checks that need no torch (manifest, stage order) and exit; the stage scripts "
                              "run this before torchrun, which would turn the exit code 2 of a refusal into 1")
+    parser.add_argument("--lock-pid", type=int,
+                        help="with --preflight: take the run directory's lock for this process (the stage script)")
+    parser.add_argument("--world", type=int, help="with --preflight: the number of ranks the stage will run on")
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:
+        from stepc.errors import UserError
+        from stepc.runlock import acquire
+
         try:
-            preflight(args.manifest, args.stage, allow)
-        except RuntimeFailure as failure:
+            if args.lock_pid is not None:  # before the checks: they may write (checkpoints/EXPERIMENT)
+                acquire(args.manifest.parent, args.lock_pid, f"stage-{args.stage}.sh")
+            preflight(args.manifest, args.stage, allow, world=args.world)
+        except (RuntimeFailure, UserError) as failure:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2
         return 0
     _die_with_launcher()
+    from stepc.runtime import preempt
+
+    preempt.install()  # before torch's imports: a stop signal during start-up is not lost
     from stepc.runtime.train import main as train  # heavy imports after argument parsing
 
     try:

@@ -54,7 +54,8 @@ def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
     return manifest
 
 
-def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True) -> tuple[dict[str, Any], bool]:
+def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True,
+              world: int | None = None) -> tuple[dict[str, Any], bool]:
     """Every check that needs no torch: (verified manifest, stage already complete?).
 
     Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
@@ -69,10 +70,25 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         check_experiment_identity(manifest_path.parent, manifest)
     if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
         return manifest, True
+    if world is not None:
+        check_world(manifest, world)
     previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
     if data:
         check_data_files(manifest_path.parent, manifest["spec"]["data"], allow)
     return manifest, False
+
+
+def check_world(manifest: dict[str, Any], world: int) -> None:
+    """A stage may run (and resume) on any number of ranks whose micro-batches tile the global batch:
+    the samples of a step depend only on the step and the global batch (data.BlockSampler), and DCP
+    reshards the checkpoint. Refuse only where the tiling is impossible."""
+    train, seq = manifest["spec"]["train"], manifest["spec"]["model"]["seq_len"]
+    per_pass = seq * train["micro_batch_size"] * world
+    if world < 1 or train["global_batch_tokens"] % per_pass:
+        raise RuntimeFailure(
+            f"cannot run on {world} rank(s): train.global_batch_tokens = {train['global_batch_tokens']} is not a multiple "
+            f"of model.seq_len x train.micro_batch_size x ranks = {seq} x {train['micro_batch_size']} x {world} = {per_pass}. "
+            f"Launch with a number of ranks that divides it (NNODES x NPROC_PER_NODE), or change the spec and recompile")
 
 
 def experiment_identity(manifest: dict[str, Any]) -> str:

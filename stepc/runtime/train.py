@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.runtime import checkpoint as ckpt
+from stepc.runtime import preempt
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
 from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
@@ -73,7 +74,8 @@ class Stage:
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
-    manifest, complete = preflight(manifest_path, stage_index, allow, data=False)  # data: _load_data checks it all
+    manifest, complete = preflight(manifest_path, stage_index, allow, data=False,  # data: _load_data checks it all
+                                   world=int(os.environ.get("WORLD_SIZE", "1")))
     info = manifest["plan"]["stages"][stage_index - 1]
     final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
     if complete:
@@ -164,6 +166,9 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             _evaluate(st, model, evals, metrics, done)
         if done % tr["checkpoint_every"] == 0 and done != steps:
             _save_checkpoint(st, done, model, optimizer)
+        if done != steps and preempt.agreed_stop(done, st.device):  # SIGTERM/SIGINT/SIGUSR1 on any rank
+            _stop(st, done, model, optimizer, metrics)
+            return
     _evaluate(st, model, evals, metrics, steps)
     _finish(st, model, metrics, steps)
 
@@ -171,6 +176,17 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
 def _fault_step(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     return int(value) if value else None
+
+
+def _stop(st: Stage, done: int, model, optimizer, metrics: MetricsWriter) -> None:
+    """Every rank: checkpoint the step just finished (unless the periodic one did) and leave STOPPED."""
+    if done % st.spec["train"]["checkpoint_every"] != 0:
+        _save_checkpoint(st, done, model, optimizer)
+    if st.rank == 0:
+        record = preempt.record_stop(st.dir, done, ckpt.step_dir(st.dir, done))
+        metrics.write(event="stopped", stage=st.index, step=done, signal=record["signal"])
+        _log(st, f"stage {st.index} stopped by {record['signal']} after step {done}; checkpoint {ckpt.step_dir(st.dir, done)}")
+    dist.barrier()
 
 
 def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:

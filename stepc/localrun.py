@@ -1,0 +1,102 @@
+"""`stepc run RUN_DIR`: the stage scripts in order on this machine, as one launch.
+
+Before anything runs: the run directory's lock (runlock.py; the stage scripts inherit it through
+STEPC_RUN_LOCK) and the manifest's content hash plus every script's recorded hash (a replaced or
+edited stage script is never executed).
+
+Exit codes: 0 done; 2 a refusal (ours, or a stage's preflight, whose message is passed through);
+130 interrupted (Ctrl-C or SIGTERM: the stage finishes its step in flight and checkpoints, one line
+says where it stopped); 1 a stage failed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from stepc.errors import UserError
+from stepc.manifest import content_hash, sha256_bytes
+from stepc.runlock import acquire, release
+
+EXIT_STOPPED = 75  # stage.sh: stopped by a signal after checkpointing (runtime/preempt.py)
+EXIT_REFUSED = 2
+
+
+def verify_scripts(run_dir: Path, manifest: dict) -> None:
+    """The manifest is unedited and every script it records is there with the recorded bytes."""
+    where = str(run_dir / "manifest.json")
+    if manifest.get("hash") != content_hash(manifest):
+        raise UserError("manifest.json was edited after compilation (its content hash does not match)", file=where,
+                        fix=f"recompile the spec with `stepc compile SPEC --force` (checkpoints are kept); `stepc verify {run_dir}` shows what differs")
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        if not name.endswith((".sh", ".sbatch")):
+            continue
+        script = run_dir / name
+        if not script.is_file():
+            raise UserError(f"{name} is missing", file=str(script), fix="recompile the spec with `stepc compile SPEC --force`")
+        if sha256_bytes(script.read_bytes()) != digest:
+            raise UserError(f"{name} differs from the script the manifest records", file=str(script),
+                            fix=f"recompile with `stepc compile SPEC --force` (or inspect with `stepc verify {run_dir}`); "
+                                "to run an edited script on purpose, run it directly with --allow-edited-scripts")
+
+
+def run_stages(run_dir: Path, manifest: dict, indices: list[int]) -> int:
+    verify_scripts(run_dir, manifest)
+    lock = acquire(run_dir, command="stepc run")
+    try:
+        return _run(run_dir, len(manifest["plan"]["stages"]), indices)
+    finally:
+        if lock is not None:
+            release(run_dir)
+
+
+def _run(run_dir: Path, total: int, indices: list[int]) -> int:
+    for index in indices:
+        print(f"== stage {index} of {total}", flush=True)
+        code, interrupted = _call_stage(run_dir / f"stage-{index}.sh")
+        if interrupted or code == EXIT_STOPPED:
+            stopped = _stopped(run_dir, index)
+            where = (f"stage {index} stopped after step {stopped['step']} (checkpoint written)" if stopped
+                     else f"stage {index} stopped (exit code {code})")
+            print(f"interrupted: {where}; rerun `stepc run {run_dir}` to resume", file=sys.stderr, flush=True)
+            return 130
+        if code == EXIT_REFUSED:
+            return EXIT_REFUSED  # the stage's preflight printed why (another launch, edited files, ...)
+        if code:
+            print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _call_stage(script: Path) -> tuple[int, bool]:
+    """Run one stage script; Ctrl-C / SIGTERM are passed to it and waited out (the stage checkpoints)."""
+    proc = subprocess.Popen(["bash", str(script)])
+    interrupted = []
+
+    def forward(signum, frame):
+        interrupted.append(signum)
+        try:
+            proc.send_signal(signum)  # bash forwards it to the workers; a duplicate of the terminal's is harmless
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait(), bool(interrupted)
+            except KeyboardInterrupt:  # only if a handler was not installed in time
+                interrupted.append(signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(run_dir: Path, index: int) -> dict | None:
+    try:
+        return json.loads((run_dir / "checkpoints" / f"stage-{index}" / "STOPPED").read_text())
+    except (OSError, ValueError):
+        return None

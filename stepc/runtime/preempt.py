@@ -1,0 +1,89 @@
+"""Stop at a step boundary when the job is told to stop: lose at most the optimizer step in flight.
+
+SIGTERM (scancel, preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's time-limit warning) only
+set a flag here. At the end of every optimizer step all ranks agree on it with one tiny all_reduce
+(MAX of the flag), so every rank stops after the same step even when the signal reached them a step
+apart; the loop then writes a checkpoint at that step, `record_stop` writes STOPPED in the stage's
+checkpoint directory, and the worker exits 0.
+
+Why a marker file and not an exit code: torchrun turns any worker's exit code into 1, and a rank
+killed mid-collective gives 1 as well. The stage script removes STOPPED before torchrun starts and
+reads it after torchrun ends; when it is there the stage exits with `EXIT_STOPPED` (75, EX_TEMPFAIL:
+"try again later"), which run.sbatch turns into a requeue (USR1) or a clean stop (TERM) and
+`stepc run` into "stopped at step N; rerun to resume".
+
+Signals reach the workers from the stage script (it forwards them to torchrun's children) or, under
+SLURM, from slurmstepd (it signals every process of the step); torchrun itself ignores them (see
+stage.sh), so its 30 s shutdown timeout never cuts a checkpoint short. A second signal more than
+`ESCALATE_AFTER_S` seconds after the first (a user pressing Ctrl-C again because a collective hangs)
+restores the default action and re-raises it: the worker dies at once.
+
+Hand-written because no library does this: torch.distributed.elastic has no step-boundary stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+EXIT_STOPPED = 75
+MARKER = "STOPPED"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+ESCALATE_AFTER_S = 5.0
+
+_received: dict[str, float | str | None] = {"name": None, "at": None}
+_steps_done = 0  # steps finished when the signal arrived (for the STOPPED record)
+_signal_steps_done: int | None = None
+
+
+def _handler(signum: int, frame) -> None:
+    global _signal_steps_done
+    now = time.monotonic()
+    if _received["at"] is not None and now - float(_received["at"]) > ESCALATE_AFTER_S:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if _received["name"] is None:
+        _received["name"], _received["at"] = signal.Signals(signum).name, now
+        _signal_steps_done = _steps_done
+
+
+def install() -> None:
+    """Catch the stop signals (call before the heavy imports, so an early signal is not lost)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def requested() -> str | None:
+    """The name of the first stop signal this process received, or None."""
+    return _received["name"]  # type: ignore[return-value]
+
+
+def agreed_stop(steps_done: int, device) -> bool:
+    """Collective, once per optimizer step on every rank: has ANY rank been told to stop?"""
+    import torch
+    import torch.distributed as dist
+
+    global _steps_done
+    _steps_done = steps_done
+    flag = torch.tensor([1 if requested() else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def marker_path(stage_dir: Path) -> Path:
+    return stage_dir / MARKER
+
+
+def record_stop(stage_dir: Path, step: int, checkpoint: Path) -> dict:
+    """Rank 0, after the checkpoint at `step` is complete: the STOPPED record the stage script reads."""
+    record = {"step": step, "signal": requested() or "peer", "steps_done_at_signal": _signal_steps_done,
+              "checkpoint": str(checkpoint)}
+    path = marker_path(stage_dir)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return record
