@@ -12,6 +12,7 @@ says where it stopped); 1 a stage failed.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from stepc.errors import UserError
 from stepc.manifest import content_hash, sha256_bytes
+from stepc.runlock import ENV as LOCK_ENV
 from stepc.runlock import acquire, release
 
 EXIT_STOPPED = 75  # stage.sh: stopped by a signal after checkpointing (runtime/preempt.py)
@@ -47,16 +49,19 @@ def run_stages(run_dir: Path, manifest: dict, indices: list[int]) -> int:
     verify_scripts(run_dir, manifest)
     lock = acquire(run_dir, command="stepc run")
     try:
-        return _run(run_dir, len(manifest["plan"]["stages"]), indices)
+        env = dict(os.environ)
+        if lock is not None:
+            env[LOCK_ENV] = lock["owner"]  # the stage scripts are this launch
+        return _run(run_dir, len(manifest["plan"]["stages"]), indices, env)
     finally:
         if lock is not None:
             release(run_dir)
 
 
-def _run(run_dir: Path, total: int, indices: list[int]) -> int:
+def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> int:
     for index in indices:
         print(f"== stage {index} of {total}", flush=True)
-        code, interrupted = _call_stage(run_dir / f"stage-{index}.sh")
+        code, interrupted = _call_stage(run_dir / f"stage-{index}.sh", env)
         if interrupted or code == EXIT_STOPPED:
             stopped = _stopped(run_dir, index)
             where = (f"stage {index} stopped after step {stopped['step']} (checkpoint written)" if stopped
@@ -71,9 +76,9 @@ def _run(run_dir: Path, total: int, indices: list[int]) -> int:
     return 0
 
 
-def _call_stage(script: Path) -> tuple[int, bool]:
+def _call_stage(script: Path, env: dict[str, str]) -> tuple[int, bool]:
     """Run one stage script; Ctrl-C / SIGTERM are passed to it and waited out (the stage checkpoints)."""
-    proc = subprocess.Popen(["bash", str(script)])
+    proc = subprocess.Popen(["bash", str(script)], env=env)
     interrupted = []
 
     def forward(signum, frame):

@@ -149,8 +149,7 @@ def acquire(run_dir: Path, pid: int | None = None, command: str = "") -> dict | 
         except OSError as exc:
             raise UserError(f"cannot create the lock file {path}: {exc}", file=str(run_dir),
                             fix="make the run directory writable") from None
-        os.environ[ENV] = record["owner"]  # children (stage scripts) are this launch
-        return record
+        return record  # the caller exports ENV=record["owner"] to its children (they are this launch)
     raise LockHeld(f"could not take {path}: it keeps changing hands", file=str(path), fix="retry")
 
 
