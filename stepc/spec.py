@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stepc.units import parse_bytes
 
@@ -193,9 +193,18 @@ class Launch(Section):
     nproc_per_node: PositiveInt = 8
     """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
-    """TCP port of the torchrun c10d rendezvous on the head node."""
+    """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
+    rdzv_ports: int = Field(default=1000, ge=1, le=64512)
+    """Size of the rendezvous port range (see rdzv_port): rdzv_ports consecutive job ids get distinct ports. rdzv_port + rdzv_ports - 1 must be at most 65535."""
     slurm: Slurm = Slurm()
     """SLURM settings for run.sbatch."""
+
+    @model_validator(mode="after")
+    def _ports_fit(self) -> "Launch":
+        if self.rdzv_port + self.rdzv_ports - 1 > 65535:
+            raise ValueError(f"rdzv_port + rdzv_ports - 1 = {self.rdzv_port + self.rdzv_ports - 1} is above 65535: "
+                             "lower launch.rdzv_port or launch.rdzv_ports")
+        return self
 
 
 class Spec(Section):

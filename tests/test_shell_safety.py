@@ -186,8 +186,11 @@ def _check_execution(tmp_path: Path, run_dir: Path) -> None:
     _run(["bash", str(run_dir / "run.sbatch")], scratch, slurm_env)
 
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    for argv in calls:  # every interpreter call gets the real manifest path as one argument
-        assert argv[argv.index("--manifest") + 1] == manifest, argv
+    locks = [argv for argv in calls if argv[:2] == ["-m", "stepc.runlock"]]  # run.sbatch takes the run-dir lock
+    assert [argv[2:4] for argv in locks] == [["acquire", str(run_dir.resolve())]], locks
+    for argv in calls:  # every other interpreter call gets the real manifest path as one argument
+        if argv not in locks:
+            assert argv[argv.index("--manifest") + 1] == manifest, argv
     launches = [argv for argv in calls if argv[:2] == ["-m", "torch.distributed.run"]]
     assert [argv[argv.index("--stage") + 1] for argv in launches] == [str(i) for i in [1, *range(1, stages + 1)]], calls
     for argv in launches:

@@ -132,7 +132,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     tokens_per_step = tr["global_batch_tokens"]
     peak_flops = gpu_peak_flops(st.device)
     if start == 0:
-        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"],
+        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"], world=st.world,
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
     last_time, last_step = time.perf_counter(), start
     for step in range(start, steps):
