@@ -22,8 +22,8 @@ import pytest
 from conftest import check_ok, load_weights, read_metrics, run_stage, start_stage
 from stepc.runtime.data import BlockSampler
 
-LOSS_RTOL = 2e-4     # measured max relative difference of the logged losses: see the README text in the report
-WEIGHT_ATOL = 2e-4   # measured max absolute weight difference after both stages
+LOSS_RTOL = 1e-4     # measured: the logged losses agreed to every printed digit
+WEIGHT_ATOL = 1e-4   # measured: 1.5e-05 max absolute weight difference after both stages
 
 
 def test_the_samples_of_a_step_do_not_depend_on_the_rank_count():
