@@ -2,7 +2,7 @@
 
 For K in {2, 3, 10, 32} stages and L in {24, 64, 128} layers (K <= L), paper accounting, d = 2048, r = 128:
 
-- solve: `stepc.layout.solve_layout` (Pyomo model build + solver + exact recomputation + canonical
+- solve: `stepc.compiler.layout.solve_layout` (Pyomo model build + solver + exact recomputation + canonical
   tie-break), median of --repeats calls in this process, for GLPK and HiGHS;
 - compile: `python -m stepc.cli compile` in a fresh subprocess (includes Python start-up and imports),
   median of --compile-repeats runs, GLPK.
@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepc.layout import solve_layout
-from stepc.memory import paper_costs
+from stepc.compiler.layout import solve_layout
+from stepc.compiler.memory import paper_costs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "compile.json"

@@ -109,23 +109,25 @@ def run_method(method: str, steps: int, out: Path) -> dict:
     paper_spec = out / f"{method}-paper.toml"
     paper_spec.write_text(spec_text(method, steps, accounting="paper"))
     paper_peak = _plan_peak(paper_spec)
-    plan = manifest["plan"]
+    from stepc.schema.plan import Plan
+
+    plan = Plan.model_validate(manifest["plan"])
     return {
-        "method": method, "layout": plan["layers"], "steps": sum(s["steps"] for s in plan["stages"]),
-        "tokens": sum(s["tokens"] for s in plan["stages"]), "flops": sum(s["flops"] for s in plan["stages"]),
+        "method": method, "layout": plan.layers, "steps": sum(s.steps for s in plan.stages),
+        "tokens": sum(s.tokens for s in plan.stages), "flops": sum(s.flops for s in plan.stages),
         "ppl_heldout": evaluation["heldout"], "ppl_milton": evaluation["milton"],
-        "paper_peak_bytes": paper_peak, "exact_peak_bytes": plan["peak_bytes"], "measured_peak_bytes": measured,
+        "paper_peak_bytes": paper_peak, "exact_peak_bytes": plan.peak_bytes, "measured_peak_bytes": measured,
         "wall_s": round(wall, 1),
     }
 
 
 def _plan_peak(spec_path: Path) -> int:
     sys.path.insert(0, str(ROOT))
-    from stepc.load import load_spec
-    from stepc.plan import make_plan
+    from stepc.compiler.load import load_spec
+    from stepc.compiler.plan import make_plan
 
     spec, _ = load_spec(spec_path)
-    return make_plan(spec)["peak_bytes"]
+    return make_plan(spec).peak_bytes
 
 
 def main() -> None:
@@ -147,7 +149,7 @@ def main() -> None:
         less_measured = 100 * (1 - r["measured_peak_bytes"] / vanilla["measured_peak_bytes"])
         r["ppl_vs_vanilla_pct"] = round(100 * (r["ppl_heldout"] / vanilla["ppl_heldout"] - 1), 2)
         r["paper_peak_reduction_pct"], r["measured_peak_reduction_pct"] = round(less_paper, 1), round(less_measured, 1)
-        print(f"{r['method']:8} {'+'.join(map(str, r['layout'])):>8} {r['steps']:6d} {r['tokens']:10,d} {r['flops']:10.3e} "
+        print(f"{r.method:8} {'+'.join(map(str, r['layout'])):>8} {r.steps:6d} {r.tokens:10,d} {r.flops:10.3e} "
               f"{r['ppl_heldout']:13.2f} {r['ppl_milton']:11.2f} {r['paper_peak_bytes'] / 1e6:9.2f} MB "
               f"{r['exact_peak_bytes'] / 1e6:8.2f} MB {r['measured_peak_bytes'] / 1e6:7.2f} MB "
               f"{less_paper:10.1f}% / {less_measured:5.1f}%")

@@ -14,4 +14,4 @@ fi
 $SUDO bash tests/install_slurm.sh || echo "setup: SLURM not installed; tests/test_slurm_run.py will be skipped" >&2
 python3 -m pip install -q "torch==${STEPC_TORCH_VERSION:-2.13.0}"
 python3 -m pip install -q -e ".[test]"
-python3 -m stepc.corpus data/corpus
+python3 -m stepc.commands.corpus data/corpus

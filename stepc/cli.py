@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (o
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -81,28 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compile(spec_path: str):
-    from stepc.load import load_spec
-    from stepc.plan import make_plan
+def _read_spec(path: str) -> str:
+    from stepc.compiler.load import read_spec_text
 
-    spec, text = load_spec(spec_path)
-    try:
-        plan = make_plan(spec)
-    except UserError as err:
-        err.file = err.file or spec_path
-        raise
-    return spec, text, plan
+    return read_spec_text(path)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from stepc.emit import compile_files, write_run_dir
-    from stepc.report import plan_summary, plan_table
+    from stepc.compiler import compile_spec
+    from stepc.compiler.emit import write_run_dir
+    from stepc.compiler.plan_table import plan_summary, plan_table
 
-    spec, text, plan = _compile(args.spec)
-    manifest, files = compile_files(spec, plan, text)
+    compiled = compile_spec(_read_spec(args.spec), args.spec)
+    spec, plan, manifest = compiled.spec, compiled.plan, compiled.manifest
     run_dir = Path(args.out) / spec.experiment.name
     try:
-        write_run_dir(run_dir, files, args.force)
+        write_run_dir(run_dir, compiled.files, args.force)
     except UserError as err:
         err.file = err.file or args.spec
         raise
@@ -113,11 +106,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from stepc.report import compare_plans, plan_summary, plan_table
+    from stepc.compiler import plan_spec
+    from stepc.compiler.plan_table import compare_plans, plan_summary, plan_table
 
     plans = []
     for i, path in enumerate(args.specs):
-        spec, _, plan = _compile(path)
+        spec, plan = plan_spec(_read_spec(path), path)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))
@@ -129,15 +123,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from stepc.diff import diff, load_manifest, render
+    from stepc.commands.diff import diff, render
+    from stepc.rundir import read_manifest
 
-    changes = diff(load_manifest(args.a), load_manifest(args.b))
+    changes = diff(read_manifest(args.a), read_manifest(args.b))
     print(render(changes))
     return 1 if changes else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from stepc.verify import verify_run_dir
+    from stepc.commands.verify import verify_run_dir
 
     notes: list[str] = []
     problems = verify_run_dir(Path(args.run_dir), notes)
@@ -148,28 +143,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stepc.diff import load_manifest
+    from stepc.rundir import RunDir
+    from stepc.schema.manifest import load_manifest
 
     run_dir = Path(args.run_dir)
     manifest = load_manifest(run_dir)
-    indices = [s["index"] for s in manifest["plan"]["stages"]]
+    indices = [s.index for s in manifest.plan.stages]
     if args.stage is not None:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
-    from stepc.localrun import run_stages
+    from stepc.commands.run import run_stages
 
     code = run_stages(run_dir, manifest, indices)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
     if code:
         return code
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    if (run_dir / "export").is_dir():
-        print(f"model:   {run_dir / 'export'} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
+    paths = RunDir(run_dir)
+    print(f"metrics: {paths.metrics}")
+    if paths.export.is_dir():
+        print(f"model:   {paths.export} (Hugging Face format: AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from stepc.submit import submit
+    from stepc.commands.submit import submit
 
     ids = submit(Path(args.run_dir), args.chain)
     print(f"submitted {args.run_dir}: job{'s' if len(ids) > 1 else ''} {' '.join(ids)}")
@@ -177,7 +174,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stepc.evaluate import evaluate_run, render
+    from stepc.commands.evaluate import evaluate_run, render
 
     tasks = [t for t in args.tasks.split(",") if t]
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
@@ -187,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stepc.comparison import write_report
+    from stepc.commands.report import write_report
 
     print(write_report([Path(d) for d in args.run_dirs], args.out))
     print(f"wrote {args.out / 'report.md'} and {args.out / 'loss.png'}")
@@ -195,7 +192,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_help_spec(args: argparse.Namespace) -> int:
-    from stepc.spec import Spec
+    from stepc.schema.spec import Spec
 
     print(spec_reference(Spec))
     return 0

@@ -1,4 +1,4 @@
-"""One launch per run directory: RUN_DIR/LOCK names the launch that holds it.
+"""One launch per run directory: RUN_DIR/LOCK (RunDir.lock) names the launch that holds it.
 
 Two `stepc run`s, stage scripts or SLURM jobs training the same run directory would both write
 checkpoints, metrics and exports into it. The first takes RUN_DIR/LOCK before it writes anything;
@@ -14,6 +14,7 @@ every other launch exits 2 naming the holder (host, PID, SLURM job, command, sin
   another process now: the recorded start time differs), or it was a SLURM job that `squeue` no
   longer lists as running.
 
+Not rundir.atomic_write: its rename replaces an existing file, a lock must fail when one exists.
 Hand-written: filelock/fcntl locks are per host (flock does not cross NFS clients reliably) and
 record no holder to name in the refusal.
 """
@@ -30,8 +31,9 @@ import warnings
 from pathlib import Path
 
 from stepc.errors import UserError
+from stepc.rundir import RunDir
 
-LOCK = "LOCK"
+LOCK = RunDir(Path(".")).lock.name
 ENV = "STEPC_RUN_LOCK"
 _LIVE_JOB_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 
@@ -71,7 +73,7 @@ def describe(holder: dict) -> str:
 
 def read(run_dir: Path) -> dict | None:
     try:
-        return json.loads((Path(run_dir) / LOCK).read_text())
+        return json.loads(RunDir(Path(run_dir)).lock.read_text())
     except (OSError, ValueError):
         return None
 
@@ -111,7 +113,7 @@ def acquire(run_dir: Path, pid: int | None = None, command: str = "") -> dict | 
     host, job = socket.gethostname(), os.environ.get("SLURM_JOB_ID") or None
     record = {"owner": owner_key(job, host, pid), "host": host, "pid": pid, "start": _start_time(pid) or "",
               "job_id": job, "command": command, "since": round(time.time(), 3)}
-    path = run_dir / LOCK
+    path = RunDir(run_dir).lock
     inherited = os.environ.get(ENV)
     tmp = run_dir / f".{LOCK}.{host}.{os.getpid()}"
     for _ in range(50):
@@ -180,7 +182,7 @@ def release(run_dir: Path, pid: int | None = None) -> bool:
     if holder is None or holder.get("host") != socket.gethostname() or holder.get("pid") != pid:
         return False
     try:
-        (Path(run_dir) / LOCK).unlink()
+        RunDir(Path(run_dir)).lock.unlink()
     except FileNotFoundError:
         return False
     return True

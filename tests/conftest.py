@@ -29,7 +29,7 @@ STAGE_TIMEOUT = 240
 def small_corpus(tmp_path_factory) -> Path:
     """~0.5 MB of the demo corpus: 4 training plays and one validation play (built if missing)."""
     if not (CORPUS / "COMPLETE").exists():
-        from stepc.corpus import build_corpus
+        from stepc.commands.corpus import build_corpus
 
         build_corpus(CORPUS)
     root = tmp_path_factory.mktemp("corpus")

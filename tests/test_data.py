@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stepc import corpus
-from stepc.runtime.data import (BlockSampler, PackedDataset, holdout_split, iter_eval_batches,
-                                read_documents, tokenize_to_blocks)
+from stepc.commands import corpus
+from stepc.runtime.data import BlockSampler, PackedDataset, holdout_split, iter_eval_batches, read_documents, tokenize_to_blocks
 from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
 
 DOCS = [

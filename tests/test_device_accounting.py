@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stepc.load import parse_spec
-from stepc.memory import STEP_SCALAR_BYTES, TRAINED_BYTES, device_costs, exact_costs, exact_layer_params
+from stepc.compiler.load import parse_spec
+from stepc.compiler.memory import STEP_SCALAR_BYTES, TRAINED_BYTES, device_costs, exact_costs, exact_layer_params
 
 SPEC = """
 [experiment]
@@ -67,10 +67,10 @@ def test_more_ranks_shrink_only_the_sharded_part():
 
 
 def test_device_plan_reports_per_gpu_peak():
-    from stepc.plan import make_plan
+    from stepc.compiler.plan import make_plan
 
     s = spec(ranks=4)
     plan = make_plan(s)
     dev = device_costs(s)
-    assert plan["peak_bytes"] == max(dev.stage_bytes(n, o) for n, o in [(plan["layers"][0], 0), (plan["layers"][1], plan["layers"][0])])
-    assert plan["vanilla_peak_bytes"] == dev.stage_bytes(8, 0)
+    assert plan.peak_bytes == max(dev.stage_bytes(n, o) for n, o in [(plan.layers[0], 0), (plan.layers[1], plan.layers[0])])
+    assert plan.vanilla_peak_bytes == dev.stage_bytes(8, 0)

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import check_ok, load_weights, read_metrics, run_stage, start_stage
+
 from stepc.runtime.data import BlockSampler
 
 LOSS_RTOL = 1e-4     # measured: the logged losses agreed to every printed digit

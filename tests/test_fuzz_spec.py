@@ -4,7 +4,7 @@ Hypothesis builds a small valid planning spec (hidden 64..512, 2..16 layers, so 
 fraction of a second), applies 1-3 random mutations (a value of another TOML type, out-of-range,
 huge, negative, NaN/inf numbers, unknown keys at any level, deleted keys and tables, unicode and
 control characters, empty strings, 50-level nested tables), writes it as TOML and runs
-`stepc compile` in-process. The contract (DESIGN.md, "Exit codes"):
+`stepc compile` in-process. The contract (the README's exit codes):
 
 * exit 0: OUT/<experiment.name>/manifest.json exists (and is strict JSON) and nothing else is in OUT;
 * exit 2: stderr starts with "error:", names the spec file, a "[key.path]" and a "fix:", has no

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from stepc.layout import solve_layout
-from stepc.load import parse_spec
-from stepc.memory import Costs, exact_costs, layout_peaks, paper_costs
+from stepc.compiler.layout import solve_layout
+from stepc.compiler.load import parse_spec
+from stepc.compiler.memory import Costs, exact_costs, layout_peaks, paper_costs
 
 NUM_CASES = 220
 HIGHS_EVERY = 7  # ~30 of the cases are also solved and oracle-checked with HiGHS

@@ -15,10 +15,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stepc.compiler.load import parse_spec
+from stepc.compiler.memory import exact_costs, exact_layer_params
+from stepc.compiler.plan import make_plan
 from stepc.errors import UserError
-from stepc.load import parse_spec
-from stepc.memory import LINEAR_MAPS, exact_costs, exact_layer_params
-from stepc.plan import make_plan
+from stepc.schema.spec import LINEAR_MAPS
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SOLVERS = ["glpk", "highs"]
@@ -88,22 +89,22 @@ def gb(n: int) -> float:
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_368m_two_stages_exact_bytes(solver):
     plan = plan_of(paper_spec("paper-368m-step2.toml", solver))
-    assert plan["layers"] == [7, 5]  # Table 1: 7 -> 12
-    assert plan["vanilla_peak_bytes"] == 5_898_854_400 == eq1(12, 1600)
-    assert plan["peak_bytes"] == 3_440_998_400 == max(eq2([7, 5], 1600))
-    assert [s["peak_bytes"] for s in plan["stages"]] == eq2([7, 5], 1600)
-    assert plan["peak_bytes"] == best_peak(12, 2, 1600)
-    assert plan["solver"] == solver
+    assert plan.layers == [7, 5]  # Table 1: 7 -> 12
+    assert plan.vanilla_peak_bytes == 5_898_854_400 == eq1(12, 1600)
+    assert plan.peak_bytes == 3_440_998_400 == max(eq2([7, 5], 1600))
+    assert [s.peak_bytes for s in plan.stages] == eq2([7, 5], 1600)
+    assert plan.peak_bytes == best_peak(12, 2, 1600)
+    assert plan.solver == solver
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_680m_two_stages(solver):
     plan = plan_of(paper_spec("paper-680m-step2.toml", solver))
-    assert plan["layers"] == [14, 10]  # Table 1: 14 -> 24
-    assert gb(plan["vanilla_peak_bytes"]) == 10.873 and plan["vanilla_peak_bytes"] == eq1(24, 1536)
-    assert gb(plan["peak_bytes"]) == 6.342 and plan["peak_bytes"] == max(eq2([14, 10], 1536))
+    assert plan.layers == [14, 10]  # Table 1: 14 -> 24
+    assert gb(plan.vanilla_peak_bytes) == 10.873 and plan.vanilla_peak_bytes == eq1(24, 1536)
+    assert gb(plan.peak_bytes) == 6.342 and plan.peak_bytes == max(eq2([14, 10], 1536))
     # Section 4.1 prints the rounded values: "10.9G to 6.3G (42.2% reduction)".
-    assert round(plan["vanilla_peak_bytes"] / 1e9, 1) == 10.9 and round(plan["peak_bytes"] / 1e9, 1) == 6.3
+    assert round(plan.vanilla_peak_bytes / 1e9, 1) == 10.9 and round(plan.peak_bytes / 1e9, 1) == 6.3
     assert round(100 * (1 - 6.3 / 10.9), 1) == 42.2
 
 
@@ -112,25 +113,25 @@ def test_1_2b_ilp_optimum_differs_from_table_1(solver):
     """Under Eq. 2-5 the optimum is 13 -> 24 and 10 -> 18 -> 24, not the paper's 14 -> 24 and 11 -> 19 -> 24."""
     two = plan_of(paper_spec("paper-1.2b-step2.toml", solver))
     three = plan_of(paper_spec("paper-1.2b-step3.toml", solver))
-    assert two["layers"] == [13, 11] and gb(two["peak_bytes"]) == 11.204
-    assert three["layers"] == [10, 8, 6] and gb(three["peak_bytes"]) == 8.247
-    assert two["peak_bytes"] == best_peak(24, 2, 2048) and three["peak_bytes"] == best_peak(24, 3, 2048)
-    assert two["vanilla_peak_bytes"] == three["vanilla_peak_bytes"] == eq1(24, 2048)
-    assert gb(three["vanilla_peak_bytes"]) == 19.329
-    assert round(100 * (1 - three["peak_bytes"] / three["vanilla_peak_bytes"]), 1) == 57.3
-    assert three["reduction"] == pytest.approx(1 - three["peak_bytes"] / three["vanilla_peak_bytes"], abs=1e-6)
+    assert two.layers == [13, 11] and gb(two.peak_bytes) == 11.204
+    assert three.layers == [10, 8, 6] and gb(three.peak_bytes) == 8.247
+    assert two.peak_bytes == best_peak(24, 2, 2048) and three.peak_bytes == best_peak(24, 3, 2048)
+    assert two.vanilla_peak_bytes == three.vanilla_peak_bytes == eq1(24, 2048)
+    assert gb(three.vanilla_peak_bytes) == 19.329
+    assert round(100 * (1 - three.peak_bytes / three.vanilla_peak_bytes), 1) == 57.3
+    assert three.reduction == pytest.approx(1 - three.peak_bytes / three.vanilla_peak_bytes, abs=1e-6)
     # The paper's rows are strictly worse than the optimum, so a solver bug cannot hide behind them.
-    assert max(eq2([14, 10], 2048)) > two["peak_bytes"] and max(eq2([11, 8, 5], 2048)) > three["peak_bytes"]
+    assert max(eq2([14, 10], 2048)) > two.peak_bytes and max(eq2([11, 8, 5], 2048)) > three.peak_bytes
 
 
 def test_1_2b_pinned_layers_reproduce_table_1():
     two = plan_of(paper_spec("paper-1.2b-step2-table1.toml"))
     three = plan_of(paper_spec("paper-1.2b-step3-table1.toml"))
-    assert two["solver"] == three["solver"] == "pinned"
-    assert two["layers"] == [14, 10] and gb(two["peak_bytes"]) == 11.275 == gb(max(eq2([14, 10], 2048)))
-    assert three["layers"] == [11, 8, 5] and gb(three["peak_bytes"]) == 8.859 == gb(max(eq2([11, 8, 5], 2048)))
+    assert two.solver == three.solver == "pinned"
+    assert two.layers == [14, 10] and gb(two.peak_bytes) == 11.275 == gb(max(eq2([14, 10], 2048)))
+    assert three.layers == [11, 8, 5] and gb(three.peak_bytes) == 8.859 == gb(max(eq2([11, 8, 5], 2048)))
     # Section 4.1: "19.3G to 8.9G (53.9% reduction)" -- the paper's percentage uses the rounded values.
-    vanilla, peak = round(three["vanilla_peak_bytes"] / 1e9, 1), round(three["peak_bytes"] / 1e9, 1)
+    vanilla, peak = round(three.vanilla_peak_bytes / 1e9, 1), round(three.peak_bytes / 1e9, 1)
     assert (vanilla, peak) == (19.3, 8.9)
     assert round(100 * (1 - peak / vanilla), 1) == 53.9
 
@@ -143,11 +144,11 @@ def test_1_2b_pinned_layers_reproduce_table_1():
 ])
 def test_table_1_intermediate_model_sizes(file, d, sizes):
     """Non-embedding parameters of every intermediate stage's model, in millions, as Table 1 prints them."""
-    stages = plan_of(paper_spec(file))["stages"]
+    stages = plan_of(paper_spec(file)).stages
     # stage 1 trains its whole model; stage i+1 freezes exactly stage i's model
-    assert stages[0]["trainable_params"] == stages[0]["total_layers"] * p_layer(d)
-    models = [s["frozen_params"] for s in stages[1:]]
-    assert models == [s["total_layers"] * p_layer(d) for s in stages[:-1]]
+    assert stages[0].trainable_params == stages[0].total_layers * p_layer(d)
+    models = [s.frozen_params for s in stages[1:]]
+    assert models == [s.total_layers * p_layer(d) for s in stages[:-1]]
     assert [m // 10**6 for m in models] == sizes
 
 
@@ -216,7 +217,7 @@ def test_exact_counts_match_transformers(config):
     assert fixed == outside == total - spec.model.num_layers * layer
 
     linears = {name.rsplit(".", 1)[-1]: mod for name, mod in decoder.named_modules() if isinstance(mod, torch.nn.Linear)}
-    assert set(linears) == set(LINEAR_MAPS)
+    assert set(linears) == {proj for _, proj in LINEAR_MAPS}
     assert adapter == sum(spec.step.lora_rank * (mod.in_features + mod.out_features) for mod in linears.values())
 
 
@@ -244,8 +245,8 @@ def test_exact_vanilla_bytes_count_every_tensor(precision, frozen_bytes):
 def test_auto_picks_fewest_stages_that_fit(budget, limit):
     expected = next(k for k in range(1, 25) if dp_best_peak(24, k, 2048) <= limit)
     plan = plan_of(paper_spec("paper-1.2b-step2.toml", stages='"auto"', budget=f'"{budget}"'))
-    assert len(plan["layers"]) == expected
-    assert plan["peak_bytes"] == dp_best_peak(24, expected, 2048) <= limit
+    assert len(plan.layers) == expected
+    assert plan.peak_bytes == dp_best_peak(24, expected, 2048) <= limit
     if expected > 1:
         assert dp_best_peak(24, expected - 1, 2048) > limit  # one stage fewer would not fit
 
@@ -299,7 +300,7 @@ def test_pinned_layout_over_budget_is_an_error():
 
 
 def per_step_flops(stage: dict, batch_tokens: int, frozen_factor: int = 2) -> int:
-    return (6 * stage["trainable_params"] + frozen_factor * stage["frozen_params"]) * batch_tokens
+    return (6 * stage.trainable_params + frozen_factor * stage.frozen_params) * batch_tokens
 
 
 @pytest.mark.parametrize("file, grow_at", [
@@ -312,38 +313,38 @@ def test_flops_schedule_spends_the_vanilla_budget(file, grow_at):
     tokens = spec.train.global_batch_tokens
     d, L = spec.model.hidden_size, spec.model.num_layers
     budget = 6 * L * p_layer(d) * spec.train.reference_steps * tokens  # C = 6 N T of the vanilla run
-    assert plan["flops_budget"] == budget
+    assert plan.flops_budget == budget
 
-    stages = plan["stages"]
+    stages = plan.stages
     for stage in stages[:-1]:
-        assert stage["steps"] == round(grow_at * spec.train.reference_steps)
+        assert stage.steps == round(grow_at * spec.train.reference_steps)
     for stage in stages:
-        assert stage["tokens"] == stage["steps"] * tokens
-        assert stage["flops"] == stage["steps"] * per_step_flops(stage, tokens)  # (6 N_trainable + 2 N_frozen) T
-    total = sum(s["steps"] * per_step_flops(s, tokens) for s in stages)
+        assert stage.tokens == stage.steps * tokens
+        assert stage.flops == stage.steps * per_step_flops(stage, tokens)  # (6 N_trainable + 2 N_frozen) T
+    total = sum(s.steps * per_step_flops(s, tokens) for s in stages)
     assert total <= budget
     assert budget - total < per_step_flops(stages[-1], tokens)  # the last stage gets every whole step that fits
 
 
 def test_vanilla_runs_exactly_the_reference_steps():
     plan = plan_of(paper_spec("paper-1.2b-vanilla.toml"))
-    (stage,) = plan["stages"]
-    assert stage["steps"] == 20000 and stage["tokens"] == 20000 * 1179648
-    assert stage["flops"] == plan["flops_budget"] == 6 * 24 * p_layer(2048) * 20000 * 1179648
+    (stage,) = plan.stages
+    assert stage.steps == 20000 and stage.tokens == 20000 * 1179648
+    assert stage.flops == plan.flops_budget == 6 * 24 * p_layer(2048) * 20000 * 1179648
     # Table 7 prints 1.73e+20 for 1.2B but 1.63e+19 for 368M; the 368M row is 6 N T exactly.
-    assert f"{plan_of(paper_spec('paper-368m-vanilla.toml'))['flops_budget']:.2e}" == "1.63e+19"
+    assert f"{plan_of(paper_spec('paper-368m-vanilla.toml')).flops_budget:.2e}" == "1.63e+19"
 
 
 @pytest.mark.parametrize("file", ["paper-368m-step2.toml", "paper-1.2b-step3.toml"])
 def test_backprop_accounting_gives_fewer_last_stage_steps(file):
     paper = plan_of(paper_spec(file))
     backprop = plan_of(paper_spec(file).replace("[train]\n", '[train]\nflops_accounting = "backprop"\n'))
-    assert backprop["flops_accounting"] == "backprop"
-    assert [s["steps"] for s in backprop["stages"][:-1]] == [s["steps"] for s in paper["stages"][:-1]]
-    assert backprop["stages"][-1]["steps"] < paper["stages"][-1]["steps"]
+    assert backprop.flops_accounting == "backprop"
+    assert [s.steps for s in backprop.stages[:-1]] == [s.steps for s in paper.stages[:-1]]
+    assert backprop.stages[-1].steps < paper.stages[-1].steps
     tokens = parse_spec(paper_spec(file), file).train.global_batch_tokens
-    total = sum(s["steps"] * per_step_flops(s, tokens, frozen_factor=4) for s in backprop["stages"])
-    assert backprop["flops_budget"] - per_step_flops(backprop["stages"][-1], tokens, 4) < total <= backprop["flops_budget"]
+    total = sum(s.steps * per_step_flops(s, tokens, frozen_factor=4) for s in backprop.stages)
+    assert backprop.flops_budget - per_step_flops(backprop.stages[-1], tokens, 4) < total <= backprop.flops_budget
 
 
 # ----------------------------------------------------------------------------- the shipped paper specs
@@ -386,8 +387,8 @@ def test_paper_spec_hyperparameters(file):
     plan = make_plan(spec)
     if method == "step":
         # the budget sits slightly above the peak of the paper's Table 1 layout, and the plan fits it
-        table_1 = max(eq2(TABLE_1_LAYOUTS[size][len(plan["layers"])], hidden))
-        assert plan["peak_bytes"] <= spec.memory.budget and table_1 <= spec.memory.budget < 1.02 * table_1
+        table_1 = max(eq2(TABLE_1_LAYOUTS[size][len(plan.layers)], hidden))
+        assert plan.peak_bytes <= spec.memory.budget and table_1 <= spec.memory.budget < 1.02 * table_1
 
 
 TABLE_1_LAYOUTS = {"368m": {2: [7, 5]}, "680m": {2: [14, 10]}, "1.2b": {2: [14, 10], 3: [11, 8, 5]}}

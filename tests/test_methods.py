@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepc.load import parse_spec
-from stepc.memory import exact_layer_params
-from stepc.plan import make_plan
+from stepc.compiler.load import parse_spec
+from stepc.compiler.memory import exact_layer_params
+from stepc.compiler.plan import make_plan
+from stepc.compiler.schedule import flops_per_token
 from stepc.runtime.lr import is_merge_step, lr_at
-from stepc.schedule import flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,17 +66,17 @@ def spec_for(method: str, steps: int = 100, corpus: Path = ROOT / "data" / "corp
 def test_relora_plan_is_warm_start_then_lora_phase_at_equal_flops():
     spec = parse_spec(spec_for("relora"))
     plan = make_plan(spec)
-    warm, lora = plan["stages"]
-    assert (warm["new_layers"], warm["frozen_layers"], warm["steps"]) == (4, 0, 20)
-    assert (lora["new_layers"], lora["frozen_layers"], lora["lr_offset"], lora["data_step_offset"]) == (0, 4, 20, 20)
+    warm, lora = plan.stages
+    assert (warm.new_layers, warm.frozen_layers, warm.steps) == (4, 0, 20)
+    assert (lora.new_layers, lora.frozen_layers, lora.lr_offset, lora.data_step_offset) == (0, 4, 20, 20)
     P, E, fixed = exact_layer_params(spec)
-    assert (warm["trainable_params"], lora["trainable_params"], lora["frozen_params"]) == (4 * P + fixed, 4 * E + fixed, 4 * P)
+    assert (warm.trainable_params, lora.trainable_params, lora.frozen_params) == (4 * P + fixed, 4 * E + fixed, 4 * P)
     budget = 6 * 4 * P * 100 * 256
     lora_step = flops_per_token(4 * E, 4 * P, "paper") * 256
-    assert lora["steps"] == (budget - 6 * 4 * P * 20 * 256) // lora_step
-    assert warm["flops"] + lora["flops"] <= budget < warm["flops"] + lora["flops"] + lora_step
-    assert plan["peak_bytes"] == plan["vanilla_peak_bytes"]  # the warm start is full-rank (the paper: equal to vanilla)
-    assert lora["nominal_steps"] == warm["steps"] + lora["steps"]  # one cosine over the whole run
+    assert lora.steps == (budget - 6 * 4 * P * 20 * 256) // lora_step
+    assert warm.flops + lora.flops <= budget < warm.flops + lora.flops + lora_step
+    assert plan.peak_bytes == plan.vanilla_peak_bytes  # the warm start is full-rank (the paper: equal to vanilla)
+    assert lora.nominal_steps == warm.steps + lora.steps  # one cosine over the whole run
 
 
 def test_relora_lr_restarts_are_jagged_and_continue_the_global_cosine():
@@ -97,7 +97,7 @@ def test_galore_projects_exactly_the_decoder_layers_matrices():
     from stepc.runtime.model import fresh_model
     from stepc.runtime.train import _optimizer
 
-    spec = parse_spec(spec_for("galore")).model_dump(mode="json")
+    spec = parse_spec(spec_for("galore"))
     model = fresh_model(spec, 4, 0)
     optimizer = _optimizer(model, spec)
     assert type(optimizer).__module__.startswith("galore_torch")
@@ -194,7 +194,7 @@ metric_list:
 
 
 def test_report_table_has_one_row_per_run_with_plan_and_measured_peaks(trained_run, tmp_path):
-    from stepc.comparison import read_run, write_report
+    from stepc.commands.report import read_run, write_report
 
     table = write_report([trained_run, trained_run], tmp_path / "report")
     run = read_run(trained_run)

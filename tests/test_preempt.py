@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import STAGE_TIMEOUT, alive, check_ok, descendants, load_weights, read_metrics, run_stage, stage_env, start_stage
 
 
@@ -96,8 +95,8 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     assert run.wait(timeout=120) == 130, out.read_text()[-3000:]
     stopped2 = json.loads((run_b / "checkpoints" / "stage-2" / "STOPPED").read_text())["step"]
     lines = [line for line in out.read_text().splitlines() if line.startswith("interrupted")]
-    assert lines == [f"interrupted: stage 2 stopped after step {stopped2} (checkpoint written); "
-                     f"rerun `stepc run {run_b}` to resume"], out.read_text()[-2000:]
+    expected = f"interrupted: stage 2 stopped after step {stopped2} (checkpoint written); rerun `stepc run {run_b}` to resume"
+    assert lines == [expected], out.read_text()[-2000:]
     assert not (run_b / "LOCK").exists()
 
     again = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,

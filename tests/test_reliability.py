@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
+
 from stepc.cli import main as stepc
-from stepc.manifest import content_hash, dumps
+from stepc.compiler.manifest import content_hash, dumps
 from stepc.runtime.checkpoint import is_complete, newest_complete, step_dir
 
 FAULT = "STEPC_FAULT_NONFINITE_AT_STEP"

@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import alive, check_ok, descendants, load_weights, read_metrics, run_stage, start_stage
 
 

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import check_ok, load_weights, read_metrics, run_stage
 
 
@@ -108,8 +107,10 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
     # and training moved them (two untrained models would match vacuously)
     from stepc.runtime.model import fresh_model
+    from stepc.schema.manifest import load_manifest
 
-    init = fresh_model(spec, 2, spec["experiment"]["seed"]).state_dict()
+    typed = load_manifest(one).spec
+    init = fresh_model(typed, 2, typed.experiment.seed).state_dict()
     assert not torch.allclose(init["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"], atol=1e-3)
 
 

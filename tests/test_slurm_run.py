@@ -192,8 +192,8 @@ def test_sbatch_runs_every_stage_in_order(slurm_cluster: SlurmCluster, uninterru
 
 @needs_slurm
 def test_cancel_and_resubmit_resumes(slurm_cluster: SlurmCluster, corpus: Path, uninterrupted, tmp_path: Path):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     root = tmp_path / "project-b"
     run_dir = compile_run(root, corpus, slurm_cluster)
@@ -235,7 +235,7 @@ def test_cancel_and_resubmit_resumes(slurm_cluster: SlurmCluster, corpus: Path, 
     assert not differ, f"resumed export differs from the uninterrupted one in {differ}"
 
 
-# ----------------------------------------------------------------------------- stepc.submit (fake sbatch)
+# ----------------------------------------------------------------------------- stepc.commands.submit (fake sbatch)
 
 
 FAKE_SBATCH = """#!/usr/bin/env bash
@@ -258,7 +258,7 @@ def _fake_sbatch(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_submit_one_job_or_a_chain(tmp_path: Path, monkeypatch, capsys):
-    from stepc.submit import submit
+    from stepc.commands.submit import submit
 
     assert stepc_main(["compile", str(REPO / "specs" / "tiny-cpu.toml"), "--out", str(tmp_path / "runs")]) == 0
     run_dir = tmp_path / "runs" / "tiny-cpu"
@@ -277,8 +277,8 @@ def test_submit_one_job_or_a_chain(tmp_path: Path, monkeypatch, capsys):
 
 
 def test_submit_without_slurm_is_a_user_error(tmp_path: Path, monkeypatch):
+    from stepc.commands.submit import submit
     from stepc.errors import UserError
-    from stepc.submit import submit
 
     assert stepc_main(["compile", str(REPO / "specs" / "tiny-cpu.toml"), "--out", str(tmp_path / "runs")]) == 0
     empty = tmp_path / "empty"

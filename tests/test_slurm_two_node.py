@@ -149,8 +149,8 @@ def assert_finished(run_dir: Path) -> None:
 
 
 def assert_same_export(a: Path, b: Path) -> None:
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     wa, wb = load_file(str(a / "export" / "model.safetensors")), load_file(str(b / "export" / "model.safetensors"))
     assert wa.keys() == wb.keys()

@@ -6,7 +6,6 @@ import json
 import re
 
 import torch
-
 from conftest import load_weights, read_metrics
 
 

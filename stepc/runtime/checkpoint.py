@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from stepc.rundir import atomic_write_text
+
 MARKER = "COMPLETE"
 LOW_SPACE = 64 << 20  # a failed write with less free space than this is reported as a full disk
 
@@ -85,7 +87,7 @@ def save(stage_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.op
         dist.barrier()
         if rank == 0:
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+            atomic_write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -130,15 +132,6 @@ def _prune(stage_dir: Path, keep: int) -> None:
     steps = sorted(p for p in stage_dir.glob("step-*") if not p.name.endswith(".tmp"))
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from stepc.schema.spec import Data
 
 # Bump when packing or the cache layout changes: old caches then simply miss.
 PACK_FORMAT_VERSION = 1
@@ -377,12 +378,12 @@ def eval_num_batches(num_blocks: int, batch_size: int, world: int, seq_len: int,
     return math.ceil((n // world) / batch_size)
 
 
-def open_datasets(data: dict[str, Any], seq_len: int, cache: Path) -> tuple[Tokenizer, PackedDataset, dict[str, PackedDataset]]:
+def open_datasets(data: Data, seq_len: int, cache: Path) -> tuple[Tokenizer, PackedDataset, dict[str, PackedDataset]]:
     """The spec's tokenizer, training blocks and named validation sets (shared by training and `stepc eval`)."""
-    tok, tok_hash = load_tokenizer(data["tokenizer"], expand_patterns(data["train"]), cache, data["text_field"])
-    train = PackedDataset(data["train"], tok, seq_len, cache, data["text_field"], tok_hash)
-    named = {name: PackedDataset([pattern], tok, seq_len, cache, data["text_field"], tok_hash)
-             for name, pattern in sorted(data["validation"].items())}
+    tok, tok_hash = load_tokenizer(data.tokenizer, expand_patterns(data.train), cache, data.text_field)
+    train = PackedDataset(data.train, tok, seq_len, cache, data.text_field, tok_hash)
+    named = {name: PackedDataset([pattern], tok, seq_len, cache, data.text_field, tok_hash)
+             for name, pattern in sorted(data.validation.items())}
     return tok, train, named
 
 

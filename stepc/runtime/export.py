@@ -12,40 +12,25 @@ from transformers import LlamaForCausalLM
 
 from stepc.runtime.guard import EXPORT_DONE as DONE
 from stepc.runtime.guard import is_exported
+from stepc.runtime.lora import merged_state_dict
 from stepc.runtime.model import llama_config
+from stepc.schema.spec import Spec
 
-__all__ = ["DONE", "is_exported", "merged_state_dict", "write_export"]
-
-
-def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Fold `...proj.lora_B @ lora_A` into `...proj.base.weight` and rename to `...proj.weight`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith((".lora_A", ".lora_B")):
-            continue
-        if key.endswith(".base.weight"):
-            prefix = key[: -len(".base.weight")]
-            delta = (state[prefix + ".lora_B"].float() @ state[prefix + ".lora_A"].float()) * scale
-            out[prefix + ".weight"] = value.float() + delta
-        elif ".base." in key:
-            out[key.replace(".base.", ".")] = value.float()
-        else:
-            out[key] = value.float()
-    return out
+__all__ = ["DONE", "is_exported", "write_export"]
 
 
-def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layers: int, dest: Path,
+def write_export(state: dict[str, torch.Tensor], spec: Spec, num_layers: int, dest: Path,
                  tokenizer: Any = None) -> None:
     """Rank 0 only: build a plain LlamaForCausalLM from the merged weights and save_pretrained it.
 
     With the tokenizer saved beside it, the directory loads with AutoModelForCausalLM and
     AutoTokenizer alone, which is what lm-evaluation-harness's `--model hf` needs.
     """
-    merged = merged_state_dict(state, spec["step"]["lora_alpha"] / spec["step"]["lora_rank"])
+    merged = merged_state_dict(state, spec.step.lora_alpha / spec.step.lora_rank)
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(spec["model"], num_layers))
+        model = LlamaForCausalLM(llama_config(spec.model, num_layers))
     model.load_state_dict(merged, strict=True, assign=True)
-    if spec["model"]["tie_embeddings"]:
+    if spec.model.tie_embeddings:
         model.tie_weights()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -57,7 +42,7 @@ def write_export(state: dict[str, torch.Tensor], spec: dict[str, Any], num_layer
 
         eos = tokenizer.id_to_token(eos_id(tokenizer))
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,
-                                model_max_length=spec["model"]["seq_len"]).save_pretrained(tmp)
+                                model_max_length=spec.model.seq_len).save_pretrained(tmp)
     (tmp / DONE).write_text("ok\n")
     if dest.exists():
         shutil.rmtree(dest)

@@ -5,15 +5,15 @@ Each refusal says what differs and how to proceed; `--allow-<what>` overrides on
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from stepc import __version__
-from stepc.manifest import canonical_json, content_hash, sha256_bytes
+from stepc.rundir import RunDir, atomic_write_json, atomic_write_text, canonical_json, content_hash, digest, file_sha256_hex
+from stepc.schema.manifest import Manifest, ManifestError
+from stepc.schema.spec import Data
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
 # Written last into an export directory (see export.py); kept here so this module stays free of
@@ -29,19 +29,21 @@ class RuntimeFailure(Exception):
     """A stage cannot (or must not) run; the message says why and what to do. Exit code 2."""
 
 
-def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
+def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RuntimeFailure(f"cannot read the manifest {path}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise RuntimeFailure(f"{path} is not a stepc manifest; recompile the spec with `stepc compile SPEC --force`")
     if manifest.get("hash") != content_hash(manifest) and "edited-manifest" not in allow:
         raise RuntimeFailure(
             f"{path} was edited after compilation (its content hash no longer matches). Recompile the spec with "
             f"`stepc compile SPEC --force` (checkpoints are kept), inspect with `stepc verify {path.parent}`, or pass "
             "--allow-edited-manifest to train with it anyway")
-    for name, digest in manifest.get("files", {}).items():
+    for name, recorded_digest in manifest.get("files", {}).items():
         file = path.parent / name
-        if name.endswith(".sh") and file.exists() and sha256_bytes(file.read_bytes()) != digest and "edited-scripts" not in allow:
+        if name.endswith(".sh") and file.exists() and digest(file.read_bytes()) != recorded_digest and "edited-scripts" not in allow:
             raise RuntimeFailure(f"{file} differs from the script the manifest records; run `stepc verify {path.parent}` "
                                  "or pass --allow-edited-scripts")
     recorded = {"stepc": manifest.get("stepc_version"), "torch": manifest.get("environment", {}).get("torch")}
@@ -51,11 +53,14 @@ def load_verified_manifest(path: Path, allow: set[str]) -> dict[str, Any]:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise RuntimeFailure(f"this run was compiled with different versions ({what}); results may not match. "
                              "Recompile with `stepc compile SPEC --force`, or pass --allow-version-change")
-    return manifest
+    try:
+        return Manifest.from_json(manifest)
+    except ManifestError as exc:
+        raise RuntimeFailure(f"{path}: {exc}; recompile the spec with `stepc compile SPEC --force`") from None
 
 
 def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True,
-              world: int | None = None) -> tuple[dict[str, Any], bool]:
+              world: int | None = None) -> tuple[Manifest, bool]:
     """Every check that needs no torch: (verified manifest, stage already complete?).
 
     Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
@@ -63,49 +68,45 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     (with data=False: they compare the full data fingerprint themselves after loading the data).
     """
     manifest = load_verified_manifest(manifest_path, allow)
-    stages = manifest["plan"]["stages"]
-    if not 1 <= stage_index <= len(stages):
-        raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{len(stages)}")
+    if not 1 <= stage_index <= manifest.num_stages:
+        raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{manifest.num_stages}")
     if "edited-manifest" not in allow:  # who accepts an edited manifest accepts the checkpoints made before the edit
         check_experiment_identity(manifest_path.parent, manifest)
-    if is_exported(manifest_path.parent / "checkpoints" / f"stage-{stage_index}" / "final"):
+    if is_exported(RunDir(manifest_path.parent).final_export(stage_index)):
         return manifest, True
     if world is not None:
         check_world(manifest, world)
     previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
     if data:
-        check_data_files(manifest_path.parent, manifest["spec"]["data"], allow)
+        check_data_files(manifest_path.parent, manifest.spec.data, allow)
     return manifest, False
 
 
-def check_world(manifest: dict[str, Any], world: int) -> None:
+def check_world(manifest: Manifest, world: int) -> None:
     """A stage may run (and resume) on any number of ranks whose micro-batches tile the global batch:
     the samples of a step depend only on the step and the global batch (data.BlockSampler), and DCP
     reshards the checkpoint. Refuse only where the tiling is impossible."""
-    train, seq = manifest["spec"]["train"], manifest["spec"]["model"]["seq_len"]
-    per_pass = seq * train["micro_batch_size"] * world
-    if world < 1 or train["global_batch_tokens"] % per_pass:
+    train, seq = manifest.spec.train, manifest.spec.model.seq_len
+    per_pass = seq * train.micro_batch_size * world
+    if world < 1 or train.global_batch_tokens % per_pass:
         raise RuntimeFailure(
-            f"cannot run on {world} rank(s): train.global_batch_tokens = {train['global_batch_tokens']} is not a multiple "
-            f"of model.seq_len x train.micro_batch_size x ranks = {seq} x {train['micro_batch_size']} x {world} = {per_pass}. "
+            f"cannot run on {world} rank(s): train.global_batch_tokens = {train.global_batch_tokens} is not a multiple "
+            f"of model.seq_len x train.micro_batch_size x ranks = {seq} x {train.micro_batch_size} x {world} = {per_pass}. "
             f"Launch with a number of ranks that divides it (NNODES x NPROC_PER_NODE), or change the spec and recompile")
 
 
-def experiment_identity(manifest: dict[str, Any]) -> str:
+def experiment_identity(manifest: Manifest) -> str:
     """Hash of what is trained (normalised spec and plan), not of versions or script bytes."""
-    return "sha256:" + hashlib.sha256(canonical_json([manifest["spec"], manifest["plan"]]).encode()).hexdigest()
+    return digest(canonical_json([manifest.raw["spec"], manifest.raw["plan"]]).encode())
 
 
-def check_experiment_identity(run_dir: Path, manifest: dict[str, Any]) -> None:
+def check_experiment_identity(run_dir: Path, manifest: Manifest) -> None:
     """Checkpoints belong to one experiment: `stepc compile --force` keeps them, so a recompile that
     changed the spec or the plan must not resume from (or grow out of) the old run's weights."""
-    record = run_dir / "checkpoints" / "EXPERIMENT"
+    record = RunDir(run_dir).experiment_record
     identity = experiment_identity(manifest)
     if not record.exists():
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".part")
-        tmp.write_text(identity + "\n")
-        os.replace(tmp, record)
+        atomic_write_text(record, identity + "\n")
         return
     recorded = record.read_text().strip()
     if recorded != identity:
@@ -120,17 +121,17 @@ def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
     """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist."""
     if stage == 1:
         return None
-    export = run_dir / "checkpoints" / f"stage-{stage - 1}" / "final"
+    export = RunDir(run_dir).final_export(stage - 1)
     if not is_exported(export):
         raise RuntimeFailure(f"stage {stage} needs stage {stage - 1} to finish first ({export} is missing or incomplete); "
                              f"run stage-{stage - 1}.sh (it resumes where it stopped)")
     return export
 
 
-def check_data_files(run_dir: Path, data: dict[str, Any], allow: set[str]) -> None:
+def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     """Preflight half of check_data_fingerprint: the data files (paths, sizes, contents) recorded by an
     earlier stage or attempt must still be there unchanged. Names each file that differs."""
-    path = run_dir / "data-fingerprint.json"
+    path = RunDir(run_dir).data_fingerprint
     if "data-change" in allow or not path.exists():
         return
     try:
@@ -138,10 +139,10 @@ def check_data_files(run_dir: Path, data: dict[str, Any], allow: set[str]) -> No
     except (OSError, json.JSONDecodeError) as exc:
         raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
                              "or pass --allow-data-change") from None
-    from stepc.runtime.data import _sha256_file, expand_patterns  # numpy/tokenizers, no torch
+    from stepc.runtime.data import expand_patterns  # numpy/tokenizers, no torch
 
     changed: list[str] = []
-    datasets = {"train": data["train"], **{name: [pattern] for name, pattern in data.get("validation", {}).items()}}
+    datasets = {"train": data.train, **{name: [pattern] for name, pattern in data.validation.items()}}
     for name, patterns in sorted(datasets.items()):
         before = {e["path"]: e for e in recorded.get(name, {}).get("files", [])}
         try:
@@ -157,7 +158,7 @@ def check_data_files(run_dir: Path, data: dict[str, Any], allow: set[str]) -> No
                 changed.append(f"{name}: {file} is new")
             elif file.stat().st_size != entry["size"]:
                 changed.append(f"{name}: {file} changed size ({entry['size']} -> {file.stat().st_size} bytes)")
-            elif _sha256_file(file) != entry["sha256"]:
+            elif file_sha256_hex(file) != entry["sha256"]:
                 changed.append(f"{name}: {file} changed content (sha256)")
     if changed:
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -168,7 +169,7 @@ def check_data_files(run_dir: Path, data: dict[str, Any], allow: set[str]) -> No
 
 def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int, allow: set[str]) -> None:
     """The first stage records the data it read; later stages and resumes must read the same."""
-    path = run_dir / "data-fingerprint.json"
+    path = RunDir(run_dir).data_fingerprint
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != fingerprint and "data-change" not in allow:
@@ -178,9 +179,7 @@ def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int
                                  "Restore the original files, or pass --allow-data-change to continue on the new data")
         return
     if rank == 0:
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        atomic_write_json(path, fingerprint)
 
 
 def _version(package: str) -> str:

@@ -12,7 +12,9 @@ FSDP2-sharded DTensor weights), so the few pieces needed are written here:
 * :class:`LoRALinear` and :func:`apply_adapters` -- wrap and freeze;
 * :func:`merge_and_reinit` -- the ReLoRA restart, plain tensors or DTensors;
 * :func:`reset_optimizer_state` -- zero / magnitude-prune AdamW moments in place;
-* :func:`merge_into_base` -- fold adapters away for a standard Hugging Face export.
+* :func:`merged_state_dict` -- fold adapters away for a standard Hugging Face export.
+
+Both merges (the restart and the export) add the same fp32 :func:`lora_delta`.
 """
 
 from __future__ import annotations
@@ -24,25 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from stepc.schema.spec import LINEAR_MAPS
+
 __all__ = [
     "ADAPTED_PROJECTIONS",
     "LoRALinear",
     "apply_adapters",
     "merge_and_reinit",
     "reset_optimizer_state",
-    "merge_into_base",
+    "lora_delta",
+    "merged_state_dict",
 ]
 
-#: The linear maps of a ``LlamaDecoderLayer`` that get adapters, as (submodule, attr).
-ADAPTED_PROJECTIONS: tuple[tuple[str, str], ...] = (
-    ("self_attn", "q_proj"),
-    ("self_attn", "k_proj"),
-    ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-)
+ADAPTED_PROJECTIONS = LINEAR_MAPS  # every linear map of a decoder layer gets an adapter
 
 
 def _kaiming_a_(tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -187,6 +183,11 @@ def _like(
     return full
 
 
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The function an adapter adds to its base weight, in fp32: ``scale * B @ A``."""
+    return (lora_b.float() @ lora_a.float()) * scale
+
+
 def merge_and_reinit(adapters: list[LoRALinear], generator: torch.Generator | None) -> None:
     """ReLoRA restart: fold each adapter into its frozen weight, then re-start it.
 
@@ -210,9 +211,7 @@ def merge_and_reinit(adapters: list[LoRALinear], generator: torch.Generator | No
     with torch.no_grad():
         for ad in adapters:
             w = ad.base.weight
-            a_full = _full(ad.lora_A).float()
-            b_full = _full(ad.lora_B).float()
-            delta = (b_full @ a_full) * ad.scale
+            delta = lora_delta(_full(ad.lora_A), _full(ad.lora_B), ad.scale)
             # Keep the delta in fp32: the in-place add then rounds once into a bf16 W.
             w.add_(_like(delta, w, src_data_rank=None, cast=False))
 
@@ -288,37 +287,18 @@ def reset_optimizer_state(
                     _prune_by_magnitude_(t, prune_ratio)
 
 
-def merge_into_base(model: nn.Module) -> None:
-    """Replace every :class:`LoRALinear` in ``model`` by a plain ``nn.Linear``.
-
-    The new weight is ``base.weight + scale * B @ A`` (the function is unchanged), so
-    the model's state dict has the standard Hugging Face keys (``...q_proj.weight``)
-    and ``save_pretrained`` writes a checkpoint any Llama loader understands. The
-    new linear keeps the base's device, dtype, bias and ``requires_grad``.
-
-    Call it on an unsharded model (e.g. the export copy), not on FSDP2 DTensors.
-    """
-    # Collect first: replacing children while iterating named_modules is unsafe.
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-    with torch.no_grad():
-        for name, ad in targets:
-            base = ad.base
-            if isinstance(base.weight, DTensor):
-                raise RuntimeError("merge_into_base needs an unsharded model (got DTensor weights)")
-            linear = nn.Linear(
-                base.in_features,
-                base.out_features,
-                bias=base.bias is not None,
-                device=base.weight.device,
-                dtype=base.weight.dtype,
-            )
-            delta = (ad.lora_B.float() @ ad.lora_A.float()) * ad.scale
-            merged = base.weight.float() + delta.to(base.weight.device)
-            linear.weight.copy_(merged.to(base.weight.dtype))
-            linear.weight.requires_grad_(base.weight.requires_grad)
-            if base.bias is not None:
-                linear.bias.copy_(base.bias)
-                linear.bias.requires_grad_(base.bias.requires_grad)
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, linear)
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A full (unsharded) state dict with every adapter folded into its weight, in fp32, with plain
+    Hugging Face keys: `...proj.base.weight` + `lora_delta` becomes `...proj.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((".lora_A", ".lora_B")):
+            continue
+        if key.endswith(".base.weight"):
+            prefix = key[: -len(".base.weight")]
+            out[prefix + ".weight"] = value.float() + lora_delta(state[prefix + ".lora_A"], state[prefix + ".lora_B"], scale)
+        elif ".base." in key:
+            out[key.replace(".base.", ".")] = value.float()
+        else:
+            out[key] = value.float()
+    return out

@@ -3,8 +3,8 @@
 SIGTERM (scancel, preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's time-limit warning) only
 set a flag here. At the end of every optimizer step all ranks agree on it with one tiny all_reduce
 (MAX of the flag), so every rank stops after the same step even when the signal reached them a step
-apart; the loop then writes a checkpoint at that step, `record_stop` writes STOPPED in the stage's
-checkpoint directory, and the worker exits 0.
+apart; the loop then writes a checkpoint at that step, `record_stop` writes STOPPED (RunDir.stop_record) in the
+stage's checkpoint directory, and the worker exits 0.
 
 Why a marker file and not an exit code: torchrun turns any worker's exit code into 1, and a rank
 killed mid-collective gives 1 as well. The stage script removes STOPPED before torchrun starts and
@@ -29,8 +29,9 @@ import signal
 import time
 from pathlib import Path
 
+from stepc.rundir import atomic_write_text
+
 EXIT_STOPPED = 75
-MARKER = "STOPPED"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 ESCALATE_AFTER_S = 5.0
 
@@ -74,16 +75,10 @@ def agreed_stop(steps_done: int, device) -> bool:
     return bool(flag.item())
 
 
-def marker_path(stage_dir: Path) -> Path:
-    return stage_dir / MARKER
-
-
-def record_stop(stage_dir: Path, step: int, checkpoint: Path) -> dict:
+def record_stop(path: Path, step: int, checkpoint: Path) -> dict:
     """Rank 0, after the checkpoint at `step` is complete: the STOPPED record the stage script reads."""
     record = {"step": step, "signal": requested() or "peer", "steps_done_at_signal": _signal_steps_done,
               "checkpoint": str(checkpoint)}
-    path = marker_path(stage_dir)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    # one line, "step" before "signal": stage.sh reads it with sed
+    atomic_write_text(path, json.dumps(record) + "\n")
     return record

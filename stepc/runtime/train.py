@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from stepc.rundir import RunDir
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime import preempt
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
@@ -33,6 +34,8 @@ from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_sta
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, loss_sums, mfu, model_state_bytes, peak_memory_bytes
 from stepc.runtime.model import fresh_model, grown_model
+from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.spec import Spec
 
 
 @dataclass
@@ -40,9 +43,9 @@ class Stage:
     """Everything the loop needs about this stage, resolved once from the manifest."""
 
     run_dir: Path
-    spec: dict[str, Any]
-    plan: dict[str, Any]
-    info: dict[str, Any]  # the manifest's plan.stages[i-1]
+    spec: Spec
+    plan: Plan
+    stage: StagePlan  # this stage's part of the plan
     rank: int
     world: int
     device: torch.device
@@ -51,33 +54,33 @@ class Stage:
 
     @property
     def index(self) -> int:
-        return self.info["index"]
+        return self.stage.index
 
     @property
     def dir(self) -> Path:
-        return self.run_dir / "checkpoints" / f"stage-{self.index}"
+        return RunDir(self.run_dir).stage_dir(self.index)
 
     @property
     def sharded(self) -> bool:
         """FSDP2 unless there is nothing to shard: one CPU rank runs the plain module (FSDP2's
         all-gathers and DTensor dispatch cost ~35% there for no memory gain). A single GPU keeps
         FSDP2 for its bf16 mixed-precision policy. GaLore is never sharded (not FSDP-aware)."""
-        if self.spec["experiment"]["method"] == "galore":
+        if self.spec.experiment.method == "galore":
             return False
         return self.world > 1 or self.device.type == "cuda"
 
     @property
     def grad_accum(self) -> int:
-        tr, seq = self.spec["train"], self.spec["model"]["seq_len"]
-        return tr["global_batch_tokens"] // (seq * tr["micro_batch_size"] * self.world)
+        tr, seq = self.spec.train, self.spec.model.seq_len
+        return tr.global_batch_tokens // (seq * tr.micro_batch_size * self.world)
 
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
     manifest, complete = preflight(manifest_path, stage_index, allow, data=False,  # data: _load_data checks it all
                                    world=int(os.environ.get("WORLD_SIZE", "1")))
-    info = manifest["plan"]["stages"][stage_index - 1]
-    final_export = run_dir / "checkpoints" / f"stage-{stage_index}" / "final"
+    stage = manifest.stage(stage_index)
+    final_export = RunDir(run_dir).final_export(stage_index)
     if complete:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
@@ -90,7 +93,7 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # oversubscription is ~50x slower
     torch.use_deterministic_algorithms(True, warn_only=True)
-    st = Stage(run_dir, manifest["spec"], manifest["plan"], info, rank, world, device)
+    st = Stage(run_dir, manifest.spec, manifest.plan, stage, rank, world, device)
     try:
         train_stage(st, prev_export, allow)
     finally:
@@ -107,14 +110,14 @@ def _device_and_backend() -> tuple[torch.device, str]:
 
 
 def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
-    spec, tr = st.spec, st.spec["train"]
+    spec, tr = st.spec, st.spec.train
     train_data, evals = _load_data(st, allow)
-    sampler = BlockSampler(train_data.blocks, spec["experiment"]["seed"], indices=evals.pop("_train_idx"))
+    sampler = BlockSampler(train_data.blocks, spec.experiment.seed, indices=evals.pop("_train_idx"))
 
     if prev_export is None:
-        model = fresh_model(spec, st.info["total_layers"], spec["experiment"]["seed"])
+        model = fresh_model(spec, st.stage.total_layers, spec.experiment.seed)
     else:
-        model, st.adapters, _ = grown_model(spec, prev_export, st.info)
+        model, st.adapters, _ = grown_model(spec, prev_export, st.stage)
     _prepare(model, st)
     optimizer = _optimizer(model, spec)
 
@@ -125,19 +128,19 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         ckpt.load(path, model, optimizer)
         _log(st, f"resumed stage {st.index} from {path} at step {start}")
 
-    steps, offset = st.info["steps"], st.info["lr_offset"]  # offset > 0: ReLoRA's LoRA phase continues one schedule
-    reset_every = spec["step"]["relora_reset_every"] if st.adapters else None
-    metrics = MetricsWriter(st.run_dir / "metrics.jsonl", enabled=st.rank == 0)
+    steps, offset = st.stage.steps, st.stage.lr_offset  # offset > 0: ReLoRA's LoRA phase continues one schedule
+    reset_every = spec.step.relora_reset_every if st.adapters else None
+    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0)
     predicted = _predicted_state_bytes(st, model)
-    tokens_per_step = tr["global_batch_tokens"]
+    tokens_per_step = tr.global_batch_tokens
     peak_flops = gpu_peak_flops(st.device)
     if start == 0:
-        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.info["total_layers"], world=st.world,
-                      predicted_model_state_bytes=predicted, plan_peak_bytes=st.info["peak_bytes"])
+        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers, world=st.world,
+                      predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
     last_time, last_step = time.perf_counter(), start
     for step in range(start, steps):
-        lr = lr_at(offset + step, tr["lr"], tr["warmup_steps"], st.info["nominal_steps"], tr["min_lr_ratio"],
-                   reset_every, spec["step"]["restart_warmup_steps"], offset)
+        lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
+                   reset_every, spec.step.restart_warmup_steps, offset)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _train_step(st, model, optimizer, sampler, step)
@@ -156,15 +159,15 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             tps = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, done
             measured = model_state_bytes(model, optimizer)
-            utilisation = mfu(tps, st.info["flops"] / max(1, st.info["tokens"]), peak_flops, st.world)
+            utilisation = mfu(tps, st.stage.flops / max(1, st.stage.tokens), peak_flops, st.world)
             metrics.write(event="train", stage=st.index, step=done, loss=loss, lr=lr, tokens_per_s=round(tps, 1),
                           mfu=None if utilisation is None else round(utilisation, 4),
                           model_state_bytes=measured, predicted_model_state_bytes=predicted,
                           peak_memory_bytes=peak_memory_bytes(st.device))
             _progress(st, done, steps, loss, lr, tps)
-        if done % spec["eval"]["every_steps"] == 0 and done != steps:
+        if done % spec.eval.every_steps == 0 and done != steps:
             _evaluate(st, model, evals, metrics, done)
-        if done % tr["checkpoint_every"] == 0 and done != steps:
+        if done % tr.checkpoint_every == 0 and done != steps:
             _save_checkpoint(st, done, model, optimizer)
         if done != steps and preempt.agreed_stop(done, st.device):  # SIGTERM/SIGINT/SIGUSR1 on any rank
             _stop(st, done, model, optimizer, metrics)
@@ -180,10 +183,10 @@ def _fault_step(name: str) -> int | None:
 
 def _stop(st: Stage, done: int, model, optimizer, metrics: MetricsWriter) -> None:
     """Every rank: checkpoint the step just finished (unless the periodic one did) and leave STOPPED."""
-    if done % st.spec["train"]["checkpoint_every"] != 0:
+    if done % st.spec.train.checkpoint_every != 0:
         _save_checkpoint(st, done, model, optimizer)
     if st.rank == 0:
-        record = preempt.record_stop(st.dir, done, ckpt.step_dir(st.dir, done))
+        record = preempt.record_stop(RunDir(st.run_dir).stop_record(st.index), done, ckpt.step_dir(st.dir, done))
         metrics.write(event="stopped", stage=st.index, step=done, signal=record["signal"])
         _log(st, f"stage {st.index} stopped by {record['signal']} after step {done}; checkpoint {ckpt.step_dir(st.dir, done)}")
     dist.barrier()
@@ -194,7 +197,7 @@ def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        ckpt.save(st.dir, done, model, optimizer, {"step": done}, st.spec["train"]["keep_checkpoints"])
+        ckpt.save(st.dir, done, model, optimizer, {"step": done}, st.spec.train.keep_checkpoints)
     except (OSError, CheckpointException) as exc:
         cause = exc
         if isinstance(exc, CheckpointException):  # DCP wraps each rank's error: report the first OSError
@@ -209,18 +212,18 @@ def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:
 
 
 def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -> float:
-    tr = st.spec["train"]
+    tr = st.spec.train
     total = torch.zeros((), dtype=torch.float64)
     for micro in range(st.grad_accum):
-        data_step = st.info["data_step_offset"] + step  # stages read on where the previous one stopped
-        batch = torch.from_numpy(sampler.batch(data_step, micro, st.rank, st.world, tr["micro_batch_size"], st.grad_accum)).to(st.device)
+        data_step = st.stage.data_step_offset + step  # stages read on where the previous one stopped
+        batch = torch.from_numpy(sampler.batch(data_step, micro, st.rank, st.world, tr.micro_batch_size, st.grad_accum)).to(st.device)
         if st.sharded:
             model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
         out = model(input_ids=batch, labels=batch)
         (out.loss.float() / st.grad_accum).backward()
         total += out.loss.detach().double().cpu()
-    if tr["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr["grad_clip"])
+    if tr.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they are part of the measured model states
     total /= st.grad_accum
@@ -230,21 +233,21 @@ def _train_step(st: Stage, model, optimizer, sampler: BlockSampler, step: int) -
 
 def _merge_adapters(st: Stage, optimizer, step: int) -> None:
     """ReLoRA restart: fold adapters into the frozen weights, re-init them, reset their optimizer state."""
-    s = st.spec["step"]
-    generator = torch.Generator().manual_seed(st.spec["experiment"]["seed"] * 7919 + st.index * 104729 + step)
+    s = st.spec.step
+    generator = torch.Generator().manual_seed(st.spec.experiment.seed * 7919 + st.index * 104729 + step)
     merge_and_reinit(st.adapters, generator)
     params = [p for a in st.adapters for p in (a.lora_A, a.lora_B)]
-    reset_optimizer_state(optimizer, params, s["optimizer_reset"], s["prune_ratio"])
+    reset_optimizer_state(optimizer, params, s.optimizer_reset, s.prune_ratio)
 
 
 def _prepare(model, st: Stage) -> None:
     """Device, activation checkpointing, and FSDP2: one unit per decoder layer plus the root."""
     model.to(st.device)
-    if st.spec["train"]["activation_checkpointing"]:
+    if st.spec.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if st.sharded:
         mp = None
-        if st.spec["train"]["precision"] == "bf16" and st.device.type == "cuda":
+        if st.spec.train.precision == "bf16" and st.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if mp else {}
         for layer in model.model.layers:
@@ -258,8 +261,8 @@ def _optimizer(model, spec: dict[str, Any]) -> torch.optim.Optimizer:
 
     method = "galore": GaLoreAdamW, projecting the gradients of the decoder layers' 2-D weights.
     """
-    tr, st = spec["train"], spec["step"]
-    galore = spec["experiment"]["method"] == "galore"
+    tr, sp = spec.train, spec.step
+    galore = spec.experiment.method == "galore"
     decay, no_decay, projected = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -268,29 +271,29 @@ def _optimizer(model, spec: dict[str, Any]) -> torch.optim.Optimizer:
             projected.append(p)
         else:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tr["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if galore:
         from galore_torch import GaLoreAdamW  # optional extra: pip install 'stepc[galore]'
 
-        groups.append({"params": projected, "weight_decay": tr["weight_decay"], "rank": st["galore_rank"],
-                       "update_proj_gap": st["galore_update_gap"], "scale": st["galore_scale"], "proj_type": "std"})
-        return GaLoreAdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), no_deprecation_warning=True)
+        groups.append({"params": projected, "weight_decay": tr.weight_decay, "rank": sp.galore_rank,
+                       "update_proj_gap": sp.galore_update_gap, "scale": sp.galore_scale, "proj_type": "std"})
+        return GaLoreAdamW(groups, lr=tr.lr, betas=tuple(tr.betas), no_deprecation_warning=True)
     # foreach: one dispatch per op for all tensors; per-parameter DTensor dispatch doubled the step time.
-    return torch.optim.AdamW(groups, lr=tr["lr"], betas=tuple(tr["betas"]), foreach=True)
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), foreach=True)
 
 
 def _predicted_state_bytes(st: Stage, model) -> int | None:
     """The compiler's exact prediction, plus AdamW step scalars that every rank holds for its shards."""
-    if st.info["exact_model_state_bytes"] is None:  # GaLore: no tensor-level prediction
+    if st.stage.exact_model_state_bytes is None:  # GaLore: no tensor-level prediction
         return None
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    return st.info["exact_model_state_bytes"] + 4 * tensors * (st.world - 1)
+    return st.stage.exact_model_state_bytes + 4 * tensors * (st.world - 1)
 
 
 def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any]]:
     """Tokenizer and packed blocks (rank 0 builds caches first), held-out split and named validation sets."""
-    data, seq = st.spec["data"], st.spec["model"]["seq_len"]
-    cache = st.run_dir / "cache"
+    data, seq = st.spec.data, st.spec.model.seq_len
+    cache = RunDir(st.run_dir).cache
 
     def build():
         return open_datasets(data, seq, cache)
@@ -300,12 +303,12 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[PackedDataset, dict[str, Any
     dist.barrier()
     if st.rank != 0:
         tok, train, named = build()
-    if tok.get_vocab_size() > st.spec["model"]["vocab_size"]:
+    if tok.get_vocab_size() > st.spec.model.vocab_size:
         raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec['model']['vocab_size']}")
     st.tokenizer = tok
     fingerprint = {"train": train.fingerprint, **{name: ds.fingerprint for name, ds in named.items()}}
     check_data_fingerprint(st.run_dir, fingerprint, st.rank, allow)
-    train_idx, evals = eval_sets(train, named, data["holdout_fraction"], st.spec["experiment"]["seed"])
+    train_idx, evals = eval_sets(train, named, data.holdout_fraction, st.spec.experiment.seed)
     return train, {"_train_idx": train_idx, **evals}
 
 
@@ -314,8 +317,8 @@ def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, s
     model.eval()
     result = {}
     for name, (blocks, indices) in evals.items():
-        batches = iter_eval_batches(blocks, st.spec["train"]["micro_batch_size"], st.rank, st.world,
-                                    st.spec["eval"]["max_tokens"], indices)
+        batches = iter_eval_batches(blocks, st.spec.train.micro_batch_size, st.rank, st.world,
+                                    st.spec.eval.max_tokens, indices)
         sums = loss_sums(model, batches, st.device)
         dist.all_reduce(sums)
         if sums[1] > 0:
@@ -330,12 +333,12 @@ def _evaluate(st: Stage, model, evals: dict[str, Any], metrics: MetricsWriter, s
 def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
     """Merge adapters into an HF export (the next stage's starting point; the last stage's is the result)."""
     state = ckpt.full_model_state(model)
-    final = st.dir / "final"
+    final = RunDir(st.run_dir).final_export(st.index)
     if st.rank == 0:
-        write_export(state, st.spec, st.info["total_layers"], final, st.tokenizer)
-        if st.index == len(st.plan["stages"]):
-            export = st.run_dir / "export"
-            write_export(state, st.spec, st.info["total_layers"], export, st.tokenizer)
+        write_export(state, st.spec, st.stage.total_layers, final, st.tokenizer)
+        if st.index == len(st.plan.stages):
+            export = RunDir(st.run_dir).export
+            write_export(state, st.spec, st.stage.total_layers, export, st.tokenizer)
             _log(st, f"exported the trained model to {export} (Hugging Face format, safetensors)")
         metrics.write(event="stage_end", stage=st.index, step=steps)
     dist.barrier()

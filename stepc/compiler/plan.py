@@ -1,23 +1,24 @@
 """The plan pass: Spec -> Plan (stage layout, per-stage memory, parameters and FLOPs schedule).
 
-A pure function of the spec; the result is plain JSON-ready data that goes into the manifest.
+A pure function of the spec; the typed `Plan` (stepc.schema.plan) goes into the manifest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from stepc.compiler.layout import Layout, pinned_layout, solve_layout
+from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_bytes, vanilla_bytes
+from stepc.compiler.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
 from stepc.errors import UserError
-from stepc.layout import Layout, pinned_layout, solve_layout
-from stepc.memory import Costs, costs_for, exact_costs, vanilla_bytes
-from stepc.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
-from stepc.spec import Spec
-from stepc.units import format_bytes
+from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.spec import Spec
+from stepc.schema.units import format_bytes
 
 AUTO_STAGES_LIMIT = 64  # "auto" tries K = 1, 2, ... up to this (or L); peaks flatten long before
 
 
-def make_plan(spec: Spec) -> dict[str, Any]:
+def make_plan(spec: Spec) -> Plan:
     """Solve the layout and the schedule for `spec` (already normalised)."""
     costs, exact = costs_for(spec), exact_costs(spec)
     layout = choose_layout(spec, costs)
@@ -26,7 +27,7 @@ def make_plan(spec: Spec) -> dict[str, Any]:
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
         new, old, sched = phase["new"], phase["old"], phase["schedule"]
-        stages.append({
+        stages.append(StagePlan(**{
             "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": old,
             "trainable_params": costs.trainable_params(new, old), "frozen_params": costs.frozen_params(new, old),
             "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(new, old),
@@ -35,17 +36,17 @@ def make_plan(spec: Spec) -> dict[str, Any]:
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,
             "lr_offset": phase["lr_offset"],
             "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
-        })
+        }))
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
-    peak = max(s["peak_bytes"] for s in stages)
-    return {
+    peak = max(s.peak_bytes for s in stages)
+    return Plan(**{
         "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
         "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
         "layers": layout.layers, "stages": stages,
-    }
+    })
 
 
 def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:
@@ -110,20 +111,3 @@ def _raise_infeasible(spec: Spec, costs: Costs, tried: Layout | None = None) -> 
         f"{what}, over the budget of {format_bytes(mem.budget)} ({mem.accounting} accounting). "
         f"Smallest achievable peak per stage count: {table}",
         key="memory.budget", fix="raise the budget, use more stages (or stages = \"auto\"), or a lower lora_rank")
-
-
-def galore_bytes(spec: Spec, costs: Costs) -> int:
-    """GaLore model states: weights and gradients (16-bit) plus fp32 master copy for every parameter,
-    and for each 2-D layer matrix (m x n) Adam moments in the rank-r projected space plus the projector.
-
-    Outside the decoder layers (embeddings, head, norms) GaLore keeps ordinary AdamW state.
-    """
-    m, r = spec.model, spec.step.galore_rank
-    d, inter = m.hidden_size, m.intermediate_size
-    kv = m.num_key_value_heads * (d // m.num_attention_heads)
-    if spec.memory.accounting == "paper":
-        inter, kv = round(8 / 3 * d), d
-    mats = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
-    projected = sum(2 * 4 * r * max(a, b) + 4 * min(a, b) * r for a, b in mats)  # moments r x max, projector min x r
-    per_layer = 8 * costs.layer_params + projected
-    return m.num_layers * per_layer + 16 * costs.fixed_params

@@ -13,17 +13,16 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import jinja2
 
 from stepc import __version__
+from stepc.compiler.figure import memory_png
+from stepc.compiler.plan_table import plan_table
 from stepc.errors import UserError
-from stepc.figure import memory_png
-from stepc.manifest import dumps, freeze
-from stepc.report import plan_table
-from stepc.spec import Spec
-from stepc.units import format_bytes
+from stepc.schema.plan import Plan
+from stepc.schema.spec import Spec
+from stepc.schema.units import format_bytes
 
 RUNTIME_OUTPUTS = ("checkpoints", "logs", "metrics.jsonl", "export")  # kept by --force
 
@@ -37,30 +36,22 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> dict[str, bytes]:
+def render_files(spec: Spec, plan: Plan, spec_text: str) -> dict[str, bytes]:
     """Every compiled file except manifest.json, by name."""
     env = _environment()
-    common = {"name": spec.experiment.name, "version": __version__, "stages": plan["stages"], "launch": spec.launch,
+    common = {"name": spec.experiment.name, "version": __version__, "stages": plan.stages, "launch": spec.launch,
               "slurm": spec.launch.slurm, "plan": plan}
     files: dict[str, bytes] = {"spec.toml": spec_text.encode()}
-    for stage in plan["stages"]:
-        summary = f"{stage['frozen_layers']} frozen + {stage['new_layers']} new layers, {stage['steps']} steps"
-        files[f"stage-{stage['index']}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
+    for stage in plan.stages:
+        summary = f"{stage.frozen_layers} frozen + {stage.new_layers} new layers, {stage.steps} steps"
+        files[f"stage-{stage.index}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
     files["run.sbatch"] = env.get_template("run.sbatch.j2").render(common).encode()
     files["plan.md"] = env.get_template("plan.md.j2").render(
-        common, table=plan_table(plan), vanilla=format_bytes(plan["vanilla_peak_bytes"]), peak=format_bytes(plan["peak_bytes"]),
-        reduction=f"{100 * plan['reduction']:.1f}%", budget=format_bytes(plan["budget_bytes"]) if plan["budget_bytes"] else None,
+        common, table=plan_table(plan), vanilla=format_bytes(plan.vanilla_peak_bytes), peak=format_bytes(plan.peak_bytes),
+        reduction=f"{100 * plan.reduction:.1f}%", budget=format_bytes(plan.budget_bytes) if plan.budget_bytes else None,
     ).encode()
     files["memory.png"] = memory_png(plan, f"{spec.experiment.name}: model states per stage")
     return files
-
-
-def compile_files(spec: Spec, plan: dict[str, Any], spec_text: str) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and all files, manifest.json included."""
-    files = render_files(spec, plan, spec_text)
-    manifest = freeze(spec, plan, files)
-    files["manifest.json"] = dumps(manifest).encode()
-    return manifest, files
 
 
 def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool) -> None:

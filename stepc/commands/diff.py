@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from stepc.errors import UserError
 
 IGNORED = {"hash"}  # derived from the rest; a differing hash is explained by the fields that differ
 
@@ -25,19 +22,6 @@ class Change:
     def section(self) -> str:
         top = self.path.split(".", 1)[0].split("[", 1)[0]
         return "environment" if top == "stepc_version" else top  # a version, like torch's: not the experiment
-
-
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a manifest from a file or a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("no manifest here", file=str(path), fix="pass a run directory made by `stepc compile` or its manifest.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix="pass a manifest.json written by `stepc compile`") from None
 
 
 def diff(old: Any, new: Any, path: str = "") -> list[Change]:

@@ -19,40 +19,41 @@ import sys
 from pathlib import Path
 
 from stepc.errors import UserError
-from stepc.manifest import content_hash, sha256_bytes
+from stepc.rundir import RunDir, content_hash, digest
 from stepc.runlock import ENV as LOCK_ENV
 from stepc.runlock import acquire, release
+from stepc.runtime.preempt import EXIT_STOPPED  # stage.sh: stopped by a signal after checkpointing
+from stepc.schema.manifest import Manifest
 
-EXIT_STOPPED = 75  # stage.sh: stopped by a signal after checkpointing (runtime/preempt.py)
 EXIT_REFUSED = 2
 
 
-def verify_scripts(run_dir: Path, manifest: dict) -> None:
+def verify_scripts(run_dir: Path, raw: dict) -> None:
     """The manifest is unedited and every script it records is there with the recorded bytes."""
-    where = str(run_dir / "manifest.json")
-    if manifest.get("hash") != content_hash(manifest):
+    where = str(RunDir(run_dir).manifest)
+    if raw.get("hash") != content_hash(raw):
         raise UserError("manifest.json was edited after compilation (its content hash does not match)", file=where,
                         fix=f"recompile the spec with `stepc compile SPEC --force` (checkpoints are kept); `stepc verify {run_dir}` shows what differs")
-    for name, digest in sorted(manifest.get("files", {}).items()):
+    for name, recorded in sorted(raw.get("files", {}).items()):
         if not name.endswith((".sh", ".sbatch")):
             continue
         script = run_dir / name
         if not script.is_file():
             raise UserError(f"{name} is missing", file=str(script), fix="recompile the spec with `stepc compile SPEC --force`")
-        if sha256_bytes(script.read_bytes()) != digest:
+        if digest(script.read_bytes()) != recorded:
             raise UserError(f"{name} differs from the script the manifest records", file=str(script),
                             fix=f"recompile with `stepc compile SPEC --force` (or inspect with `stepc verify {run_dir}`); "
                                 "to run an edited script on purpose, run it directly with --allow-edited-scripts")
 
 
-def run_stages(run_dir: Path, manifest: dict, indices: list[int]) -> int:
-    verify_scripts(run_dir, manifest)
+def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
+    verify_scripts(run_dir, manifest.raw)
     lock = acquire(run_dir, command="stepc run")
     try:
         env = dict(os.environ)
         if lock is not None:
             env[LOCK_ENV] = lock["owner"]  # the stage scripts are this launch
-        return _run(run_dir, len(manifest["plan"]["stages"]), indices, env)
+        return _run(run_dir, manifest.num_stages, indices, env)
     finally:
         if lock is not None:
             release(run_dir)
@@ -61,7 +62,7 @@ def run_stages(run_dir: Path, manifest: dict, indices: list[int]) -> int:
 def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> int:
     for index in indices:
         print(f"== stage {index} of {total}", flush=True)
-        code, interrupted = _call_stage(run_dir / f"stage-{index}.sh", env)
+        code, interrupted = _call_stage(RunDir(run_dir).stage_script(index), env)
         if interrupted or code == EXIT_STOPPED:
             stopped = _stopped(run_dir, index)
             where = (f"stage {index} stopped after step {stopped['step']} (checkpoint written)" if stopped
@@ -102,6 +103,6 @@ def _call_stage(script: Path, env: dict[str, str]) -> tuple[int, bool]:
 
 def _stopped(run_dir: Path, index: int) -> dict | None:
     try:
-        return json.loads((run_dir / "checkpoints" / f"stage-{index}" / "STOPPED").read_text())
+        return json.loads(RunDir(run_dir).stop_record(index).read_text())
     except (OSError, ValueError):
         return None

@@ -12,21 +12,26 @@ from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from stepc.checks import normalize
+from stepc.compiler.checks import normalize
 from stepc.errors import UserError
-from stepc.spec import Spec
+from stepc.schema.spec import Spec
 
 
 def load_spec(path: str | Path) -> tuple[Spec, str]:
     """Read, validate and normalise a spec file; return the spec and the file's text as given."""
+    text = read_spec_text(path)
+    return parse_spec(text, str(path)), text
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The spec file's text; a UserError naming the file when it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the spec: {exc}", file=str(path), fix="pass a readable UTF-8 TOML file") from None
-    return parse_spec(text, str(path)), text
 
 
 def parse_spec(text: str, file: str = "<spec>") -> Spec:

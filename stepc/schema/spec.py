@@ -1,8 +1,8 @@
 """The experiment spec: every TOML key, its type, its default and its docstring.
 
 Field docstrings are read by pydantic (`use_attribute_docstrings`) and reused verbatim by error
-messages, `stepc compile --help-spec` and the README, so they are written for researchers.
-Single-field ranges live here; checks that involve several fields live in `stepc/checks.py`.
+messages, `stepc help-spec` and the README, so they are written for researchers.
+Single-field ranges live here; checks that involve several fields live in `stepc/compiler/checks.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stepc.units import parse_bytes
+from stepc.schema.units import parse_bytes
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -41,6 +41,14 @@ class Experiment(Section):
     """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines)."""
 
 
+LINEAR_MAPS: tuple[tuple[str, str], ...] = (
+    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+)
+"""The seven linear maps of a LLaMA decoder layer, as (submodule, attribute): what the memory model
+counts and what gets ReLoRA adapters."""
+
+
 class Model(Section):
     hidden_size: PositiveInt
     """Hidden dimension d of the TARGET LLaMA model."""
@@ -58,6 +66,15 @@ class Model(Section):
     """Training sequence length in tokens."""
     tie_embeddings: bool = False
     """Share the input embedding and the output head (LLaMA does not)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K and V projections: kv heads x head dimension (= hidden_size without GQA)."""
+        return (self.num_key_value_heads or self.num_attention_heads) * self.head_dim
 
 
 class Memory(Section):

@@ -12,7 +12,6 @@ run.sbatch where the run directory is (SLURM runs a spooled copy of the script).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,21 +19,17 @@ import subprocess
 from pathlib import Path
 
 from stepc.errors import UserError
+from stepc.rundir import RunDir
+from stepc.schema.manifest import load_manifest
 
 _JOB_ID = re.compile(r"^\s*(\d+)(;\S+)?\s*$")
 
 
 def _stages(run_dir: Path) -> list[int]:
-    manifest_path = run_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        return [int(stage["index"]) for stage in manifest["plan"]["stages"]]
-    except FileNotFoundError:
+    if not RunDir(run_dir).manifest.is_file():
         raise UserError(f"{run_dir} is not a compiled run directory (no manifest.json)", file=str(run_dir),
-                        fix="pass the directory `stepc compile` wrote, e.g. runs/<experiment.name>") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read {manifest_path}: {exc}", file=str(run_dir),
-                        fix="recompile the spec with `stepc compile SPEC --force`") from None
+                        fix="pass the directory `stepc compile` wrote, e.g. runs/<experiment.name>")
+    return [stage.index for stage in load_manifest(run_dir).plan.stages]
 
 
 def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:

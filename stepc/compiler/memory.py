@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stepc.spec import Spec
+from stepc.schema.spec import LINEAR_MAPS, Spec
 
 TRAINED_BYTES = 16  # fp16/bf16 weight + gradient + fp32 master, momentum, variance (Eq. 1), or fp32 param+grad+2 moments
 STEP_SCALAR_BYTES = 4  # torch AdamW keeps one fp32 `step` tensor per parameter tensor
-LINEAR_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def exact_layer_params(spec: Spec) -> tuple[int, int, int]:
     """(layer, adapter, fixed) parameter counts of the real transformers LlamaForCausalLM."""
     m = spec.model
     d, inter = m.hidden_size, m.intermediate_size
-    kv = m.num_key_value_heads * (d // m.num_attention_heads)
+    kv = m.kv_dim
     shapes = {  # (in, out) of each linear map; LLaMA has no biases
         "q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
         "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d),
@@ -98,7 +97,7 @@ def device_costs(spec: Spec) -> Costs:
     ranks = 1 if spec.experiment.method == "galore" else la.nnodes * la.nproc_per_node
     elt = 2 if tr.precision == "bf16" else 4
     d, inter = m.hidden_size, m.intermediate_size
-    kv = m.num_key_value_heads * (d // m.num_attention_heads)
+    kv = m.kv_dim
     tokens = tr.micro_batch_size * m.seq_len
     full_layer = tokens * (elt * (6 * d + 2 * kv + 4 * inter) + 8 * 2 * d)
     per_layer = tokens * elt * d if tr.activation_checkpointing else full_layer
@@ -129,3 +128,20 @@ def layout_peaks(costs: Costs, layers: list[int]) -> list[int]:
         peaks.append(costs.stage_bytes(new, old))
         old += new
     return peaks
+
+
+def galore_bytes(spec: Spec, costs: Costs) -> int:
+    """GaLore model states: weights and gradients (16-bit) plus fp32 master copy for every parameter,
+    and for each 2-D layer matrix (m x n) Adam moments in the rank-r projected space plus the projector.
+
+    Outside the decoder layers (embeddings, head, norms) GaLore keeps ordinary AdamW state.
+    """
+    m, r = spec.model, spec.step.galore_rank
+    d, inter = m.hidden_size, m.intermediate_size
+    kv = m.kv_dim
+    if spec.memory.accounting == "paper":
+        inter, kv = round(8 / 3 * d), d
+    mats = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
+    projected = sum(2 * 4 * r * max(a, b) + 4 * min(a, b) * r for a, b in mats)  # moments r x max, projector min x r
+    per_layer = 8 * costs.layer_params + projected
+    return m.num_layers * per_layer + 16 * costs.fixed_params

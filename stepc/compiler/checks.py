@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from stepc.errors import UserError
-from stepc.spec import Spec
+from stepc.schema.spec import Spec
 
 
 def normalize(spec: Spec, file: str) -> Spec:

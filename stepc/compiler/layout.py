@@ -13,8 +13,8 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
+from stepc.compiler.memory import Costs, layout_peaks
 from stepc.errors import UserError
-from stepc.memory import Costs, layout_peaks
 
 
 @dataclass(frozen=True)

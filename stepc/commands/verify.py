@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepc.diff import Change, diff, load_manifest
-from stepc.emit import compile_files
-from stepc.load import parse_spec
-from stepc.manifest import content_hash, sha256_bytes
-from stepc.plan import make_plan
+from stepc.commands.diff import Change, diff
+from stepc.compiler import compile_spec
+from stepc.rundir import RunDir, content_hash, digest, read_manifest
 
 
 def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
@@ -18,19 +16,18 @@ def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
     directory is still exactly what the spec compiles to); they are appended to `notes`.
     """
     problems: list[str] = []
-    manifest = load_manifest(run_dir)
+    manifest = read_manifest(run_dir)
     if manifest.get("hash") != content_hash(manifest):
         problems.append(f"manifest.json: content hash mismatch (recorded {manifest.get('hash')}, actual {content_hash(manifest)}): it was edited")
-    for name, digest in sorted(manifest.get("files", {}).items()):
+    for name, recorded in sorted(manifest.get("files", {}).items()):
         path = run_dir / name
         if not path.exists():
             problems.append(f"{name}: missing")
-        elif sha256_bytes(path.read_bytes()) != digest:
+        elif digest(path.read_bytes()) != recorded:
             problems.append(f"{name}: content differs from the hash recorded in manifest.json")
-    spec_path = run_dir / "spec.toml"
+    spec_path = RunDir(run_dir).spec
     if spec_path.exists():
-        spec = parse_spec(spec_path.read_text(encoding="utf-8"), str(spec_path))
-        fresh, _ = compile_files(spec, make_plan(spec), spec_path.read_text(encoding="utf-8"))
+        fresh = compile_spec(spec_path.read_text(encoding="utf-8"), str(spec_path)).manifest
         changes: list[Change] = diff(manifest, fresh)
         problems += [f"recompiling spec.toml gives a different {c.path}: {c.old!r} -> {c.new!r}"
                      for c in changes if c.section != "environment"]

@@ -6,7 +6,6 @@ The hash covers everything but itself, so the runtime can refuse a hand-edited m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -16,34 +15,22 @@ from importlib import metadata
 from typing import Any
 
 from stepc import __version__
-from stepc.spec import Spec
+from stepc.rundir import content_hash, digest
+from stepc.schema.plan import Plan
+from stepc.schema.spec import Spec
 
 SCHEMA = 1
 
 
-def canonical_json(obj: Any) -> str:
-    """One byte sequence per value: sorted keys, no whitespace, UTF-8 kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def content_hash(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "hash"}
-    return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def freeze(spec: Spec, plan: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+def freeze(spec: Spec, plan: Plan, files: dict[str, bytes]) -> dict[str, Any]:
     """The manifest for `spec`/`plan` whose emitted files are `files` (name -> bytes)."""
     manifest = {
         "schema": SCHEMA,
         "stepc_version": __version__,
         "spec": spec.model_dump(mode="json"),
-        "plan": plan,
+        "plan": plan.model_dump(mode="json"),
         "environment": environment(),
-        "files": {name: sha256_bytes(data) for name, data in sorted(files.items())},
+        "files": {name: digest(data) for name, data in sorted(files.items())},
     }
     manifest["hash"] = content_hash(manifest)
     return manifest

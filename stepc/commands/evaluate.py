@@ -6,13 +6,13 @@ Runs in one process on the best local device; writes RUN_DIR/eval.json atomicall
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
+from stepc.rundir import RunDir, atomic_write_json
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None,
@@ -20,31 +20,31 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stepc.diff import load_manifest
     from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
     from stepc.runtime.metrics import loss_sums
+    from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
-    export = run_dir / "export"
+    export = RunDir(run_dir).export
     if not (export / "EXPORT_COMPLETE").is_file():
         raise UserError("this run has no complete export yet", file=str(run_dir),
                         fix=f"finish training first (stepc run {run_dir}); the last stage writes {export}")
-    spec = manifest["spec"]
+    spec = manifest.spec
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).to(device).eval()
     try:
-        tok, train, named = open_datasets(spec["data"], spec["model"]["seq_len"], run_dir / "cache")
+        tok, train, named = open_datasets(spec.data, spec.model.seq_len, RunDir(run_dir).cache)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read the run's data: {exc}", file=str(run_dir),
                         fix="run from the directory the spec's data paths are relative to") from None
-    _, sets = eval_sets(train, named, spec["data"]["holdout_fraction"], spec["experiment"]["seed"])
+    _, sets = eval_sets(train, named, spec.data.holdout_fraction, spec.experiment.seed)
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name, (blocks, indices) in sets.items():
-        total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec["eval"]["max_tokens"], indices), device).tolist()
+        total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices), device).tolist()
         result["perplexity"][name] = math.exp(total / count)
     if tasks:
         result["tasks"] = _lm_eval(model, export, tasks, include_path, limit, batch_size, device)
-    _write_json(run_dir / "eval.json", result)
+    atomic_write_json(RunDir(run_dir).eval_result, result)
     return result
 
 
@@ -66,12 +66,6 @@ def _lm_eval(model, export: Path, tasks: list[str], include_path: Path | None, l
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in out["results"].items()}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def render(result: dict[str, Any]) -> str:

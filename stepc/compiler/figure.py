@@ -7,23 +7,24 @@ compile together, for a chart of a few bars. Output is byte-identical for the sa
 from __future__ import annotations
 
 import io
-from typing import Any
+
+from stepc.schema.plan import Plan
 
 WIDTH, HEIGHT = 640, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 50, 70
 GREY, BLUE, RED, INK, GRID = (158, 158, 158), (31, 119, 180), (214, 39, 40), (30, 30, 30), (225, 225, 225)
 
 
-def memory_png(plan: dict[str, Any], title: str) -> bytes:
+def memory_png(plan: Plan, title: str) -> bytes:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=13)
     small = ImageFont.load_default(size=11)
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    bars = [("vanilla", f"{sum(plan['layers'])} layers", plan["vanilla_peak_bytes"], GREY)]
-    bars += [(f"stage {s['index']}", f"{s['total_layers']} layers", s["peak_bytes"], BLUE) for s in plan["stages"]]
-    budget = plan["budget_bytes"]
+    bars = [("vanilla", f"{sum(plan.layers)} layers", plan.vanilla_peak_bytes, GREY)]
+    bars += [(f"stage {s.index}", f"{s.total_layers} layers", s.peak_bytes, BLUE) for s in plan.stages]
+    budget = plan.budget_bytes
     top = max([b[2] for b in bars] + ([budget] if budget else [])) * 1.12
     plot_h, plot_w = HEIGHT - TOP - BOTTOM, WIDTH - LEFT - RIGHT
 
@@ -49,7 +50,7 @@ def memory_png(plan: dict[str, Any], title: str) -> bytes:
     draw.line([(LEFT, TOP), (LEFT, y(0)), (WIDTH - RIGHT, y(0))], fill=INK)
     unit = "GB" if top >= 1e9 else "MB"
     draw.text((WIDTH / 2, 18), title, fill=INK, font=font, anchor="mm")
-    draw.text((8, TOP - 20), f"model states ({unit}, {plan['accounting']} accounting)", fill=INK, font=small)
+    draw.text((8, TOP - 20), f"model states ({unit}, {plan.accounting} accounting)", fill=INK, font=small)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()

@@ -1,0 +1,46 @@
+"""The plan table printed by `stepc plan`/`compile` and written to plan.md."""
+
+from __future__ import annotations
+
+from stepc.schema.plan import Plan
+from stepc.schema.units import format_bytes
+
+COLUMNS = ("stage", "layers", "new", "trainable", "frozen", "peak", "steps", "tokens", "FLOPs")
+
+
+def plan_table(plan: Plan) -> str:
+    rows = [COLUMNS]
+    rows.append(("vanilla", str(sum(plan.layers)), "", "", "", format_bytes(plan.vanilla_peak_bytes), "", "", f"{plan.flops_budget:.3e}"))
+    for s in plan.stages:
+        rows.append((
+            str(s.index), str(s.total_layers), str(s.new_layers), f"{s.trainable_params / 1e6:.2f}M",
+            f"{s.frozen_params / 1e6:.2f}M", format_bytes(s.peak_bytes), str(s.steps),
+            f"{s.tokens / 1e9:.3f}B" if s.tokens >= 1e8 else f"{s.tokens / 1e6:.3f}M", f"{s.flops:.3e}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> str:
+    text = (f"{plan.method}: layout {plan.layers}, peak {format_bytes(plan.peak_bytes)} vs vanilla "
+            f"{format_bytes(plan.vanilla_peak_bytes)} ({100 * plan.reduction:.1f}% less)")
+    if plan.budget_bytes is not None:
+        over = plan.peak_bytes > plan.budget_bytes
+        text += f", budget {format_bytes(plan.budget_bytes)}{' EXCEEDED' if over else ''}"
+    return text
+
+
+def compare_plans(plans: list[tuple[str, Plan]]) -> str:
+    """Several plans side by side: method, layout, peak, reduction, total steps, tokens and FLOPs."""
+    rows = [("spec", "method", "layout", "peak", "vs vanilla", "steps", "tokens", "FLOPs")]
+    for name, plan in plans:
+        stages = plan.stages
+        rows.append((name, plan.method, "+".join(str(s.new_layers) for s in stages), format_bytes(plan.peak_bytes),
+                     f"-{100 * plan.reduction:.1f}%", str(sum(s.steps for s in stages)),
+                     f"{sum(s.tokens for s in stages) / 1e9:.2f}B", f"{sum(s.flops for s in stages):.3e}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

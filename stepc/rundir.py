@@ -1,0 +1,180 @@
+"""The one home of run-directory I/O: paths, atomic writes, file hashing, canonical JSON, manifests.
+
+Every file stepc or its runtime writes into a run directory (or a cache shared by runs) goes
+through `atomic_write_*`: a unique temporary name in the same directory, fsync, then `os.replace`,
+so a crash or a concurrent writer never leaves a half-written file under the final name. Every
+path inside a run directory is a property of `RunDir`, so the layout is written down once.
+
+This module imports only the standard library: the stage scripts' preflight imports it and must
+start in well under a second, without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from stepc.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of `runs/<name>/` (see the README's "run directory" section)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.toml"
+
+    def stage_script(self, index: int) -> Path:
+        return self.root / f"stage-{index}.sh"
+
+    @property
+    def lock(self) -> Path:
+        """Who is training this run directory (stepc/runlock.py): one launch at a time."""
+        return self.root / "LOCK"
+
+    def stop_record(self, index: int) -> Path:
+        """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/preempt.py)."""
+        return self.stage_dir(index) / "STOPPED"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def stage_dir(self, index: int) -> Path:
+        """DCP step checkpoints of stage `index` (`step-<n>/`) and its merged export (`final/`)."""
+        return self.checkpoints / f"stage-{index}"
+
+    def final_export(self, index: int) -> Path:
+        """Stage `index`'s merged Hugging Face export: the next stage grows from it."""
+        return self.stage_dir(index) / "final"
+
+    @property
+    def export(self) -> Path:
+        """The last stage's export: the trained model."""
+        return self.root / "export"
+
+    @property
+    def experiment_record(self) -> Path:
+        """Which experiment (spec + plan identity) the checkpoints belong to."""
+        return self.checkpoints / "EXPERIMENT"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / "data-fingerprint.json"
+
+    @property
+    def eval_result(self) -> Path:
+        return self.root / "eval.json"
+
+
+# --- hashing -------------------------------------------------------------------------------------
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(data: bytes) -> str:
+    """The manifest's form of a content hash: "sha256:<hex>"."""
+    return "sha256:" + sha256_hex(data)
+
+
+def file_sha256_hex(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed (data files can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """One byte sequence per value: sorted keys, no whitespace, UTF-8 kept as is."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_hash(manifest: dict[str, Any]) -> str:
+    """The manifest's self-hash: over its canonical JSON without the "hash" key."""
+    body = {k: v for k, v in manifest.items() if k != "hash"}
+    return digest(canonical_json(body).encode())
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> None:
+    """Call `write(fh)` on a unique temporary file beside `path`, fsync, chmod, then rename it into place.
+
+    The unique name lets concurrent writers (ranks, runs sharing a cache) race safely: the last
+    rename wins and every reader sees one whole file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600; other users and ranks must read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    atomic_write(path, lambda fh: fh.write(data), mode)
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Indented, sorted JSON for people (records such as eval.json and data-fingerprint.json)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+def manifest_path(path: str | Path) -> Path:
+    """A run directory or its manifest.json -> the manifest file."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The JSON of a manifest, from a run directory or the file itself; a UserError when unreadable."""
+    path = manifest_path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("no manifest here", file=str(path), fix="pass a run directory made by `stepc compile` or its manifest.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix="pass a manifest.json written by `stepc compile`") from None

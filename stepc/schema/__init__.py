@@ -1,0 +1,6 @@
+"""The manifest format: what the compiler writes and the runtime reads.
+
+`spec.Spec` (the validated TOML spec), `plan.Plan`/`StagePlan` (the solved layout and schedule),
+`manifest.Manifest` (both, read back from manifest.json) and `units` (byte sizes). The compiler
+and the runtime both import this package and nothing of each other.
+"""
