@@ -52,6 +52,10 @@ class RunDir:
         """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/preempt.py)."""
         return self.stage_dir(index) / "STOPPED"
 
+    def stop_request(self, index: int) -> Path:
+        """STOP_REQUEST: stage-<index>.sh was signalled; rank 0 checks for it after every step."""
+        return self.stage_dir(index) / "STOP_REQUEST"
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

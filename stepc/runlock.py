@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from stepc.errors import UserError
@@ -137,7 +136,6 @@ def acquire(run_dir: Path, pid: int | None = None, command: str = "") -> dict | 
             if taken != holder:  # it changed between our read and our rename: put it back, look again
                 _publish(path, taken)
                 continue
-            warnings.warn(f"taking over the stale lock {path} of {describe(holder)}: {reason}", stacklevel=2)
             print(f"warning: taking over the stale lock {path} of {describe(holder)}: {reason}", file=sys.stderr)
         try:
             tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Stop at a step boundary when the job is told to stop: lose at most the optimizer step in flight.
 
 SIGTERM (scancel, preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's time-limit warning) only
-set a flag here. At the end of every optimizer step all ranks agree on it with one tiny all_reduce
+set a flag here (as does the stage script's STOP_REQUEST file, for a signal that came too early). At the end of every optimizer step all ranks agree on it with one tiny all_reduce
 (MAX of the flag), so every rank stops after the same step even when the signal reached them a step
 apart; the loop then writes a checkpoint at that step, `record_stop` writes STOPPED (RunDir.stop_record) in the
 stage's checkpoint directory, and the worker exits 0.
@@ -63,13 +63,23 @@ def requested() -> str | None:
     return _received["name"]  # type: ignore[return-value]
 
 
-def agreed_stop(steps_done: int, device) -> bool:
-    """Collective, once per optimizer step on every rank: has ANY rank been told to stop?"""
+def agreed_stop(steps_done: int, device, request_file: Path | None = None) -> bool:
+    """Collective, once per optimizer step on every rank: has ANY rank been told to stop?
+
+    `request_file` (rank 0 only: one stat per step): the stage script's STOP_REQUEST, written when
+    it is signalled. It covers a signal that reached the workers before `install` ran."""
     import torch
     import torch.distributed as dist
 
-    global _steps_done
+    global _steps_done, _signal_steps_done
     _steps_done = steps_done
+    if not requested() and request_file is not None and request_file.exists():
+        try:
+            name = request_file.read_text().strip() or "SIGTERM"
+        except OSError:
+            name = "SIGTERM"
+        _received["name"], _received["at"] = name, time.monotonic()
+        _signal_steps_done = steps_done - 1  # noticed at this step's end: the signal came during it (or earlier)
     flag = torch.tensor([1 if requested() else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

@@ -138,6 +138,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers, world=st.world,
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
     last_time, last_step = time.perf_counter(), start
+    stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
                    reset_every, spec.step.restart_warmup_steps, offset)
@@ -169,7 +170,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             _evaluate(st, model, evals, metrics, done)
         if done % tr.checkpoint_every == 0 and done != steps:
             _save_checkpoint(st, done, model, optimizer)
-        if done != steps and preempt.agreed_stop(done, st.device):  # SIGTERM/SIGINT/SIGUSR1 on any rank
+        if done != steps and preempt.agreed_stop(done, st.device, stop_request):  # SIGTERM/SIGINT/SIGUSR1 on any rank
             _stop(st, done, model, optimizer, metrics)
             return
     _evaluate(st, model, evals, metrics, steps)
