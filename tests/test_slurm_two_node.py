@@ -259,8 +259,6 @@ def test_time_limit_requeues_and_completes(cluster: TwoNodeSlurmCluster, corpus:
     state = cluster.wait_job(job.job_id, timeout=600, poll=1.0, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     info = cluster.job_info(job.job_id)
     assert state == "COMPLETED", f"{info}\n{logs(run_dir)}"
-    out = (run_dir / "logs" / f"slurm-{NAME}-{job.job_id}.out").read_text()
-    assert "is near its time limit" in out and "DUE TO JOB REQUEUE" in out, out
     stops = [m for m in metrics(run_dir) if m["event"] == "stopped"]
     assert stops and all(m["signal"] in ("SIGUSR1", "peer") for m in stops), stops
     log = stage_log(run_dir, 1) + stage_log(run_dir, 2)
