@@ -38,11 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="the TOML spec")
     p.add_argument("--out", default="runs", help="output root; the run directory is OUT/<experiment.name> (default: runs)")
     p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
+    _add_set(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("plan", help="print the plan table of one or more specs; writes nothing")
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
+    _add_set(p)
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
+                                   "rtx4090-24gb (exit 1 when a stage does not fit)")
+    gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
+    p.add_argument("spec", help="the TOML spec every point starts from")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 (repeatable: the points are the product)")
+    _add_set(p)
+    p.add_argument("--out", default="runs", help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
+    p.add_argument("--force", action="store_true", help="recompile existing run directories (checkpoints and logs are kept)")
+    p.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sbatch --array=...%%N)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("diff", help="semantic diff of two manifests or run directories (exit 1 when they differ)")
     p.add_argument("a")
@@ -58,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, help="run only this stage")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="submit a compiled run directory to SLURM (run from the project root)")
+    p = sub.add_parser("submit", help="submit a compiled run directory (or a sweep directory, as one job array) to SLURM "
+                                      "(run from the project root)")
     p.add_argument("run_dir")
     p.add_argument("--chain", action="store_true", help="one job per stage, each --dependency=afterok on the previous one")
     p.set_defaults(func=cmd_submit)
@@ -67,12 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
     p.add_argument("--include-path", type=Path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
-    p.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
+    p.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per task (a positive integer)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", type=Path, default=Path("runs/report"), help="where report.md and loss.png go (default: runs/report)")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its runs, with the swept values as columns)")
+    p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
@@ -80,19 +97,54 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_spec(path: str) -> str:
-    from stepc.compiler.load import read_spec_text
+def _positive_int(text: str) -> int:
+    """argparse type: a positive integer (argparse turns the ValueError into exit 2 and a usage line)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
-    return read_spec_text(path)
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in its message
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key with a TOML value, e.g. --set train.lr=3e-4 (repeatable; recorded in the run)")
+
+
+def _compile(path: str, sets: list[str] | None, emit: bool):
+    """The spec file with --set values applied, planned (emit=False: (spec, plan)) or compiled (a Compiled).
+
+    Errors say which --set they came from; a tracking backend the spec selects must be installed.
+    """
+    from stepc.compiler import compile_spec, plan_spec
+    from stepc.compiler.overrides import blamed, recorded, resolve
+    from stepc.runtime.tracking import check_installed
+
+    text, overrides = resolve(path, sets)
+    with blamed(overrides):
+        result = compile_spec(text, path, recorded(overrides)) if emit else plan_spec(text, path)
+    spec = result.spec if emit else result[0]
+    check_installed(spec.log.backends, path)
+    return result
+
+
+def _warn(path: str, spec, plan) -> None:
+    """Print what compiles but is probably a mistake (a validation set that is a training file...)."""
+    from stepc.compiler.static_checks import warnings
+
+    for key, message in warnings(spec, plan):
+        print(f"warning: {path}: [{key}] {message}", file=sys.stderr)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from stepc.compiler import compile_spec
     from stepc.compiler.emit import write_run_dir
     from stepc.compiler.plan_table import plan_summary, plan_table
 
-    compiled = compile_spec(_read_spec(args.spec), args.spec)
+    compiled = _compile(args.spec, args.sets, emit=True)
     spec, plan, manifest = compiled.spec, compiled.plan, compiled.manifest
+    _warn(args.spec, spec, plan)
     run_dir = Path(args.out) / spec.experiment.name
     try:
         write_run_dir(run_dir, compiled.files, args.force)
@@ -106,20 +158,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from stepc.compiler import plan_spec
     from stepc.compiler.plan_table import compare_plans, plan_summary, plan_table
 
-    plans = []
+    plans, fits = [], True
+    capacity = None
+    if args.gpu or args.gpu_memory:
+        from stepc.compiler.fit import fit, fit_table, gpu_capacity
+
+        label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
     for i, path in enumerate(args.specs):
-        spec, plan = plan_spec(_read_spec(path), path)
+        spec, plan = _compile(path, args.sets, emit=False)
+        _warn(path, spec, plan)
         if len(args.specs) > 1:
             print(("\n" if i else "") + f"== {path} ({spec.experiment.name})")
         print(plan_table(plan))
         print(plan_summary(plan))
+        if capacity is not None:
+            results = fit(spec, plan, capacity)
+            print("\n" + fit_table(spec, results, label))
+            fits = fits and all(r.fits for r in results)
         plans.append((spec.experiment.name, plan))
     if len(plans) > 1:
         print("\n" + compare_plans(plans))
-    return 0
+    return 0 if fits else 1
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -143,11 +204,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stepc.rundir import RunDir
+    from stepc.rundir import RunDir, manifest_path
     from stepc.schema.manifest import load_manifest
 
-    run_dir = Path(args.run_dir)
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(args.run_dir)
+    run_dir = manifest_path(args.run_dir).parent  # RUN_DIR or RUN_DIR/manifest.json
     indices = [s.index for s in manifest.plan.stages]
     if args.stage is not None:
         if args.stage not in indices:
@@ -165,9 +226,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from stepc.commands.sweep import compile_sweep, write_sweep
+    from stepc.compiler.plan_table import compare_plans
+
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise UserError("--max-parallel must be at least 1", fix="e.g. --max-parallel 4")
+    base, points = compile_sweep(args.spec, args.grid, args.sets)
+    sweep_dir = write_sweep(Path(args.out), base, points, args.force, args.max_parallel)
+    print(compare_plans([(p.name, p.compiled.plan) for p in points]))
+    print(f"wrote {len(points)} run directories and {sweep_dir}/; submit the job array with: stepc submit {sweep_dir}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from stepc.commands.submit import submit
+    from stepc.commands.sweep import is_sweep_dir, submit_sweep
 
+    if is_sweep_dir(Path(args.run_dir)):
+        if args.chain:
+            raise UserError("--chain applies to one run, not to a sweep's job array", file=args.run_dir,
+                            fix="submit the sweep without --chain (each array task runs its stages in order)")
+        print(f"submitted {args.run_dir}: job array {submit_sweep(Path(args.run_dir))}")
+        return 0
     ids = submit(Path(args.run_dir), args.chain)
     print(f"submitted {args.run_dir}: job{'s' if len(ids) > 1 else ''} {' '.join(ids)}")
     return 0
@@ -179,15 +260,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
     print(render(result))
-    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    from stepc.rundir import manifest_path
+
+    print(f"wrote {manifest_path(args.run_dir).parent / 'eval.json'}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from stepc.commands.report import write_report
+    from stepc.commands.sweep import columns, is_sweep_dir, run_dirs
 
-    print(write_report([Path(d) for d in args.run_dirs], args.out))
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'loss.png'}")
+    dirs, extra, out = [], {}, args.out
+    for given in map(Path, args.run_dirs):
+        if is_sweep_dir(given):  # a sweep: its runs that have metrics, the swept values as columns
+            found = [d for d in run_dirs(given) if (d / "metrics.jsonl").is_file()]
+            if len(found) < len(run_dirs(given)):
+                print(f"note: {given}: {len(run_dirs(given)) - len(found)} of {len(run_dirs(given))} runs have no metrics yet")
+            dirs += found
+            extra.update(columns(given))
+            out = out or given / "report"
+        else:
+            dirs.append(given)
+    if not dirs:
+        raise UserError("no run has metrics yet", file=args.run_dirs[0], fix="wait for the runs to train (squeue), then rerun")
+    out = out or Path("runs/report")
+    print(write_report(dirs, out, extra or None))
+    print(f"wrote {out / 'report.md'} and {out / 'loss.png'}")
     return 0
 
 

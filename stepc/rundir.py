@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable
 
 from stepc.errors import UserError
@@ -98,6 +100,15 @@ class RunDir:
     def eval_result(self) -> Path:
         return self.root / "eval.json"
 
+    @property
+    def tracking(self) -> Path:
+        """The experiment trackers' run ids (one tracked run per run directory)."""
+        return self.root / "tracking.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
 
 # --- hashing -------------------------------------------------------------------------------------
 
@@ -173,12 +184,86 @@ def manifest_path(path: str | Path) -> Path:
     return path / MANIFEST if path.is_dir() else path
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+MANIFEST_KEYS = ("schema", "stepc_version", "spec", "plan", "environment", "files", "hash")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The JSON of a manifest, from a run directory or the file itself; a UserError when unreadable."""
+    """The JSON of a manifest, from a run directory or the file itself; a UserError naming the file when it is
+    not a regular file, not JSON, or not a manifest at all (`[]`, a string, an object without its keys)."""
     path = manifest_path(path)
+    fix = "pass a run directory made by `stepc compile` or its manifest.json"
+    data = read_regular_file(path, "manifest", fix, MAX_MANIFEST_BYTES)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix=fix) from None
+    fix = "pass a manifest.json written by `stepc compile` (recompile the spec to get a fresh one)"
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else type(obj).__name__
+        raise UserError(f"not a manifest: the JSON is {kind}, not an object", file=str(path), fix=fix)
+    missing = [k for k in MANIFEST_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"not a manifest: no {', '.join(missing)} (a manifest has {', '.join(MANIFEST_KEYS)})",
+                        file=str(path), fix=fix)
+    for key in ("spec", "plan", "environment", "files"):
+        if not isinstance(obj[key], dict):
+            raise UserError(f"{key} is {type(obj[key]).__name__}, not an object", file=str(path), key=key, fix=fix)
+    return obj
+
+
+# --- what may be trusted in a run directory ------------------------------------------------------
+
+def read_regular_file(path: Path, what: str, fix: str, max_bytes: int) -> bytes:
+    """The bytes of `path`, refusing anything but a regular file of at most `max_bytes` (a UserError naming
+    it): a FIFO or a device would block or never end, a directory cannot be read. Symlinks are followed
+    (the user named the path); links inside a run directory are judged by `entry_problem`."""
+    try:
+        info = os.stat(path)
     except FileNotFoundError:
-        raise UserError("no manifest here", file=str(path), fix="pass a run directory made by `stepc compile` or its manifest.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix="pass a manifest.json written by `stepc compile`") from None
+        raise UserError(f"no {what} here", file=str(path), fix=fix) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the {what}: {exc.strerror}", file=str(path), fix=fix) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise UserError(f"the {what} path is {kind}", file=str(path), fix=fix)
+    if info.st_size > max_bytes:
+        raise UserError(f"the {what} is {info.st_size} bytes, more than a {what} can be ({max_bytes})", file=str(path), fix=fix)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the {what}: {exc.strerror}", file=str(path), fix=fix) from None
+
+
+def files_entry_problem(name: Any, recorded: Any) -> str | None:
+    """Why a manifest `files` entry cannot name a compiled file of its run directory, or None."""
+    if not isinstance(recorded, str) or not _DIGEST.fullmatch(recorded):
+        shown = json.dumps(recorded)[:40] if not isinstance(recorded, (dict, list)) else type(recorded).__name__
+        return f"the recorded hash of {name!r} is {shown}, not \"sha256:<64 hex digits>\""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or "\x00" in name or PurePosixPath(name).is_absolute() or ".." in parts:
+        return f"{name!r} points outside the run directory (a compiled file is a plain name inside it)"
+    return None
+
+
+def entry_problem(run_dir: Path, name: str) -> str | None:
+    """Why run_dir/name cannot be read as a compiled file (missing, a symlink, a directory, a FIFO...), or None.
+    Links are never followed: a compiled file is never one, and following it could read outside the run."""
+    path = run_dir / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as exc:
+        return f"{name}: cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{name}: is a symbolic link (to {os.readlink(path)!r}); a compiled file is never a link, and verify does not follow one"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{name}: is a directory, not the compiled file"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{name}: is not a regular file (a pipe, socket or device)"
+    real, root = os.path.realpath(path), os.path.realpath(run_dir)
+    if os.path.commonpath([real, root]) != root:
+        return f"{name}: resolves outside the run directory ({real})"
+    return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -226,13 +227,46 @@ def _mutate_string(draw, value: str) -> str:
     return value.upper()
 
 
+# Runtime-facing values: what compile must judge exactly as the runtime will (issue 14).
+DATA_PATHS = ["", " ", "data/*.csv", "data/x.json", "data/dir", "data/dir/", "data/**", "data/*", "data/x.*",
+              "data/corpus/train/*.txt", "data/x.jsonl", "data/x.parquet", "data/x.TXT", "data/x.txt ", " data/x.txt",
+              "./a.txt", "../b.jsonl", "/abs/c.parquet", "data/[ab].txt", "data/x.txt.gz", "data/x.txt/", "\\x.txt",
+              "data/\u0664.txt", "data/*.txt\n", "data/?", "data/x.txt]"]
+TOKENIZER_NAMES = ["gpt2", "GPT2", "gpt-2", "bpe-", "bpe-0", "bpe-256", "bpe-257", "bpe-511", "bpe-512", "bpe-4096",
+                   "bpe-4097", "bpe-05000", "bpe-\u0664\u0660\u0669\u0666", "bpe-\u00b2", "bpe-\uff14\uff10\uff19\uff16",
+                   "BPE-512", "bpe-512 ", "bpe--1", "bpe-1e3", "bpe-" + "9" * 30, "./tok", "tok/tokenizer.json",
+                   "bpe-dir/tokenizer.json", " ", "llama"]
+VALIDATION_NAMES = ["1st", "heldout", "a b", "x", "caf\u00e9", "", "a-b", "_x", "x" * 70, "HeldOut", "a.b", "-a", "\u0661"]
+data_paths = st.one_of(st.sampled_from(DATA_PATHS),
+                       st.builds(lambda stem, ext: stem + ext, st.text(max_size=8),
+                                 st.sampled_from([".txt", ".jsonl", ".parquet", ".csv", "", "/*.txt", ".*", "/"])))
+tokenizer_names = st.one_of(st.sampled_from(TOKENIZER_NAMES),
+                            st.builds(lambda n: f"bpe-{n}", st.integers(-10, 10**6)))
+
+
+def _mutate_runtime_facing(draw, doc: dict[str, Any]) -> None:
+    data = doc.setdefault("data", {}) if isinstance(doc.get("data", {}), dict) else {}
+    which = draw(st.sampled_from(["train", "tokenizer", "validation"]))
+    if which == "train":
+        data["train"] = draw(st.lists(data_paths, max_size=3))
+    elif which == "tokenizer":
+        data["tokenizer"] = draw(tokenizer_names)
+    else:
+        data["validation"] = draw(st.dictionaries(st.one_of(st.sampled_from(VALIDATION_NAMES), st.text(max_size=6)),
+                                                  data_paths, max_size=3))
+
+
 @st.composite
 def mutations(draw, doc: dict[str, Any]) -> str:
     """Apply one mutation to `doc` in place; return a short label of what was done."""
-    kind = draw(st.sampled_from(["retype", "perturb", "delete", "unknown-key", "deep-nest", "string", "budget"]))
+    kind = draw(st.sampled_from(["retype", "perturb", "delete", "unknown-key", "deep-nest", "string", "budget",
+                                 "runtime-facing", "runtime-facing"]))
     locations = _locations(doc)
     if kind == "budget" and isinstance(doc.get("memory"), dict):
         doc["memory"]["budget"] = draw(sizes)
+        return kind
+    if kind == "runtime-facing":
+        _mutate_runtime_facing(draw, doc)
         return kind
     if kind == "perturb":
         numeric = [p for p in locations if isinstance(_get(doc, p), (int, float)) and not isinstance(_get(doc, p), bool)]
@@ -304,10 +338,27 @@ def check_contract(doc: dict[str, Any], root: Path, capsys) -> int:
             assert len(leftovers) == 1, f"expected exactly one run directory, found {leftovers}\n{note}"
             manifest = out / leftovers[0] / "manifest.json"
             assert manifest.is_file(), note
-            _strict_json(manifest.read_text(encoding="utf-8"))
+            runtime_accepts(_strict_json(manifest.read_text(encoding="utf-8"))["spec"]["data"], root)
         return code
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def runtime_accepts(data: dict[str, Any], root: Path) -> None:
+    """What compile accepted, the runtime's own code accepts too: its tokenizer loader gets past the name
+    (a bpe-N name then fails only for want of training files), and every data path that ends in literal
+    text names a file type the runtime's reader supports."""
+    from stepc.runtime.data import SUFFIXES
+    from stepc.runtime.tokenizer import load_tokenizer
+
+    name = data["tokenizer"]
+    if name.lower().startswith("bpe-") and "/" not in name and not name.endswith(".json"):
+        with pytest.raises(ValueError, match="needs at least one training file"):
+            load_tokenizer(name, [], root / "cache")
+    for pattern in data["train"] + list(data["validation"].values()):
+        last = pattern.rsplit("/", 1)[-1]
+        if last and last[-1] not in "*?]":
+            assert Path(last).suffix in SUFFIXES, f"compile accepted {pattern!r}, which the runtime cannot read"
 
 
 def test_mutated_specs_compile_or_fail_cleanly(capsys, tmp_path_factory):
@@ -336,7 +387,7 @@ def test_mutated_specs_compile_or_fail_cleanly(capsys, tmp_path_factory):
 TINY = {"experiment": {"name": "regression"},
         "model": {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 4, "vocab_size": 4096, "seq_len": 64},
         "memory": {"stages": 2}, "step": {"lora_rank": 16},
-        "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 1},
+        "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 1, "warmup_steps": 10},
         "data": {"tokenizer": "bpe-4096"}, "launch": {"nproc_per_node": 1}}
 
 # Inputs that once escaped the contract (tracebacks, hangs, or a wrong diagnosis), pinned as examples.
@@ -372,3 +423,146 @@ def test_regressions_fail_cleanly(edit, key, capsys, tmp_path):
 
 def test_tiny_regression_base_compiles(capsys, tmp_path):
     assert check_contract(TINY, tmp_path, capsys) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands that read run directories (verify, diff, report, eval) fed malformed ones.
+
+RUNDIR_EXAMPLES = 120
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=12), st.sampled_from(["sha256:" + "0" * 64, "../x", "/etc/hostname", "plan.md", ""])),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)),
+    max_leaves=8,
+)
+METRIC_LINES = st.one_of(
+    st.builds(lambda stage, step, loss: json.dumps({"event": "train", "stage": stage, "step": step, "loss": loss}),
+              st.integers(0, 3), st.integers(-2, 400), st.one_of(st.floats(0, 10), st.text(max_size=3), st.none())),
+    st.builds(lambda stage, step, ppl: json.dumps({"event": "eval", "stage": stage, "step": step, "ppl_heldout": ppl}),
+              st.integers(0, 3), st.integers(0, 400), st.one_of(st.floats(1, 1e4), st.text(max_size=3))),
+    st.builds(lambda stage: json.dumps({"event": "stage_end", "stage": stage, "step": 1}), st.integers(0, 3)),
+    JSON_VALUES.map(json.dumps), st.text(max_size=20),
+)
+
+
+def _leaf_paths(node: Any, path: tuple = ()) -> list[tuple]:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    out = [path] if path else []
+    for key, child in items:
+        out.extend(_leaf_paths(child, path + (key,)))
+    return out
+
+
+def _replace(path: Path) -> Path:
+    """`path`, with whatever an earlier mutation put there (a directory, a FIFO, a link) removed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+    return path
+
+
+@st.composite
+def rundir_mutations(draw, run_dir: Path, outside: Path) -> str:
+    """Damage the run directory `run_dir` in one way; return a label."""
+    from stepc.compiler.manifest import dumps
+    from stepc.rundir import content_hash
+
+    kind = draw(st.sampled_from(["manifest-value", "manifest-leaf", "manifest-delete", "file", "metrics", "eval-json",
+                                 "spec-text"]))
+    path = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (ValueError, OSError):
+        manifest = None
+    if kind in ("manifest-leaf", "manifest-delete") and not _leaf_paths(manifest):
+        kind = "manifest-value"  # an earlier mutation left nothing to edit
+    if kind == "manifest-value":
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        path.unlink(missing_ok=True)
+        path.write_text(json.dumps(draw(JSON_VALUES)))
+    elif kind in ("manifest-leaf", "manifest-delete"):
+        target = draw(st.sampled_from(_leaf_paths(manifest)))
+        parent = _get(manifest, target[:-1])
+        if kind == "manifest-delete":
+            del parent[target[-1]]
+        else:
+            parent[target[-1]] = draw(JSON_VALUES)
+        if draw(st.booleans()):
+            manifest["hash"] = content_hash(manifest)  # re-sealed: only the shape check can tell
+        path.write_text(dumps(manifest))
+    elif kind == "file":
+        name = draw(st.sampled_from(sorted(p.name for p in run_dir.iterdir())))
+        victim = run_dir / name
+        how = draw(st.sampled_from(["delete", "truncate", "directory", "symlink", "fifo", "binary"]))
+        if victim.is_dir() and not victim.is_symlink():
+            shutil.rmtree(victim)
+        else:
+            victim.unlink()
+        if how == "truncate":
+            victim.write_bytes(b"")
+        elif how == "directory":
+            victim.mkdir()
+        elif how == "symlink":
+            victim.symlink_to(outside)
+        elif how == "fifo":
+            os.mkfifo(victim)
+        elif how == "binary":
+            victim.write_bytes(bytes(range(256)))
+        kind += "-" + how
+    elif kind == "metrics":
+        lines = draw(st.lists(METRIC_LINES, max_size=6))
+        _replace(run_dir / "metrics.jsonl").write_text("\n".join(lines) + draw(st.sampled_from(["\n", ""])))
+    elif kind == "eval-json":
+        _replace(run_dir / "eval.json").write_text(json.dumps(draw(JSON_VALUES)))
+    else:
+        _replace(run_dir / "spec.toml").write_text(draw(st.sampled_from(["", "[model]\nhidden_size = 1\n", "\ufeff", "a = = b"])))
+    return kind
+
+
+def test_commands_on_malformed_run_dirs_fail_cleanly(capsys, tmp_path_factory):
+    """verify/diff/report/eval on damaged run directories: exit 0, 1 or 2, never an exception or a hang;
+    exit 2 names a file and a fix and writes no report; verify's findings end in FAILED."""
+    root = tmp_path_factory.mktemp("fuzz-rundirs")
+    spec = root / "spec.toml"
+    spec.write_text(to_toml(TINY), encoding="utf-8")
+    assert main(["compile", str(spec), "--out", str(root / "template")]) == 0
+    template = root / "template" / "regression"
+    outside = root / "outside.txt"
+    outside.write_text("not part of any run\n")
+    stats: Counter[str] = Counter()
+
+    @settings(max_examples=RUNDIR_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        work = Path(tempfile.mkdtemp(dir=root))
+        try:
+            run_dir = work / "regression"
+            shutil.copytree(template, run_dir, symlinks=True)
+            labels = [data.draw(rundir_mutations(run_dir, outside)) for _ in range(data.draw(st.integers(1, 3)))]
+            report_out = work / "report"
+            for args in (["verify", str(run_dir)], ["diff", str(template), str(run_dir)],
+                         ["report", str(run_dir), "--out", str(report_out)], ["eval", str(run_dir)]):
+                capsys.readouterr()
+                code = main(args)
+                captured = capsys.readouterr()
+                note = f"{args[0]} after {labels}:\n{captured.out}\n{captured.err}"
+                assert code in (0, 1, 2) and "Traceback" not in captured.err + captured.out, note
+                if code == 2:
+                    assert captured.err.startswith("error:") and "fix:" in captured.err, note
+                if args[0] == "verify" and code == 1:
+                    assert "FAILED" in captured.out, note
+                if args[0] == "report" and code == 2:
+                    assert not report_out.exists(), note
+                stats[f"{args[0]} exit {code}"] += 1
+            for label in labels:
+                stats[label] += 1
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    check()
+    with capsys.disabled():
+        print("\nrun-dir fuzz: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+    assert stats["verify exit 1"] > RUNDIR_EXAMPLES // 2

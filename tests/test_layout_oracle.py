@@ -44,7 +44,7 @@ num_layers = 1
 num_attention_heads = {heads}
 num_key_value_heads = {kv}
 {inter}
-vocab_size = {rng.randint(300, 60000)}
+vocab_size = {max(512, rng.randint(300, 60000))}
 tie_embeddings = {rng.choice(["true", "false"])}
 [memory]
 accounting = "exact"
@@ -55,7 +55,7 @@ lora_rank = {min(r, d)}
 precision = "{rng.choice(["bf16", "fp32"])}"
 global_batch_tokens = 40960
 [data]
-tokenizer = "bpe-300"
+tokenizer = "bpe-512"
 """, "oracle.toml")
     return exact_costs(spec)
 

@@ -166,7 +166,7 @@ EXACT_CONFIGS = [
 
 def exact_spec(d, layers, heads, kv, inter, vocab, tie, rank, precision="bf16"):
     inter_line = f"intermediate_size = {inter}\n" if inter else ""
-    tokenizer = "gpt2" if vocab >= 50257 else "bpe-300"
+    tokenizer = "gpt2" if vocab >= 50257 else "bpe-512"
     return parse_spec(f"""
 [experiment]
 name = "exact"

@@ -48,7 +48,7 @@ BASE: dict[str, Any] = {
     "model": {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 4, "vocab_size": 4096, "seq_len": 64},
     "memory": {"stages": 2, "solver": "glpk"},
     "step": {"lora_rank": 16},
-    "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 2},
+    "train": {"reference_steps": 100, "global_batch_tokens": 512, "micro_batch_size": 2, "warmup_steps": 10},
     "data": {"train": ["data/corpus/train/*.txt"], "tokenizer": "bpe-4096",
              "validation": {"milton": "data/corpus/validation/*.txt"}},
     "launch": {"nnodes": 1, "nproc_per_node": 2,
@@ -74,8 +74,8 @@ if [[ "$1 $2" == "show hostnames" ]]; then echo localhost; else exit 1; fi
 def _spec_with(payload: str) -> dict[str, Any]:
     """The base spec with `payload` in every free-form string field that accepts it."""
     doc = json.loads(json.dumps(BASE))
-    doc["data"]["train"] = [payload, "data/corpus/train/*.txt"]
-    doc["data"]["validation"] = {"milton": payload, "other_set": "v " + payload}
+    doc["data"]["train"] = [payload + "/*.txt", "data/corpus/train/*.txt"]  # data paths must name a file type
+    doc["data"]["validation"] = {"milton": payload + ".jsonl", "other_set": "v " + payload + ".parquet"}
     doc["data"]["tokenizer"] = payload
     doc["data"]["text_field"] = payload
     if "\n" not in payload:
@@ -214,7 +214,7 @@ def test_hostile_strings_compile_to_safe_scripts(tmp_path, capsys, monkeypatch, 
     assert code == 0, err
     run_dir = out / doc["experiment"]["name"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["spec"]["data"]["train"][0] == PAYLOADS[payload_id]  # kept verbatim, for the runtime only
+    assert manifest["spec"]["data"]["train"][0] == PAYLOADS[payload_id] + "/*.txt"  # kept verbatim, for the runtime only
     _check_scripts_static(run_dir)
     _check_sbatch(run_dir, doc)
     _check_execution(tmp_path, run_dir)
@@ -224,9 +224,9 @@ def test_newlines_in_a_multiline_toml_string(tmp_path, capsys, monkeypatch):
     """TOML's own multi-line strings (basic and literal) carry raw newlines into the data fields."""
     monkeypatch.chdir(tmp_path)
     text = to_toml({k: v for k, v in BASE.items() if k != "data"}) + (
-        '\n[data]\ntrain = ["""\nline one $(touch PWNED)\n`touch PWNED`; touch PWNED\n"""]\n'
+        '\n[data]\ntrain = ["""\nline one $(touch PWNED)\n`touch PWNED`; touch PWNED\n.txt"""]\n'
         "tokenizer = '''\ntok dir\n$(touch PWNED)'''\n"
-        "[data.validation]\nmilton = '''a\n\"b\" 'c' $(touch PWNED)'''\n")
+        "[data.validation]\nmilton = '''a\n\"b\" 'c' $(touch PWNED).txt'''\n")
     code, err, _, out = _compile(tmp_path, text, capsys)
     assert code == 0, err
     run_dir = out / BASE["experiment"]["name"]

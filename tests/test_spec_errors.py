@@ -25,7 +25,7 @@ BASE: dict[str, Any] = {
     "model": {"hidden_size": 128, "num_layers": 6, "num_attention_heads": 4, "vocab_size": 4096, "seq_len": 128},
     "memory": {"budget": "40MB", "stages": 2, "accounting": "paper"},
     "step": {"lora_rank": 16, "grow_at": 0.75},
-    "train": {"reference_steps": 300, "global_batch_tokens": 1024, "micro_batch_size": 4, "lr": 3e-3,
+    "train": {"reference_steps": 300, "global_batch_tokens": 1024, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 30,
               "betas": [0.9, 0.95]},
     "data": {"train": ["data/corpus/train/*.txt"], "tokenizer": "bpe-4096",
              "validation": {"milton": "data/corpus/validation/*.txt"}},
@@ -114,7 +114,7 @@ CASES: list[tuple[str, Any, str | None, str]] = [
     ("stages-unknown-word", edit(memory__stages="many"), "memory.stages", "auto"),
     ("auto-without-budget", edit(memory__stages="auto", memory__budget=DELETE), "memory.budget", "needs a budget"),
     ("pinned-not-summing", edit(memory__layers=[3, 2]), "memory.layers", "sum to 5"),
-    ("pinned-zero", edit(memory__layers=[6, 0]), "memory.layers", "greater than 0"),
+    ("pinned-zero", edit(memory__layers=[6, 0]), "memory.layers[1]", "greater than 0"),
     ("pinned-wrong-count", edit(memory__layers=[2, 2, 2]), "memory.stages", "layers pins 3 stages"),
     ("grow-at-zero", edit(step__grow_at=0.0), "step.grow_at", "greater than 0"),
     ("grow-at-above-one", edit(step__grow_at=1.5), "step.grow_at", "less than or equal to 1"),
@@ -137,9 +137,9 @@ CASES: list[tuple[str, Any, str | None, str]] = [
     ("batch-not-divisible", edit(train__global_batch_tokens=1000), "train.global_batch_tokens", "not a multiple of"),
     ("rank-above-hidden", edit(step__lora_rank=256), "step.lora_rank", "exceeds hidden_size"),
     ("gpt2-vocab-too-small", edit(data__tokenizer="gpt2"), "model.vocab_size", "50257"),
-    ("bad-slurm-time", edit(launch__slurm__time="one day"), "launch.slurm.time", "pattern"),
+    ("bad-slurm-time", edit(launch__slurm__time="one day"), "launch.slurm.time", "not a SLURM time limit"),
     ("slurm-partition-newline", edit(launch__slurm__partition="gpu\ntouch pwned #"), "launch.slurm.partition", "one line"),
-    ("slurm-extra-newline", edit(launch__slurm__extra=["--exclusive\necho injected"]), "launch.slurm.extra", "one line"),
+    ("slurm-extra-newline", edit(launch__slurm__extra=["--exclusive\necho injected"]), "launch.slurm.extra[0]", "one line"),
     ("infeasible-budget", edit(memory__budget="1MB"), "memory.budget", "Smallest achievable peak per stage count"),
     ("syntax-error", "[experiment]\nname = \"errors\"\n[model]\nhidden_size = = 128\n", None, "line 4, column"),
     ("unterminated-string", "[experiment]\nname = \"errors\n", None, "line 2"),
@@ -245,7 +245,8 @@ def manifest_spec(tmp_path: Path, mutate: Callable[[dict], None]) -> dict:
     ("1.5e7B", 15 * 10**6),
     ("41943040", 41943040),  # a bare number string is bytes
     (41_943_040, 41_943_040),
-    ("40mb", 40 * 10**6),  # units are case-insensitive
+    ("40mB".upper(), 40 * 10**6),  # prefixes are case-insensitive (a lower-case b, bits, is refused: test_bad_input.py)
+    ("40000kB", 40 * 10**6),
 ])
 def test_budget_units(tmp_path, capsys, budget, expected):
     spec = manifest_spec(tmp_path, edit(memory__budget=budget))

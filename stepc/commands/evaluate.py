@@ -12,23 +12,39 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_json
+from stepc.rundir import RunDir, atomic_write_json, manifest_path
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None,
                  batch_size: int = 8) -> dict[str, Any]:
+    from stepc.runtime.export_seal import ExportDamaged
+    from stepc.runtime.export_seal import check as check_export
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(run_dir)  # everything the user can get wrong is checked before torch loads
+    run_dir = manifest_path(run_dir).parent  # RUN_DIR or RUN_DIR/manifest.json
+    export = RunDir(run_dir).export
+    if not (export / "EXPORT_COMPLETE").is_file():
+        raise UserError("this run has no complete export yet", file=str(run_dir),
+                        fix=f"finish training first (stepc run {run_dir}); the last stage writes {export}")
+    try:
+        check_export(export)
+    except ExportDamaged as exc:
+        raise UserError(f"the exported model is damaged: {exc}", file=str(export),
+                        fix=f"move {export} aside and rerun the last stage (it re-exports from its last checkpoint)") from None
+    if include_path is not None and not include_path.is_dir():
+        raise UserError(f"{include_path} is not a directory of task YAML files", key="--include-path",
+                        fix="pass the directory that holds your lm-eval task .yaml files")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be a positive number of documents", key="--limit", fix="pass e.g. --limit 100")
+    task_manager = _task_manager(tasks, include_path) if tasks else None
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from stepc.runtime.data import eval_sets, iter_eval_batches, open_datasets
     from stepc.runtime.metrics import loss_sums
-    from stepc.schema.manifest import load_manifest
 
-    manifest = load_manifest(run_dir)
-    export = RunDir(run_dir).export
-    if not (export / "EXPORT_COMPLETE").is_file():
-        raise UserError("this run has no complete export yet", file=str(run_dir),
-                        fix=f"finish training first (stepc run {run_dir}); the last stage writes {export}")
     spec = manifest.spec
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).to(device).eval()
@@ -43,26 +59,58 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
         total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices), device).tolist()
         result["perplexity"][name] = math.exp(total / count)
     if tasks:
-        result["tasks"] = _lm_eval(model, export, tasks, include_path, limit, batch_size, device)
+        result["tasks"] = _lm_eval(model, export, tasks, task_manager, limit, batch_size, device)
     atomic_write_json(RunDir(run_dir).eval_result, result)
     return result
 
 
-def _lm_eval(model, export: Path, tasks: list[str], include_path: Path | None, limit: int | None,
-             batch_size: int, device: str) -> dict[str, Any]:
+_MANAGERS: dict[str | None, Any] = {}
+
+
+def _task_manager(tasks: list[str], include_path: Path | None):
+    """lm-eval's TaskManager, once every task name is known to it and its data loads offline (exit 2 otherwise).
+
+    Loading a task's data is where an online-only task fails; doing it before the model loads turns that
+    into one message naming the task instead of a traceback minutes later.
+    """
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager, get_task_dict
     except ImportError:
         raise UserError("lm-evaluation-harness is not installed", key="--tasks",
                         fix="pip install 'stepc[lm-eval]' (or pip install lm-eval accelerate)") from None
-    from transformers import AutoTokenizer
+    import difflib
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tasks must come from local files or a warm cache
+    key = str(include_path) if include_path else None
+    if key not in _MANAGERS:  # indexing lm-eval's thousands of task files takes seconds to minutes: once per process
+        _MANAGERS[key] = TaskManager(include_path=key)
+    manager = _MANAGERS[key]
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"unknown lm-eval task {task!r}{hint}", key="--tasks",
+                            fix="`lm_eval ls tasks` lists them; local tasks need --include-path DIR")
+    for task in tasks:
+        try:
+            get_task_dict([task], manager)
+        except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types when data is not available offline
+            reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+            raise UserError(f"lm-eval task {task!r} cannot load its data offline ({reason})", key="--tasks",
+                            fix="stepc eval runs offline: use a task whose data is local (--include-path) or already in "
+                                "the Hugging Face datasets cache") from None
+    return manager
+
+
+def _lm_eval(model, export: Path, tasks: list[str], manager, limit: int | None,
+             batch_size: int, device: str) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(export)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in out["results"].items()}

@@ -37,13 +37,16 @@ def plan_spec(text: str, file: str) -> tuple[Spec, Plan]:
         raise
 
 
-def compile_spec(text: str, file: str) -> Compiled:
-    """The whole pipeline: the manifest and every file of the run directory, nothing written."""
+def compile_spec(text: str, file: str, overrides: dict[str, Any] | None = None) -> Compiled:
+    """The whole pipeline: the manifest and every file of the run directory, nothing written.
+
+    `text` is the resolved spec (any --set values already applied: it becomes spec.toml);
+    `overrides` (key path -> value) is recorded in the manifest."""
     from stepc.compiler.emit import render_files
     from stepc.compiler.manifest import dumps, freeze
 
     spec, plan = plan_spec(text, file)
     files = render_files(spec, plan, text)
-    manifest = freeze(spec, plan, files)
+    manifest = freeze(spec, plan, files, overrides)
     files["manifest.json"] = dumps(manifest).encode()
     return Compiled(spec, plan, manifest, files)

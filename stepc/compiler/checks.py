@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from stepc.compiler.static_checks import runtime_facing_problems
 from stepc.errors import UserError
 from stepc.schema.spec import Spec
 
@@ -34,6 +35,8 @@ def _problems(spec: Spec):
         yield "model.num_attention_heads", f"head dimension {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one", "choose heads so hidden_size / heads is even"
     if m.num_attention_heads % m.num_key_value_heads:
         yield "model.num_key_value_heads", f"{m.num_key_value_heads} key/value heads do not divide {m.num_attention_heads} attention heads", "choose a divisor of num_attention_heads"
+    if mem.layers is not None and exp.method != "step" and len(mem.layers) != 1:  # before the stages rule: stages defaults to len(layers)
+        yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
     if exp.method != "step" and mem.stages != 1:
         yield "memory.stages", f"method '{exp.method}' trains in one stage, got stages = {mem.stages!r}", "set stages = 1 (or remove it), or use method = \"step\""
     if mem.stages == "auto" and mem.budget is None:
@@ -41,8 +44,6 @@ def _problems(spec: Spec):
     if isinstance(mem.stages, int) and mem.stages > m.num_layers:
         yield "memory.stages", f"{mem.stages} stages cannot each add a layer to a {m.num_layers}-layer model", f"use at most {m.num_layers} stages"
     if mem.layers is not None:
-        if exp.method != "step" and len(mem.layers) != 1:
-            yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
         if sum(mem.layers) != m.num_layers:
             yield "memory.layers", f"pinned layers {mem.layers} sum to {sum(mem.layers)}, not model.num_layers = {m.num_layers}", "make the per-stage counts add up to num_layers"
         if mem.stages not in ("auto", len(mem.layers)):
@@ -65,11 +66,5 @@ def _problems(spec: Spec):
         yield "model.vocab_size", f"vocab_size {m.vocab_size} cannot hold a byte-level tokenizer", "use at least 256 (and at least the tokenizer's size)"
     if spec.data.tokenizer == "gpt2" and m.vocab_size < 50257:
         yield "model.vocab_size", f"the GPT-2 tokenizer has 50257 tokens but vocab_size = {m.vocab_size}", "set vocab_size = 50257 or use tokenizer = \"bpe-<N>\" with N <= vocab_size"
-    if spec.data.tokenizer.startswith("bpe-"):
-        size = spec.data.tokenizer[4:]
-        if not size.isdigit() or not 256 < int(size) <= m.vocab_size:
-            yield "data.tokenizer", f"{spec.data.tokenizer!r} needs N between 257 and vocab_size = {m.vocab_size}", "write e.g. tokenizer = \"bpe-4096\""
-    for name in spec.data.validation:
-        if name == "heldout" or not name.replace("-", "_").isidentifier():
-            yield f"data.validation.{name}", f"validation set name {name!r} is reserved or not a plain name", "use letters, digits, '_' or '-', and not 'heldout'"
+    yield from runtime_facing_problems(spec)  # data paths, tokenizer names, validation sets, sizes
 

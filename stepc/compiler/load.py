@@ -6,6 +6,7 @@ Errors name the file, the TOML key path, what was wrong and the field's docstrin
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, get_origin
@@ -14,7 +15,25 @@ from pydantic import BaseModel, ValidationError
 
 from stepc.compiler.checks import normalize
 from stepc.errors import UserError
+from stepc.rundir import read_regular_file
 from stepc.schema.spec import Spec
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML; a bigger "spec" is the wrong file
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file, refusing what is not one: missing, not a regular file (a FIFO or a
+    device would block or never end), over MAX_SPEC_BYTES, or not UTF-8."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml")
+    data = read_regular_file(path, "spec", "pass the path of a UTF-8 TOML spec file", MAX_SPEC_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"the spec is not UTF-8 text (byte {exc.start}, line {line}: {data[exc.start:exc.start + 1]!r}); "
+                        "is it a binary file?", file=str(path), fix="save the spec as UTF-8 TOML") from None
 
 
 def load_spec(path: str | Path) -> tuple[Spec, str]:
@@ -23,29 +42,62 @@ def load_spec(path: str | Path) -> tuple[Spec, str]:
     return parse_spec(text, str(path)), text
 
 
-def read_spec_text(path: str | Path) -> str:
-    """The spec file's text; a UserError naming the file when it cannot be read."""
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the spec: {exc}", file=str(path), fix="pass a readable UTF-8 TOML file") from None
+_AT = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def parse_spec(text: str, file: str = "<spec>") -> Spec:
-    """Validate TOML text; `file` is only used in messages."""
+    """Validate TOML text; `file` is only used in messages. A leading UTF-8 byte-order mark is ignored."""
     try:
-        raw = tomllib.loads(text)
+        raw = tomllib.loads(text.removeprefix("\ufeff"))  # editors on Windows write a BOM; TOML forbids it
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's message already carries "(at line L, column C)".
-        raise UserError(f"TOML syntax error: {exc}", file=file, fix="correct the TOML syntax at that line and column") from None
+        raise _syntax_error(exc, text.removeprefix("\ufeff"), file) from None
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         raise _to_user_error(exc, raw, file) from None
     return normalize(spec, file)
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, file: str) -> UserError:
+    """tomllib's message ("... (at line L, column C)") with the offending line shown under it, and for a
+    key defined twice the full key path it names (tomllib says only "Cannot overwrite a value")."""
+    message, key = str(exc), None
+    at = _AT.search(message)
+    if at is None:
+        return UserError(f"TOML syntax error: {message}", file=file, fix="correct the TOML syntax")
+    lineno, col = int(at.group(1)), int(at.group(2))
+    lines = text.splitlines()
+    line = lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+    if message.startswith(("Cannot overwrite a value", "Cannot declare")):
+        key = _key_on_line(lines, lineno)
+        what = f"key {key} is defined twice" if key else "a key or table is defined twice"
+        message = f"TOML error: {what} (line {lineno}): {message}"
+        fix = "keep one definition of the key (TOML allows each key and table once)"
+    else:
+        message = f"TOML syntax error: {message}"
+        fix = "correct the TOML syntax at that line and column"
+    shown = line if len(line) <= 120 else line[:117] + "..."
+    caret = " " * (min(col, 120) - 1) + "^"
+    return UserError(f"{message}\n    {lineno} | {shown}\n      | {caret}", file=file, key=key, fix=fix)
+
+
+def _key_on_line(lines: list[str], lineno: int) -> str | None:
+    """Dotted key path defined on `lineno` (1-based), prefixed by the table header above it."""
+    def bare(part: str) -> str:
+        return part.strip().strip("\"'")
+
+    line = lines[lineno - 1].strip()
+    header = re.fullmatch(r"\[\[?([^\]]+)\]\]?\s*(#.*)?", line)
+    if header:
+        return ".".join(bare(p) for p in header.group(1).split("."))
+    if "=" not in line:
+        return None
+    key = ".".join(bare(p) for p in line.split("=", 1)[0].split("."))
+    for above in reversed(lines[: lineno - 1]):
+        table = re.fullmatch(r"\[\[?([^\]]+)\]\]?\s*(#.*)?", above.strip())
+        if table:
+            return ".".join(bare(p) for p in table.group(1).split(".")) + "." + key
+    return key
 
 
 def _to_user_error(exc: ValidationError, raw: dict[str, Any], file: str) -> UserError:
@@ -91,11 +143,11 @@ def _key_path(loc: tuple[Any, ...], indices: bool = False) -> tuple[str, Any]:
 
 
 def _key_and_fix(err: dict[str, Any]) -> tuple[str, str]:
-    key, field = _key_path(err["loc"])
+    key, field = _key_path(err["loc"], indices=True)  # data.train[1]: which list item
     if err["type"] == "extra_forbidden":
         return key, "remove the key or correct its spelling; `stepc help-spec` lists every key"
     doc = field.description if field is not None and field.description else "see `stepc help-spec`"
-    return key, f"{key}: {doc}"
+    return key, f"{_key_path(err['loc'])[0]}: {doc}"
 
 
 def _describe(key: str, errs: list[dict[str, Any]]) -> str:

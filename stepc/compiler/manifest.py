@@ -22,8 +22,12 @@ from stepc.schema.spec import Spec
 SCHEMA = 1
 
 
-def freeze(spec: Spec, plan: Plan, files: dict[str, bytes]) -> dict[str, Any]:
-    """The manifest for `spec`/`plan` whose emitted files are `files` (name -> bytes)."""
+def freeze(spec: Spec, plan: Plan, files: dict[str, bytes], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest for `spec`/`plan` whose emitted files are `files` (name -> bytes).
+
+    `overrides`: the command line's --set values (key path -> value), recorded only when given so a
+    spec compiled without any keeps its manifest (and hash) unchanged.
+    """
     manifest = {
         "schema": SCHEMA,
         "stepc_version": __version__,
@@ -32,6 +36,8 @@ def freeze(spec: Spec, plan: Plan, files: dict[str, bytes]) -> dict[str, Any]:
         "environment": environment(),
         "files": {name: digest(data) for name, data in sorted(files.items())},
     }
+    if overrides:
+        manifest["overrides"] = dict(sorted(overrides.items()))
     manifest["hash"] = content_hash(manifest)
     return manifest
 

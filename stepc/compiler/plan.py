@@ -10,6 +10,7 @@ from typing import Any
 from stepc.compiler.layout import Layout, pinned_layout, solve_layout
 from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_bytes, vanilla_bytes
 from stepc.compiler.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
+from stepc.compiler.static_checks import plan_problems
 from stepc.errors import UserError
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -40,13 +41,16 @@ def make_plan(spec: Spec) -> Plan:
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s.peak_bytes for s in stages)
-    return Plan(**{
+    plan = Plan(**{
         "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
         "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
         "layers": layout.layers, "stages": stages,
     })
+    for key, problem, fix in plan_problems(spec, plan):  # warmups and merges vs stage lengths, budget for baselines
+        raise UserError(problem, key=key, fix=fix)
+    return plan
 
 
 def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:

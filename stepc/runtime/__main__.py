@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from stepc.runtime import preempt
 
     preempt.install()  # before torch's imports: a stop signal during start-up is not lost
+    from stepc.runtime.console import quiet_library_bars_unless_tty
+
+    quiet_library_bars_unless_tty()  # no carriage-return bars from transformers in SLURM logs
     from stepc.runtime.train import main as train  # heavy imports after argument parsing
 
     try:

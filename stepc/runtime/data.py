@@ -28,11 +28,12 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.runtime.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from stepc.schema.rules import DATA_SUFFIXES
 from stepc.schema.spec import Data
 
 # Bump when packing or the cache layout changes: old caches then simply miss.
 PACK_FORMAT_VERSION = 1
-SUFFIXES = (".parquet", ".jsonl", ".txt")
+SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/schema/rules.py)
 # Second word of the holdout RNG seed. Epoch numbers fill that slot in the sampler, and an epoch
 # never gets this large, so the held-out blocks are independent of every epoch's permutation.
 _HOLDOUT_STREAM = 0x686F6C64  # "hold"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM
 
+from stepc.runtime.export_seal import seal
 from stepc.runtime.guard import EXPORT_DONE as DONE
 from stepc.runtime.guard import is_exported
 from stepc.runtime.lora import merged_state_dict
@@ -43,7 +44,7 @@ def write_export(state: dict[str, torch.Tensor], spec: Spec, num_layers: int, de
         eos = tokenizer.id_to_token(eos_id(tokenizer))
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,
                                 model_max_length=spec.model.seq_len).save_pretrained(tmp)
-    (tmp / DONE).write_text("ok\n")
+    seal(tmp)  # the marker lists every file's size and sha256; the next stage checks them
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

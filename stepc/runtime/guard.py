@@ -11,14 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from stepc import __version__
-from stepc.rundir import RunDir, atomic_write_json, atomic_write_text, canonical_json, content_hash, digest, file_sha256_hex
+from stepc.errors import UserError
+from stepc.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+    content_hash,
+    digest,
+    file_sha256_hex,
+    files_entry_problem,
+    read_manifest,
+)
+from stepc.runtime.export_seal import MARKER, ExportDamaged
+from stepc.runtime.export_seal import check as check_export
 from stepc.schema.manifest import Manifest, ManifestError
 from stepc.schema.spec import Data
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
-# Written last into an export directory (see export.py); kept here so this module stays free of
-# torch/transformers imports and the stage scripts' preflight starts in well under a second.
-EXPORT_DONE = "EXPORT_COMPLETE"
+# Written last into an export directory (see export_seal.py, torch-free like this module, so the
+# stage scripts' preflight starts in well under a second).
+EXPORT_DONE = MARKER
 
 
 def is_exported(path: Path) -> bool:
@@ -31,11 +44,9 @@ class RuntimeFailure(Exception):
 
 def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RuntimeFailure(f"cannot read the manifest {path}: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise RuntimeFailure(f"{path} is not a stepc manifest; recompile the spec with `stepc compile SPEC --force`")
+        manifest = read_manifest(path)  # a regular file holding a JSON object with every manifest key
+    except UserError as err:
+        raise RuntimeFailure(f"{err}; recompile the spec with `stepc compile SPEC --force`") from None
     if manifest.get("hash") != content_hash(manifest) and "edited-manifest" not in allow:
         raise RuntimeFailure(
             f"{path} was edited after compilation (its content hash no longer matches). Recompile the spec with "
@@ -43,7 +54,7 @@ def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
             "--allow-edited-manifest to train with it anyway")
     for name, recorded_digest in manifest.get("files", {}).items():
         file = path.parent / name
-        if name.endswith(".sh") and file.exists() and digest(file.read_bytes()) != recorded_digest and "edited-scripts" not in allow:
+        if name.endswith(".sh") and files_entry_problem(name, recorded_digest) is None and file.is_file() and digest(file.read_bytes()) != recorded_digest and "edited-scripts" not in allow:
             raise RuntimeFailure(f"{file} differs from the script the manifest records; run `stepc verify {path.parent}` "
                                  "or pass --allow-edited-scripts")
     recorded = {"stepc": manifest.get("stepc_version"), "torch": manifest.get("environment", {}).get("torch")}
@@ -76,7 +87,7 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         return manifest, True
     if world is not None:
         check_world(manifest, world)
-    previous_stage_export(manifest_path.parent, stage_index)  # refuses when stage i-1 has not finished
+    previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
     if data:
         check_data_files(manifest_path.parent, manifest.spec.data, allow)
     return manifest, False
@@ -117,14 +128,20 @@ def check_experiment_identity(run_dir: Path, manifest: Manifest) -> None:
             "or pass --allow-edited-manifest to train this manifest on top of them")
 
 
-def previous_stage_export(run_dir: Path, stage: int) -> Path | None:
-    """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist."""
+def previous_stage_export(run_dir: Path, stage: int, hashes: bool = False) -> Path | None:
+    """Stage i > 1 starts from stage i-1's merged export; refuse while it does not exist or differs from
+    what its marker recorded. The preflight checks contents (`hashes`); the ranks, after it, check sizes."""
     if stage == 1:
         return None
     export = RunDir(run_dir).final_export(stage - 1)
     if not is_exported(export):
         raise RuntimeFailure(f"stage {stage} needs stage {stage - 1} to finish first ({export} is missing or incomplete); "
                              f"run stage-{stage - 1}.sh (it resumes where it stopped)")
+    try:
+        check_export(export, hashes)
+    except ExportDamaged as exc:
+        raise RuntimeFailure(f"stage {stage - 1}'s export, which stage {stage} grows from, is damaged: {exc}. Move {export} "
+                             f"aside and rerun stage-{stage - 1}.sh: it re-exports from its last complete checkpoint") from None
     return export
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -13,14 +13,18 @@ from torch.distributed.tensor import DTensor
 
 
 class MetricsWriter:
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    """Appends records to metrics.jsonl and hands each to `sink` (the experiment trackers), rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.sink = path, enabled, sink
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
 
 def _local_bytes(t: torch.Tensor) -> int:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stepc.rundir import atomic_write_text
+from stepc.schema.rules import BPE_MIN_SIZE, bpe_size
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_EOS_ID = 50256
@@ -37,7 +37,7 @@ BPE_RECIPE_VERSION = 1
 # and Mistral, LLaMA-3, Gemma). A document separator for pre-training, so not a chat end token.
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
-ACCEPTED_FORMS = ('"gpt2", "bpe-<N>" (e.g. "bpe-4096", N >= 512), or a path to a Hugging Face '
+ACCEPTED_FORMS = (f'"gpt2", "bpe-<N>" (e.g. "bpe-4096", N >= {BPE_MIN_SIZE}), or a path to a Hugging Face '
                   "tokenizer directory containing tokenizer.json or to a tokenizer.json file")
 
 
@@ -160,11 +160,7 @@ def load_tokenizer(name: str, train_files: list[Path], cache_dir: Path,
     """
     if name == "gpt2":
         tok = build_gpt2_tokenizer()
-    elif match := re.fullmatch(r"bpe-(\d+)", name):
-        vocab_size = int(match.group(1))
-        # 256 byte symbols + EOS are fixed; fewer than ~256 merges makes a useless tokenizer.
-        if vocab_size < 512:
-            raise ValueError(f"tokenizer {name!r}: N must be at least 512 (256 bytes + EOS + merges)")
+    elif (vocab_size := bpe_size(name)) is not None:  # the compiler's rule (stepc/schema/rules.py); raises ValueError
         tok = load_bpe(vocab_size, [Path(p) for p in train_files], cache_dir, text_field)
     else:
         path = Path(name).expanduser()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from stepc.rundir import RunDir
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime import preempt
+from stepc.runtime.console import Console, echo
 from stepc.runtime.data import BlockSampler, PackedDataset, eval_sets, iter_eval_batches, open_datasets
 from stepc.runtime.export import write_export
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
@@ -34,6 +34,7 @@ from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_sta
 from stepc.runtime.lr import is_merge_step, lr_at
 from stepc.runtime.metrics import MetricsWriter, gpu_peak_flops, loss_sums, mfu, model_state_bytes, peak_memory_bytes
 from stepc.runtime.model import fresh_model, grown_model
+from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
 
@@ -130,7 +131,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
 
     steps, offset = st.stage.steps, st.stage.lr_offset  # offset > 0: ReLoRA's LoRA phase continues one schedule
     reset_every = spec.step.relora_reset_every if st.adapters else None
-    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0)
+    tracking = open_tracking(st.run_dir, st.index, start) if st.rank == 0 else None
+    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking)
     predicted = _predicted_state_bytes(st, model)
     tokens_per_step = tr.global_batch_tokens
     peak_flops = gpu_peak_flops(st.device)
@@ -139,6 +141,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
     last_time, last_step = time.perf_counter(), start
     stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
+    console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
                    reset_every, spec.step.restart_warmup_steps, offset)
@@ -161,20 +164,26 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             last_time, last_step = now, done
             measured = model_state_bytes(model, optimizer)
             utilisation = mfu(tps, st.stage.flops / max(1, st.stage.tokens), peak_flops, st.world)
+            peak_memory = peak_memory_bytes(st.device)
             metrics.write(event="train", stage=st.index, step=done, loss=loss, lr=lr, tokens_per_s=round(tps, 1),
                           mfu=None if utilisation is None else round(utilisation, 4),
                           model_state_bytes=measured, predicted_model_state_bytes=predicted,
-                          peak_memory_bytes=peak_memory_bytes(st.device))
-            _progress(st, done, steps, loss, lr, tps)
+                          peak_memory_bytes=peak_memory)
+            console.update(done, loss, lr, tps, utilisation, peak_memory)
         if done % spec.eval.every_steps == 0 and done != steps:
             _evaluate(st, model, evals, metrics, done)
         if done % tr.checkpoint_every == 0 and done != steps:
             _save_checkpoint(st, done, model, optimizer)
+            metrics.write(event="checkpoint", stage=st.index, step=done)
         if done != steps and preempt.agreed_stop(done, st.device, stop_request):  # SIGTERM/SIGINT/SIGUSR1 on any rank
+            console.close()
             _stop(st, done, model, optimizer, metrics)
             return
+    console.close()
     _evaluate(st, model, evals, metrics, steps)
     _finish(st, model, metrics, steps)
+    if tracking is not None:
+        tracking.close()
 
 
 def _fault_step(name: str) -> int | None:
@@ -345,18 +354,6 @@ def _finish(st: Stage, model, metrics: MetricsWriter, steps: int) -> None:
     dist.barrier()
 
 
-def _progress(st: Stage, done: int, steps: int, loss: float, lr: float, tps: float) -> None:
-    if st.rank != 0:
-        return
-    line = f"stage {st.index} step {done}/{steps} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
-    if sys.stdout.isatty():
-        width = 30
-        filled = int(width * done / steps)
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}", end="" if done < steps else "\n", flush=True)
-    else:
-        print(line, flush=True)
-
-
 def _log(st: Stage, message: str) -> None:
     if st.rank == 0:
-        print(message, flush=True)
+        echo(message)

@@ -15,13 +15,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from stepc.errors import UserError
-from stepc.rundir import manifest_path, read_manifest
+from stepc.rundir import files_entry_problem, manifest_path, read_manifest
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
 
 
 class ManifestError(ValueError):
-    """The manifest's spec or plan does not have the shape this stepc writes."""
+    """The manifest's spec or plan does not have the shape this stepc writes; `key` is the manifest key path."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,13 @@ class Manifest:
         try:
             # JSON mode: strict fields accept JSON arrays for tuples (train.betas) as when read from TOML.
             spec = Spec.model_validate_json(json.dumps(raw["spec"]))
+        except ValidationError as exc:
+            raise _invalid("spec", exc) from None
+        try:
             plan = Plan.model_validate(raw["plan"])
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ManifestError(f"its {where} is invalid ({first['msg']}): written by another stepc version, or edited") from None
+            raise _invalid("plan", exc) from None
+        _check_plan(plan)
         return cls(raw, spec, plan)
 
     def stage(self, index: int) -> StagePlan:
@@ -52,10 +58,43 @@ class Manifest:
         return len(self.plan.stages)
 
 
+def _invalid(part: str, exc: ValidationError) -> ManifestError:
+    first = exc.errors(include_url=False)[0]
+    where = _key(part, first["loc"])
+    return ManifestError(f"{where} is invalid ({first['msg']}): written by another stepc version, or edited", key=where)
+
+
+def _key(part: str, loc: tuple) -> str:
+    key = part
+    for item in loc:
+        key += f"[{item}]" if isinstance(item, int) else f".{item}"
+    return key
+
+
+def _check_plan(plan: Plan) -> None:
+    """What the types cannot say: stages numbered 1..K, counts that are not negative."""
+    if not plan.stages:
+        raise ManifestError("plan.stages is empty: a plan has at least one stage", key="plan.stages")
+    for i, stage in enumerate(plan.stages):
+        if stage.index != i + 1:
+            raise ManifestError(f"plan.stages[{i}].index is {stage.index}, not {i + 1}", key=f"plan.stages[{i}].index")
+        for name in ("new_layers", "total_layers", "frozen_layers", "steps", "nominal_steps", "tokens", "data_step_offset"):
+            if getattr(stage, name) < 0:
+                raise ManifestError(f"plan.stages[{i}].{name} is negative", key=f"plan.stages[{i}].{name}")
+        if not stage.flops >= 0:
+            raise ManifestError(f"plan.stages[{i}].flops is not a non-negative number", key=f"plan.stages[{i}].flops")
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """The typed manifest of a run directory (or of its manifest.json); a UserError naming the file otherwise."""
-    raw = read_manifest(path)
+    raw = read_manifest(path)  # refuses non-regular files and JSON that is not a manifest
+    fix = "pass a manifest.json written by `stepc compile` (recompile with --force)"
     try:
-        return Manifest.from_json(raw)
+        manifest = Manifest.from_json(raw)
     except ManifestError as exc:
-        raise UserError(str(exc), file=str(manifest_path(path)), fix="pass a manifest.json written by `stepc compile` (recompile with --force)") from None
+        raise UserError(str(exc), file=str(manifest_path(path)), key=exc.key, fix=fix) from None
+    for name, recorded in raw["files"].items():
+        problem = files_entry_problem(name, recorded)
+        if problem:
+            raise UserError(problem, file=str(manifest_path(path)), key=f"files.{name}", fix=fix)
+    return manifest

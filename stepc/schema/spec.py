@@ -11,9 +11,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stepc.schema.rules import slurm_time_minutes
 from stepc.schema.units import parse_bytes
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# Upper bounds: what a real model and machine can be, with head room. Beyond them a value is a typo
+# (hidden_size = 2**62) that would otherwise compile into an absurd plan or blame the wrong key.
+MAX_STEPS = 10**8  # 100M optimizer steps; the longest published pre-training runs are ~1M
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 def _one_line(value: str) -> str:
@@ -50,20 +57,20 @@ counts and what gets ReLoRA adapters."""
 
 
 class Model(Section):
-    hidden_size: PositiveInt
-    """Hidden dimension d of the TARGET LLaMA model."""
+    hidden_size: int = Field(gt=0, le=65536)  # the largest published dense models use 16-25K
+    """Hidden dimension d of the TARGET LLaMA model, at most 65536."""
     num_layers: int = Field(gt=0, le=1024)  # the layout search is O(stages * L) in time and memory
     """Number of decoder layers L of the target model (the last stage's total), at most 1024."""
-    num_attention_heads: PositiveInt
-    """Attention heads; must divide hidden_size."""
-    num_key_value_heads: PositiveInt | None = None
+    num_attention_heads: int = Field(gt=0, le=1024)
+    """Attention heads; must divide hidden_size; at most 1024."""
+    num_key_value_heads: Annotated[int, Field(gt=0, le=1024)] | None = None
     """Key/value heads for grouped-query attention; must divide num_attention_heads. Default: num_attention_heads."""
-    intermediate_size: PositiveInt | None = None
-    """MLP width. Default: round(8/3 * hidden_size), the width the paper's Eq. 4 assumes."""
-    vocab_size: PositiveInt = 50257
-    """Vocabulary size (50257 = GPT-2, as in the paper); must cover the tokenizer's vocabulary."""
-    seq_len: PositiveInt = 1024
-    """Training sequence length in tokens."""
+    intermediate_size: Annotated[int, Field(gt=0, le=1_048_576)] | None = None
+    """MLP width, at most 16 x hidden_size. Default: round(8/3 * hidden_size), the width the paper's Eq. 4 assumes."""
+    vocab_size: int = Field(default=50257, gt=0, le=2_097_152)  # token ids are stored as int32; real vocabularies are <= 256K
+    """Vocabulary size (50257 = GPT-2, as in the paper), at most 2097152; must cover the tokenizer's vocabulary."""
+    seq_len: int = Field(default=1024, ge=16, le=1_048_576)
+    """Training sequence length in tokens, 16 to 1048576 (a block of 1 token has no next token to predict)."""
     tie_embeddings: bool = False
     """Share the input embedding and the output head (LLaMA does not)."""
 
@@ -79,7 +86,7 @@ class Model(Section):
 
 class Memory(Section):
     budget: int | str | None = None
-    """Memory budget per model: an int of bytes or a string with a unit, B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB (powers of 1024); the paper's "G" is 1e9. Required when stages = "auto"."""
+    """Memory budget per model: an int of bytes or a string with a unit, B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB (powers of 1024); the paper's "G" is 1e9; a lower-case "b" (bits) is refused. Binds every method: STEP's layout is solved to fit it, and a baseline (fixed layout) over it is an error. Required when stages = "auto"."""
     stages: PositiveInt | Literal["auto"] | None = None
     """Number of stages K (an int >= 1, at most num_layers) or "auto" (the fewest stages whose optimum fits the budget). Default: 2 for method "step", 1 otherwise."""
     solver: Literal["glpk", "highs"] = "glpk"
@@ -104,41 +111,41 @@ class Step(Section):
     """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
     """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
-    lora_rank: PositiveInt = 128
+    lora_rank: int = Field(default=128, gt=0, le=65536)
     """Rank r of the ReLoRA adapters on frozen layers (Table 6: 128)."""
-    lora_alpha: float = Field(default=32.0, gt=0.0, allow_inf_nan=False)
+    lora_alpha: float = Field(default=32.0, gt=0.0, le=1e6, allow_inf_nan=False)
     """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B A."""
-    relora_reset_every: PositiveInt = 5000
-    """Merge adapters into the frozen weights and re-initialise them every this many steps (Table 6: 5000)."""
-    restart_warmup_steps: int = Field(default=500, ge=0)
-    """Steps of linear LR re-warm after each adapter merge, the jagged cosine (Table 6: 500)."""
+    relora_reset_every: Steps = 5000
+    """Merge adapters into the frozen weights and re-initialise them every this many steps (Table 6: 5000); at most the length of every stage with adapters."""
+    restart_warmup_steps: StepCount = 500
+    """Steps of linear LR re-warm after each adapter merge, the jagged cosine (Table 6: 500); fewer than relora_reset_every."""
     optimizer_reset: Literal["zero", "magnitude"] = "zero"
     """Adapter optimizer state at a merge: "zero" (zeroed in place) or "magnitude" (keep the largest 1 - prune_ratio)."""
     prune_ratio: float = Field(default=0.9, ge=0.0, lt=1.0, allow_inf_nan=False)
     """Fraction of adapter optimizer state pruned by optimizer_reset = "magnitude"."""
-    relora_warm_start_steps: int = Field(default=1000, ge=0)
+    relora_warm_start_steps: StepCount = 1000
     """method = "relora" only: full-rank training steps before LoRA takes over (ReLoRA's warm start)."""
-    galore_rank: PositiveInt = 128
-    """method = "galore" only: projection rank (Table 6: 128)."""
-    galore_update_gap: PositiveInt = 200
+    galore_rank: int = Field(default=128, gt=0, le=65536)
+    """method = "galore" only: projection rank (Table 6: 128), at most hidden_size."""
+    galore_update_gap: Steps = 200
     """method = "galore" only: steps between projection updates (Table 6: 200)."""
-    galore_scale: float = Field(default=0.25, gt=0.0, allow_inf_nan=False)
+    galore_scale: float = Field(default=0.25, gt=0.0, le=1e3, allow_inf_nan=False)
     """method = "galore" only: scale of the projected update (Table 6: 0.25)."""
 
 
 class Train(Section):
-    reference_steps: PositiveInt = 20000
+    reference_steps: Steps = 20000
     """Steps of the vanilla reference run; with global_batch_tokens it fixes the FLOPs budget (Appendix E)."""
-    global_batch_tokens: PositiveInt = 368640
-    """Tokens per optimizer step across all ranks; a multiple of seq_len * micro_batch_size * ranks."""
-    micro_batch_size: PositiveInt = 5  # 5 x 8 ranks x 9 accumulation steps = the paper's 360 sequences
+    global_batch_tokens: int = Field(default=368640, gt=0, le=2**32)  # real runs use up to ~16M tokens per step
+    """Tokens per optimizer step across all ranks, at most 2**32; a multiple of seq_len * micro_batch_size * ranks."""
+    micro_batch_size: int = Field(default=5, gt=0, le=65536)  # 5 x 8 ranks x 9 accumulation steps = the paper's 360 sequences
     """Sequences per rank per forward/backward; gradient accumulation makes up the global batch."""
     lr: float = Field(default=5e-4, gt=0.0, le=1.0, allow_inf_nan=False)
     """Peak learning rate (Table 7: 5e-4 for 368M, 4e-4 for 680M, 3e-4 for 1.2B, 1e-2 for GaLore)."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
     """Final learning rate of the cosine as a fraction of lr."""
-    warmup_steps: int = Field(default=1000, ge=0)
-    """Linear warmup steps at the start of every stage (Appendix F: the LR re-warms at each stage)."""
+    warmup_steps: StepCount = 1000
+    """Linear warmup steps at the start of every stage (Appendix F: the LR re-warms at each stage); at most the shortest stage."""
     schedule: Literal["cosine"] = "cosine"
     """Learning-rate schedule: linear warmup then cosine decay to min_lr_ratio * lr."""
     betas: list[float] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
@@ -153,9 +160,9 @@ class Train(Section):
     """Recompute decoder-layer activations in the backward pass to save memory."""
     flops_accounting: Literal["paper", "backprop"] = "paper"
     """FLOPs per token of a frozen parameter: "paper" counts 2 (Appendix E); "backprop" counts 4, because a frozen layer with adapters still back-propagates activations."""
-    checkpoint_every: PositiveInt = 1000
+    checkpoint_every: Steps = 1000
     """Write a resumable checkpoint every this many steps (and at the end of every stage)."""
-    keep_checkpoints: PositiveInt = 2
+    keep_checkpoints: int = Field(default=2, gt=0, le=1000)
     """How many periodic checkpoints to keep per stage."""
 
     @field_validator("betas")
@@ -168,46 +175,59 @@ class Train(Section):
 
 
 class Data(Section):
-    train: list[str] = ["data/corpus/train/*.txt"]
-    """Training files: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are launched from."""
+    train: list[NonEmpty] = Field(default=["data/corpus/train/*.txt"], min_length=1)
+    """Training files: at least one parquet, jsonl or txt path or glob, relative to the directory the stage scripts are launched from."""
     text_field: str = Field(default="text", min_length=1)
     """Column (parquet) or key (jsonl) that holds the document text."""
     tokenizer: str = Field(default="gpt2", min_length=1)
-    """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files), or a local Hugging Face tokenizer directory."""
+    """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files, 512 <= N <= vocab_size, ASCII digits), or a local Hugging Face tokenizer directory or tokenizer.json (write "./bpe-x" for a directory whose name starts with "bpe-")."""
     holdout_fraction: float = Field(default=0.01, ge=0.0, lt=0.5, allow_inf_nan=False)
     """Fraction of training blocks held out as the "heldout" validation set."""
-    validation: dict[str, str] = {}
-    """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"."""
+    validation: dict[str, NonEmpty] = {}
+    """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"; names are ASCII letters, digits, '_' or '-' (not "heldout")."""
 
 
 class Eval(Section):
-    every_steps: PositiveInt = 1000
+    every_steps: Steps = 1000
     """Evaluate validation perplexity every this many steps (and at the end of every stage)."""
-    max_tokens: PositiveInt = 10_000_000
+    max_tokens: int = Field(default=10_000_000, gt=0, le=10**12)
     """At most this many tokens per validation set and evaluation."""
 
 
 class Slurm(Section):
     partition: OneLine = "gpu"
     """SLURM partition (#SBATCH --partition)."""
-    time: str = Field(default="24:00:00", pattern=r"^([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}$")  # [0-9]: \d matches any Unicode digit
-    """Wall-clock limit (#SBATCH --time), e.g. "24:00:00" or "2-00:00:00"."""
+    time: str = Field(default="24:00:00", max_length=40)  # checked against SLURM's grammar in stepc/schema/rules.py
+    """Wall-clock limit (#SBATCH --time) in one of SLURM's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds (e.g. "24:00:00", "2-00:00:00"), or "UNLIMITED"."""
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        slurm_time_minutes(value)  # raises ValueError naming SLURM's accepted forms
+        return value
+
+    @field_validator("partition")
+    @classmethod
+    def _partition_not_blank(cls, value: str) -> str:
+        if not value.strip() or value.strip() != value:
+            raise ValueError("must name a partition, without surrounding blanks (`sinfo -s` lists them)")
+        return value
     account: OneLine | None = None
     """SLURM account (#SBATCH --account); omitted when unset."""
     qos: OneLine | None = None
     """Quality of service (#SBATCH --qos); omitted when unset."""
-    gpus_per_node: int | None = Field(default=None, ge=0)
+    gpus_per_node: int | None = Field(default=None, ge=0, le=64)
     """GPUs per node (#SBATCH --gpus-per-node). Default: nproc_per_node on GPU clusters; set 0 for CPU-only clusters."""
-    cpus_per_task: PositiveInt | None = None
+    cpus_per_task: Annotated[int, Field(gt=0, le=4096)] | None = None
     """CPUs per task (one task per node runs torchrun). Default: leave it to the cluster."""
     extra: list[OneLine] = []
     """Extra #SBATCH lines, e.g. ["--exclusive", "--mem=0"]."""
 
 
 class Launch(Section):
-    nnodes: PositiveInt = 1
+    nnodes: int = Field(default=1, gt=0, le=65536)
     """Number of nodes."""
-    nproc_per_node: PositiveInt = 8
+    nproc_per_node: int = Field(default=8, gt=0, le=1024)
     """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
     """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
@@ -222,6 +242,26 @@ class Launch(Section):
             raise ValueError(f"rdzv_port + rdzv_ports - 1 = {self.rdzv_port + self.rdzv_ports - 1} is above 65535: "
                              "lower launch.rdzv_port or launch.rdzv_ports")
         return self
+
+
+class Log(Section):
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers fed beside the always-written metrics.jsonl, any of "tensorboard" (RUN_DIR/tensorboard), "wandb" and "mlflow"; each is an optional extra, e.g. pip install 'stepc[wandb]'. One tracked run per run directory: stages and resumes continue it."""
+    project: OneLine | None = None
+    """W&B project and MLflow experiment name. Default: the experiment name."""
+    wandb_mode: Literal["auto", "offline", "online"] = "auto"
+    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online when WANDB_API_KEY is set or `wandb login` stored a key, and offline otherwise."""
+    wandb_entity: OneLine | None = None
+    """W&B entity (user or team). Default: the logged-in user's default entity."""
+    mlflow_tracking_uri: OneLine | None = None
+    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: a local file store in RUN_DIR/mlruns (`mlflow ui --backend-store-uri RUN_DIR/mlruns`)."""
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each backend at most once, got {value}")
+        return value
 
 
 class Spec(Section):
@@ -243,3 +283,5 @@ class Spec(Section):
     """Validation perplexity schedule."""
     launch: Launch = Launch()
     """torchrun and SLURM launch settings."""
+    log: Log = Log()
+    """Experiment tracking (TensorBoard, W&B, MLflow) beside metrics.jsonl."""

@@ -1,4 +1,8 @@
-"""Byte sizes as researchers write them: an int, or "3.5GB" (powers of 1000) / "8GiB" (powers of 1024)."""
+"""Byte sizes as researchers write them: an int, or "3.5GB" (powers of 1000) / "8GiB" (powers of 1024).
+
+Prefixes are case-insensitive ("kB", "gib"), but the final B must be upper case: "Mb" is megabits,
+and reading it as megabytes would be a silent factor of 8. A lower-case "m" (milli) is refused too.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,14 @@ def parse_bytes(value: int | str) -> int:
     if not isinstance(value, str):
         raise ValueError(f"expected an int or a string like \"3.5GB\", got {type(value).__name__}")
     match = _PATTERN.match(value)
-    unit = (match.group(2) if match else "").upper() or "B"
+    written = match.group(2) if match else ""
+    unit = written.upper() or "B"
+    if match and unit in UNITS and written[-1:] == "b":
+        canonical = unit.replace("IB", "iB")
+        raise ValueError(f"{written!r} in {value!r} ends in a lower-case b, which means bits (Mb = megabits); "
+                         f"write {canonical} for bytes, e.g. \"{match.group(1)}{canonical}\"")
+    if match and unit in UNITS and written[:1] == "m":
+        raise ValueError(f"{written!r} in {value!r} starts with a lower-case m, which means milli; write MB or MiB")
     if not match or unit not in UNITS:
         raise ValueError(
             f"cannot read {value!r} as a size; write an int of bytes or a number with one of the units "

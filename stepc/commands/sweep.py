@@ -1,0 +1,237 @@
+"""`stepc sweep SPEC --grid KEY=V1,V2 ...`: one run directory per grid point, one SLURM job array.
+
+Every point is the spec with --set values, then the point's grid values, applied as overrides
+(so each run's spec.toml, manifest and `stepc diff` show exactly what differs), plus two keys the
+sweep sets itself and records the same way:
+  experiment.name   = <base name>-<key><value>-..., derived from the point alone (deterministic)
+  launch.rdzv_port  = the spec's port + the point's index, so array tasks that share a node do
+                      not meet in one torchrun rendezvous (unless the grid or --set chooses it)
+All points are compiled before anything is written; a point that fails names itself and the
+--grid/--set value. The sweep directory OUT/<base>.sweep/ holds sweep.json (the points and their
+manifest hashes), plan.md (the plans side by side) and sweep.sbatch (a job array whose task i
+runs point i's run.sbatch). One array has one resource request, so points must agree on every
+#SBATCH line. `stepc submit` and `stepc report` accept the sweep directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stepc import __version__
+from stepc.compiler import Compiled, compile_spec, plan_spec
+from stepc.compiler.load import read_spec_text
+from stepc.compiler.overrides import Override, apply_overrides, blamed, check_distinct, parse_override, parse_overrides, recorded
+from stepc.errors import UserError
+from stepc.rundir import canonical_json
+
+SWEEP_FILE = "sweep.json"
+MAX_NAME = 100  # experiment.name's limit
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    values: list[Override]  # the grid values of this point, in --grid order
+    compiled: Compiled
+
+
+def sweep_dir_for(out: Path, base: str) -> Path:
+    return out / f"{base}.sweep"
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / SWEEP_FILE).is_file()
+
+
+def parse_grid(items: list[str], sets: list[Override]) -> list[list[Override]]:
+    """Per --grid key, one override per value (values split at commas outside [] and quotes)."""
+    if not items:
+        raise UserError("stepc sweep needs at least one --grid KEY=V1,V2", fix="e.g. --grid train.lr=1e-3,3e-4")
+    axes: list[list[Override]] = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = _split(raw) if sep else []
+        if not values or any(v == "" for v in values):
+            raise UserError(f"--grid {item!r} is not KEY=V1,V2,... with non-empty values", fix="e.g. --grid train.lr=1e-3,3e-4")
+        axis = [parse_override(f"{key.strip()}={v}", "--grid") for v in values]
+        if len({canonical_json(o.value) for o in axis}) != len(axis):
+            raise UserError(f"--grid {item}: a value is given twice", key=axis[0].key, fix="give each value once")
+        axes.append(axis)
+    check_distinct(sets + [axis[0] for axis in axes])
+    for axis in axes:
+        if axis[0].key in ("experiment.name", "experiment") or axis[0].key.startswith("experiment.name."):
+            raise UserError("--grid cannot sweep experiment.name: the sweep derives each run's name from its values",
+                            key="experiment.name", fix="sweep other keys; the names are <base>-<key><value>-...")
+    return axes
+
+
+def _split(raw: str) -> list[str]:
+    parts, depth, quote, current = [], 0, "", ""
+    for ch in raw:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    parts.append(current.strip())
+    return parts
+
+
+def point_name(base: str, values: list[Override]) -> str:
+    """<base>-<key><value>-...: the last key component, unless two grid keys share it (then the whole key)."""
+    lasts = [o.parts[-1] for o in values]
+    labels = [o.parts[-1] if lasts.count(o.parts[-1]) == 1 else o.key for o in values]
+    slug = lambda text: re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-._") or "x"  # noqa: E731
+    name = "-".join([base, *(f"{slug(label)}{slug(o.raw)}" for label, o in zip(labels, values))])
+    if len(name) > MAX_NAME:  # still deterministic: a prefix and a hash of the whole name
+        name = name[: MAX_NAME - 13].rstrip("-.") + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | None) -> tuple[str, list[Point]]:
+    """(base name, the compiled points); writes nothing."""
+    from stepc.runtime.tracking import check_installed
+
+    sets = parse_overrides(set_items)
+    axes = parse_grid(grid_items, sets)
+    original = read_spec_text(spec_path)
+    with blamed(sets):
+        base_spec, _ = plan_spec(apply_overrides(original, sets, spec_path), spec_path)
+    check_installed(base_spec.log.backends, spec_path)
+    base = base_spec.experiment.name
+    chooses_port = any(o.key == "launch.rdzv_port" for o in sets + [a[0] for a in axes])
+    points: list[Point] = []
+    for index, values in enumerate(itertools.product(*axes)):
+        values = list(values)
+        name = point_name(base, values)
+        own = [Override("experiment.name", name, f"experiment.name={json.dumps(name)}", json.dumps(name), "stepc sweep")]
+        if not chooses_port:
+            port = base_spec.launch.rdzv_port + index
+            own.append(Override("launch.rdzv_port", port, f"launch.rdzv_port={port}", str(port), "stepc sweep"))
+        overrides = [*sets, *values, *own]
+        try:
+            with blamed(overrides):
+                compiled = compile_spec(apply_overrides(original, overrides, spec_path), spec_path, recorded(overrides))
+        except UserError as err:
+            err.message = f"sweep point {name}: {err.message}"
+            raise
+        points.append(Point(name, values, compiled))
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two grid points get the same run name {dup!r}", fix="write the values so that they differ as text")
+    _check_one_resource_request(points)
+    return base, points
+
+
+def _sbatch_header(compiled: Compiled) -> list[str]:
+    """run.sbatch's #SBATCH lines, less those the array sets itself (job name, output file)."""
+    lines = compiled.files["run.sbatch"].decode().splitlines()
+    return [ln for ln in lines if ln.startswith("#SBATCH") and not ln.startswith(("#SBATCH --job-name=", "#SBATCH --output="))]
+
+
+def _check_one_resource_request(points: list[Point]) -> None:
+    first = _sbatch_header(points[0].compiled)
+    for point in points[1:]:
+        header = _sbatch_header(point.compiled)
+        if header != first:
+            differ = sorted(set(header) ^ set(first))
+            raise UserError(f"points {points[0].name} and {point.name} need different SLURM requests ({', '.join(differ)}); "
+                            "one job array has one resource request",
+                            key=", ".join(o.key for o in point.values),
+                            fix="sweep keys that change nodes, time or partition in separate sweeps (or fix them with --set)")
+
+
+def render_sweep(base: str, points: list[Point], sweep_dir: Path, max_parallel: int | None) -> dict[str, bytes]:
+    from stepc.compiler.emit import _environment
+    from stepc.compiler.plan_table import compare_plans
+
+    keys = [o.key for o in points[0].values]
+    record = {
+        "name": base,
+        "grid": {k: [] for k in keys},
+        "points": [{"name": p.name, "values": {o.key: o.value for o in p.values},
+                    "manifest_hash": p.compiled.manifest["hash"]} for p in points],
+    }
+    for p in points:
+        for o in p.values:
+            if o.value not in record["grid"][o.key]:
+                record["grid"][o.key].append(o.value)
+    table = compare_plans([(p.name, p.compiled.plan) for p in points])
+    script = _environment().get_template("sweep.sbatch.j2").render(
+        name=f"{base}-sweep", base=base, runs=[p.name for p in points], header=_sbatch_header(points[0].compiled),
+        max_parallel=max_parallel, version=__version__, sweep_dir=str(sweep_dir))
+    return {
+        SWEEP_FILE: (json.dumps(record, indent=1, sort_keys=True) + "\n").encode(),
+        "plan.md": f"# sweep {base}: {len(points)} runs\n\n```\n{table}\n```\n".encode(),
+        "sweep.sbatch": script.encode(),
+    }
+
+
+def write_sweep(out: Path, base: str, points: list[Point], force: bool, max_parallel: int | None = None) -> Path:
+    """Every run directory, then the sweep directory (its files vouch for the runs, so they go last)."""
+    from stepc.compiler.emit import write_run_dir
+
+    if not force:
+        existing = [p.name for p in points if (out / p.name).exists()]
+        if existing:
+            raise UserError(f"run directories already exist: {', '.join(existing)}", key="experiment.name",
+                            fix="pass --force to recompile them (checkpoints, logs and metrics are kept), or use another --out")
+    for point in points:
+        write_run_dir(out / point.name, point.compiled.files, force)
+    sweep_dir = sweep_dir_for(out, base)
+    write_run_dir(sweep_dir, render_sweep(base, points, sweep_dir, max_parallel), force, marker="sweep.json")
+    return sweep_dir
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", file=str(sweep_dir), fix="pass the directory `stepc sweep` wrote") from None
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's run directories (siblings of the sweep directory), in array order."""
+    return [Path(sweep_dir).parent / p["name"] for p in read_sweep(sweep_dir)["points"]]
+
+
+def columns(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    """Run name -> grid key -> value as text, for the report table."""
+    return {p["name"]: {k: json.dumps(v) if not isinstance(v, str) else v for k, v in p["values"].items()}
+            for p in read_sweep(sweep_dir)["points"]}
+
+
+def submit_sweep(sweep_dir: Path) -> str:
+    """sbatch the job array; the array's job id."""
+    import os
+    import shutil
+
+    from stepc.commands.submit import _sbatch
+
+    sweep_dir = Path(sweep_dir)
+    if shutil.which("sbatch") is None:
+        raise UserError("SLURM not found: `sbatch` is not on PATH",
+                        fix="run this on a SLURM login node, or run the points locally with `stepc run RUN_DIR`")
+    missing = [str(d) for d in run_dirs(sweep_dir) if not (d / "manifest.json").is_file()]
+    if missing:
+        raise UserError(f"the sweep's run directories are missing: {', '.join(missing)}", file=str(sweep_dir),
+                        fix="recompile the sweep with `stepc sweep ... --force`")
+    env = {k: v for k, v in os.environ.items() if k not in ("STEPC_STAGES", "STEPC_RUN_DIR")}
+    env["STEPC_SWEEP_DIR"] = str(sweep_dir.resolve())
+    return _sbatch((sweep_dir / "sweep.sbatch").resolve(), ["--export=ALL"], env)

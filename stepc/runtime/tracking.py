@@ -1,0 +1,228 @@
+"""Experiment trackers (TensorBoard, W&B, MLflow), fed the records metrics.jsonl gets.
+
+One `Tracker` interface, one class per backend, each importing its library only when selected
+(every backend is an optional extra). `MetricsWriter` hands every record it writes to `Tracking`,
+which turns it into scalars at a global step (the record's step plus its stage's data offset, so
+the stages of a run form one curve) and fans it out:
+
+    train    -> train/loss, train/lr, train/tokens_per_s, train/mfu, train/peak_memory_bytes, ...
+    eval     -> eval/ppl_<set>
+    others   -> event/<name> = stage index (stage_start, stage_end, merge, checkpoint,
+                nonfinite_loss), plus their numeric fields as <name>/<field>
+
+The run's config is the normalised spec, the plan and the manifest hash. A run directory is ONE
+tracked run: its ids are kept in RUN_DIR/tracking.json (keyed by the manifest hash), so later
+stages and resumed stages continue it rather than start new runs. A resumed TensorBoard writer
+purges the steps after the checkpoint it resumed from; W&B and MLflow key points by the global step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from stepc.errors import UserError
+
+# backend -> (module that must be importable, pip extra)
+BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_installed(backends: list[str], file: str | None = None) -> None:
+    """Compile time: refuse a selected backend whose library is not installed (the runtime would fail later)."""
+    missing = [b for b in backends if importlib.util.find_spec(BACKENDS[b][0]) is None]
+    if missing:
+        extras = ",".join(BACKENDS[b][1] for b in missing)
+        raise UserError(f"log.backends selects {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed",
+                        file=file, key="log.backends", fix=f"pip install 'stepc[{extras}]', or remove it from log.backends")
+
+
+class Tracker:
+    """One backend's view of the run."""
+
+    def log(self, step: int, scalars: dict[str, float], event: str | None, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self, finished: bool) -> None:
+        raise NotImplementedError
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 3e-3, ...} for a nested dict (lists stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def scalars_of(record: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
+    """(event name for marker events or None, scalars by tag) of one metrics.jsonl record."""
+    event = record.get("event", "")
+    numeric = {k: float(v) for k, v in record.items()
+               if k not in ("event", "stage", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if event in ("train", "eval"):
+        return None, {f"{event}/{k}": v for k, v in numeric.items()}
+    return event, {f"event/{event}": float(record.get("stage", 0)), **{f"{event}/{k}": v for k, v in numeric.items()}}
+
+
+class TensorBoard(Tracker):
+    def __init__(self, log_dir: Path, config: dict[str, Any], first: bool, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a resumed stage hides what a crashed attempt logged after the resumed checkpoint
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1, flush_secs=30)
+        if first:
+            for name, value in config.items():
+                self.writer.add_text(f"config/{name}", "```\n" + json.dumps(value, indent=2, sort_keys=True) + "\n```", 0)
+
+    def log(self, step, scalars, event, record):
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        if event:
+            self.writer.add_text("events", f"{event} (stage {record.get('stage')}, step {record.get('step')})", step)
+        self.writer.flush()  # a crash must not lose what the console already showed
+
+    def close(self, finished):
+        self.writer.close()
+
+
+class Wandb(Tracker):
+    def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str, project: str, name: str,
+                 entity: str | None, mode: str) -> None:
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if _wandb_logged_in() else "offline"
+        # console="off": W&B must not wrap stdout (the console checks isatty, SLURM logs stay as written)
+        settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False,
+                                  x_save_requirements=False)
+        self.run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", dir=str(run_dir),
+                              mode=mode, config=config, settings=settings)
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, step, scalars, event, record):
+        self.run.log({**scalars, "global_step": step})
+
+    def close(self, finished):
+        self.run.finish(exit_code=0 if finished else 1)
+
+
+def _wandb_logged_in() -> bool:
+    """WANDB_API_KEY set, or a key `wandb login` stored in ~/.netrc: then "auto" logs online."""
+    if "WANDB_API_KEY" in os.environ:
+        return bool(os.environ["WANDB_API_KEY"])
+    import netrc
+
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1].split("/", 1)[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class MLflow(Tracker):
+    def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str | None, experiment: str, name: str,
+                 uri: str | None) -> None:
+        if uri is None:
+            # the local file store is in maintenance mode in MLflow 3 and refused unless opted in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            run = self.client.create_run(experiment_id, run_name=name, tags={"stepc.manifest_hash": config["manifest_hash"]})
+            self.run_id = run.info.run_id
+            params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flatten(
+                {"spec": config["spec"], "plan": {k: v for k, v in config["plan"].items() if k != "stages"}}).items()}
+            params["manifest_hash"] = config["manifest_hash"]
+            batch = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+            for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=batch[i:i + 100])
+            self.client.log_dict(self.run_id, config, "stepc/config.json")
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+
+    def log(self, step, scalars, event, record):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+
+    def close(self, finished):
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "FAILED")
+
+
+class Tracking:
+    """The sink MetricsWriter feeds: global steps, fan-out, and one warning (not a crash) per failing backend."""
+
+    def __init__(self, trackers: dict[str, Tracker], offsets: dict[int, int]) -> None:
+        self.trackers, self.offsets, self.finished = trackers, offsets, False
+        atexit.register(self.close)  # a stage that stops with an error still closes its runs
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        step = self.offsets.get(record.get("stage", 0), 0) + int(record.get("step", 0))
+        event, scalars = scalars_of(record)
+        self.finished = event == "stage_end"
+        for name, tracker in list(self.trackers.items()):
+            try:
+                tracker.log(step, scalars, event, record)
+            except Exception as exc:  # a tracker outage must not stop training; metrics.jsonl has everything
+                print(f"warning: {name} tracking failed ({exc}); it is off for the rest of this stage, "
+                      "metrics.jsonl keeps every record", file=sys.stderr, flush=True)
+                del self.trackers[name]
+
+    def close(self) -> None:
+        trackers, self.trackers = self.trackers, {}
+        for tracker in trackers.values():
+            tracker.close(self.finished)
+
+
+def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None:
+    """Rank 0: the run's trackers for this stage (None when log.backends is empty)."""
+    from stepc.rundir import RunDir, atomic_write_json
+    from stepc.schema.manifest import load_manifest
+
+    paths = RunDir(run_dir)
+    manifest = load_manifest(run_dir)
+    log, name, raw = manifest.spec.log, manifest.spec.experiment.name, manifest.raw
+    if not log.backends:
+        return None
+    check_installed(log.backends, str(paths.manifest))
+    offsets = {s.index: s.data_step_offset for s in manifest.plan.stages}
+    config = {"spec": raw["spec"], "plan": raw["plan"], "manifest_hash": raw["hash"]}
+    state = json.loads(paths.tracking.read_text()) if paths.tracking.is_file() else {}
+    if state.get("manifest_hash") != raw["hash"]:  # a recompiled, different experiment is a new tracked run
+        state = {"manifest_hash": raw["hash"]}
+    project = log.project or name
+    trackers: dict[str, Tracker] = {}
+    global_start = offsets[stage] + start_step
+    for backend in log.backends:
+        if backend == "tensorboard":
+            trackers[backend] = TensorBoard(paths.tensorboard, config, "tensorboard" not in state, global_start)
+            state["tensorboard"] = paths.tensorboard.name
+        elif backend == "wandb":
+            state.setdefault("wandb_id", uuid.uuid4().hex[:12])
+            trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.wandb_entity, log.wandb_mode)
+        elif backend == "mlflow":
+            tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.mlflow_tracking_uri)
+            state["mlflow_run_id"] = tracker.run_id
+            trackers[backend] = tracker
+    atomic_write_json(paths.tracking, state)
+    return Tracking(trackers, offsets)

@@ -1,0 +1,75 @@
+"""Will it fit: `stepc plan SPEC --gpu NAME | --gpu-memory SIZE` answers from the compiler's device accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stepc.cli import main
+from stepc.compiler import plan_spec
+from stepc.compiler.fit import GPUS, _with, allowed_micro_batches, fit, stage_peak
+from stepc.compiler.load import load_spec
+from stepc.compiler.overrides import resolve
+from stepc.compiler.plan import make_plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "specs" / "tiny-cpu.toml"
+PAPER = REPO / "specs" / "paper-1.2b-step2.toml"
+
+
+@pytest.mark.parametrize("path", [TINY, PAPER, REPO / "specs" / "paper-368m-vanilla.toml"])
+def test_peaks_are_the_planners_device_accounting(path):
+    """The same layout planned with memory.accounting = "device" has exactly these stage peaks."""
+    spec, _ = load_spec(path)
+    plan = make_plan(spec)
+    pinned = [f"memory.layers={plan.layers}", 'memory.accounting="device"', "memory.budget=\"1000TB\""]
+    if spec.memory.stages == "auto":
+        pinned.append(f"memory.stages={len(plan.layers)}")
+    _, device_plan = plan_spec(resolve(path, pinned)[0], str(path))
+    results = fit(spec, plan, 10**18)
+    assert [r.peak_bytes for r in results] == [s.peak_bytes for s in device_plan.stages]
+
+
+def test_boundaries_micro_batch_and_checkpointing():
+    spec, _ = load_spec(TINY)
+    plan = make_plan(spec)
+    stage = plan.stages[-1]
+    new, old = stage.new_layers, stage.frozen_layers
+    peak = stage_peak(_with(spec), new, old)
+    assert fit(spec, plan, peak)[-1].fits and not fit(spec, plan, peak - 1)[-1].fits
+
+    sizes = allowed_micro_batches(spec)
+    assert sizes and all(spec.train.global_batch_tokens % (spec.model.seq_len * 2 * m) == 0 for m in sizes)
+    # a capacity just under micro batch 2's peak: the largest that fits is the one below it
+    two = stage_peak(_with(spec, 2, False), new, old)
+    r = fit(spec, plan, two - 1)[-1]
+    assert r.max_micro_batch == 1 and not r.fits and r.verdict == "lower micro_batch_size to 1"
+    assert stage_peak(_with(spec, 1, False), new, old) <= two - 1
+    # between micro batch 1 with and without checkpointing: only activation checkpointing makes it fit
+    with_ac, without = stage_peak(_with(spec, 1, True), new, old), stage_peak(_with(spec, 1, False), new, old)
+    assert with_ac < without
+    r = fit(spec, plan, with_ac)[-1]
+    assert r.max_micro_batch is None and r.max_micro_batch_ac == 1 and "needs activation_checkpointing" in r.verdict
+    r = fit(spec, plan, with_ac - 1)[-1]
+    assert r.max_micro_batch_ac is None and r.verdict.startswith("does not fit")
+
+
+def test_cli_answers_with_exit_code_and_error_bound(capsys):
+    assert main(["plan", str(PAPER), "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "will it fit on h100-80gb" in out and "error bound: not measured yet" in out
+    assert main(["plan", str(REPO / "specs" / "paper-1.2b-vanilla.toml"), "--gpu", "rtx4090-24gb"]) == 1
+    out = capsys.readouterr().out
+    assert " NO " in out and "lower micro_batch_size" in out
+    assert main(["plan", str(TINY), "--gpu-memory", "40MB", "--set", "train.activation_checkpointing=true"]) == 1
+    assert main(["plan", str(TINY), "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots'" in capsys.readouterr().err
+    assert main(["plan", str(TINY), "--gpu", "h100"]) == 2
+    assert "h100-80gb" in capsys.readouterr().err
+
+
+def test_gpu_table_is_ordered_by_name_and_plausible():
+    for key, (name, capacity) in GPUS.items():
+        marketed = int(key.rsplit("-", 1)[1].removesuffix("gb"))
+        assert 0.85 * marketed * 1e9 < capacity <= marketed * 2**30, key  # usable is a little under the label
