@@ -42,7 +42,7 @@ def _stop_mid_stage(run_dir, stage, nproc, after_step=10):
     log = run_dir / f"stage-{stage}-{nproc}.out"
     proc = start_stage(run_dir, stage, log, nproc=nproc)
     deadline = time.monotonic() + 240
-    while not re.search(rf"stage {stage} step {after_step}/", log.read_text(errors="replace") if log.exists() else ""):
+    while not re.search(rf"stage {stage}(/\d+)? step {after_step}/", log.read_text(errors="replace") if log.exists() else ""):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)

@@ -58,7 +58,7 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     # sessions of their own and get it from the script)
     log = run_b / "stage-1.out"
     proc = start_stage(run_b, 1, log)
-    _wait_for_text(proc, log, r"stage 1 step 10/")
+    _wait_for_text(proc, log, r"stage 1(/\d+)? step 10/")
     second = run_stage(run_b, 1, timeout=60)  # one launch per run directory
     assert second.returncode == 2, second.stderr
     assert "another launch is training this run directory" in second.stderr and f"pid {proc.pid}" in second.stderr
@@ -90,7 +90,7 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     with open(out, "w") as handle:
         run = subprocess.Popen([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,
                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_text(run, out, r"stage 2 step 10/")
+    _wait_for_text(run, out, r"stage 2(/\d+)? step 10/")
     os.killpg(run.pid, signal.SIGINT)
     assert run.wait(timeout=120) == 130, out.read_text()[-3000:]
     stopped2 = json.loads((run_b / "checkpoints" / "stage-2" / "STOPPED").read_text())["step"]
