@@ -58,10 +58,14 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     # sessions of their own and get it from the script)
     log = run_b / "stage-1.out"
     proc = start_stage(run_b, 1, log)
-    _wait_for_text(proc, log, r"stage 1(/\d+)? step 10/")
+    deadline = time.monotonic() + 60
+    while not (run_b / "LOCK").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
     second = run_stage(run_b, 1, timeout=60)  # one launch per run directory
     assert second.returncode == 2, second.stderr
     assert "another launch is training this run directory" in second.stderr and f"pid {proc.pid}" in second.stderr
+    _wait_for_text(proc, log, r"stage 1(/\d+)? step 10/")
     tree = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
