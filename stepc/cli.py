@@ -1,12 +1,12 @@
 """The `stepc` command line: a thin layer over the compiler passes.
 
-Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (one paragraph, no traceback).
+Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (one paragraph, no traceback),
+130 `stepc run` interrupted (the stage checkpointed the step in flight; rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -218,17 +218,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.stage not in indices:
             raise UserError(f"stage {args.stage} does not exist", file=str(run_dir), fix=f"choose one of {indices}")
         indices = [args.stage]
-    # Tokenise before any stage starts (the stage scripts repeat it; prepared data makes that a quick check).
-    code = subprocess.call([sys.executable, "-m", "stepc.cli", "data", "prepare", str(run_dir)])
+    from stepc.commands.run import run_stages
+
+    code = run_stages(run_dir, manifest, indices)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
     if code:
-        print(f"data preparation failed with exit code {code}", file=sys.stderr)
         return code
-    for index in indices:
-        print(f"== stage {index} of {manifest.num_stages}", flush=True)
-        code = subprocess.call(["bash", str(RunDir(run_dir).stage_script(index))])
-        if code:
-            print(f"stage {index} failed with exit code {code}; rerun `stepc run {run_dir}` to resume", file=sys.stderr)
-            return 1
     paths = RunDir(run_dir)
     print(f"metrics: {paths.metrics}")
     if paths.export.is_dir():

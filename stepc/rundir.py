@@ -46,6 +46,19 @@ class RunDir:
         return self.root / f"stage-{index}.sh"
 
     @property
+    def lock(self) -> Path:
+        """Who is training this run directory (stepc/runlock.py): one launch at a time."""
+        return self.root / "LOCK"
+
+    def stop_record(self, index: int) -> Path:
+        """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/preempt.py)."""
+        return self.stage_dir(index) / "STOPPED"
+
+    def stop_request(self, index: int) -> Path:
+        """STOP_REQUEST: stage-<index>.sh was signalled; rank 0 checks for it after every step."""
+        return self.stage_dir(index) / "STOP_REQUEST"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -56,6 +56,8 @@ from typing import Iterable, Mapping
 
 __all__ = [
     "SlurmCluster",
+    "TwoNodeSlurmCluster",
+    "two_node_available",
     "SlurmClusterError",
     "SbatchResult",
     "slurm_available",
@@ -601,7 +603,8 @@ JobRequeue=1
                         time.sleep(0.25)
             except Exception:
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = sorted(n for n in self._procs if n.startswith("slurmd"))
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self._procs.get(name)
             if proc is not None:
                 self._terminate(proc)
@@ -609,8 +612,12 @@ JobRequeue=1
         self._procs.clear()
         self._started = False
         _LIVE.discard(self)
+        self._teardown_extra()
         if self.dir is not None and self._own_dir and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _teardown_extra(self) -> None:
+        """Subclasses: undo what they set up besides the daemons (network namespaces, ...)."""
 
     @staticmethod
     def _terminate(proc: subprocess.Popen, grace: float = 20.0) -> None:
@@ -787,3 +794,165 @@ def slurm_cluster_fixture(scope: str = "session", **cluster_kwargs):
             yield cluster
 
     return _slurm_cluster
+
+
+# --------------------------------------------------------------------- two nodes
+def two_node_available() -> str | None:
+    """None if a two-node cluster (network namespaces) can be started here, else why not."""
+    reason = slurm_available()
+    if reason:
+        return reason
+    missing = [b for b in ("ip", "nsenter", "unshare", "hostname") if shutil.which(b) is None]
+    if missing:
+        return "two-node SLURM needs " + " ".join(missing) + " (iproute2, util-linux)"
+    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True, timeout=20)
+    if probe.returncode != 0:
+        return f"network/UTS namespaces are not available here: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+class TwoNodeSlurmCluster(SlurmCluster):
+    """A real two-node SLURM cluster on one machine: each slurmd runs in a network namespace of its
+    own (a veth on a private bridge, its own address) and a UTS namespace of its own (its host name
+    is its node name), so two torchrun agents rendezvous and two gloo ranks talk across a network.
+    What /work/shared/reference/slurm-two-node.sh found, encoded here:
+
+    * ``nsenter --net=/run/netns/NS``, not ``ip netns exec`` (which remounts /sys and hides the
+      cgroup tree: slurmd 22.05 then refuses to start);
+    * ``unshare --uts`` + ``hostname NODE`` per slurmd: torch uses the rank-0 agent's host name as
+      MASTER_ADDR; the node names resolve through marked /etc/hosts lines (removed on stop, in
+      place: /etc/hosts may be a bind mount);
+    * no default route in the namespaces: a resolver query would hang 10 s instead of failing fast;
+    * slurmctld stays in the root namespace and listens on the bridge address (no
+      ``CommunicationParameters=NoInAddrAny``); one munged serves all (a pathname unix socket);
+    * teardown by PID (the daemons are this object's children), then the veths, namespaces and
+      bridge. Names carry a random suffix, so two sessions never touch each other's network.
+    Jobs should set ``TMPDIR`` (``self.tmp_dir``): torchrun leaves a torchelastic_* dir per agent.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        sfx = f"{random.Random(os.getpid() ^ time.time_ns()).randrange(16 ** 4):04x}"
+        self.suffix = sfx
+        self.nodes = [f"st{sfx}n1", f"st{sfx}n2"]
+        self.netns = [f"stepc{sfx}n1", f"stepc{sfx}n2"]
+        self.bridge = f"stb{sfx}"
+        self.veths = [f"stv{sfx}1", f"stv{sfx}2"]
+        self.addrs: list[str] = []
+        self.bridge_addr = ""
+        self._made: list[tuple[str, str]] = []  # ("link"|"netns", name), for teardown
+        self._hosts_marker = ""
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self._p("tmp")
+
+    def _pick_subnet(self) -> str:
+        routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+        rng = random.Random(os.getpid() ^ time.time_ns())
+        for _ in range(100):
+            net = f"10.{rng.randrange(200, 250)}.{rng.randrange(1, 250)}"
+            if f"{net}." not in routes:
+                return net
+        raise SlurmClusterError("no free 10.x.y.0/24 subnet for the test cluster's bridge")
+
+    def _ip(self, *args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise SlurmClusterError(f"ip {' '.join(args)} failed: {r.stderr.strip()}")
+
+    def _setup_network(self) -> None:
+        net = self._pick_subnet()
+        self.bridge_addr = f"{net}.1"
+        self.addrs = [f"{net}.11", f"{net}.12"]
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._made.append(("link", self.bridge))
+        self._ip("addr", "add", f"{self.bridge_addr}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for ns, veth, addr in zip(self.netns, self.veths, self.addrs):
+            self._ip("netns", "add", ns)
+            self._made.append(("netns", ns))
+            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._made.append(("link", veth))
+            self._ip("link", "set", veth, "master", self.bridge, "up")
+            self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+            self._ip("-n", ns, "link", "set", "eth0", "up")  # and NO default route (see the class docstring)
+        self._hosts_marker = f"# stepc-test-cluster {self.dir}"
+        with open("/etc/hosts", "a") as hosts:
+            for node, addr in zip(self.nodes, self.addrs):
+                hosts.write(f"{addr} {node} {self._hosts_marker}\n")
+
+    def _write_config(self) -> None:
+        self._setup_network()
+        self.tmp_dir.mkdir(exist_ok=True)
+        super()._write_config()
+        ctld_name = socket.gethostname().split(".")[0]  # slurmctld starts only where gethostname() matches
+        lines = []
+        for line in self.conf_path.read_text().splitlines():
+            if line.startswith("SlurmctldHost="):
+                line = f"SlurmctldHost={ctld_name}({self.bridge_addr})"
+            elif line.startswith("CommunicationParameters="):
+                line = "# slurmctld listens on every address: the nodes reach it on the bridge"
+            elif line.startswith(("SlurmdPidFile=", "SlurmdLogFile=")):
+                key, value = line.split("=", 1)
+                line = f"{key}={value.replace('slurmd.', 'slurmd-%n.')}"
+            elif line.startswith(("NodeName=", "PartitionName=")):
+                continue
+            lines.append(line)
+        topo = f"CPUs={self.cpus}"
+        for node, addr in zip(self.nodes, self.addrs):
+            lines.append(f"NodeName={node} NodeAddr={addr} NodeHostname={node} Port={self.slurmd_port} "
+                         f"{topo} RealMemory={self.memory_mb} State=UNKNOWN")
+            (self._p("spool") / node).mkdir(exist_ok=True)
+        lines.append(f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        self.conf_path.write_text("\n".join(lines) + "\n")
+        self.node, self.node_addr = self.nodes[0], self.addrs[0]
+
+    def _start_slurmd(self) -> None:
+        for node, ns in zip(self.nodes, self.netns):
+            self._spawn(f"slurmd-{node}", [
+                "nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--",
+                "sh", "-c", 'hostname "$1" && exec slurmd -D -f "$2" -N "$1"', "sh", node, str(self.conf_path),
+            ], self._p("run", f"slurmd-{node}.pid"))
+
+        def idle() -> bool:
+            return all(self.node_state(n) == "idle" for n in self.nodes)
+        self._wait_for(f"nodes {' '.join(self.nodes)} to become idle in sinfo", idle, f"slurmd-{self.nodes[1]}",
+                       lambda: self._client(["sinfo", "-N"], check=False).stdout)
+
+    def node_state(self, node: str | None = None) -> str:
+        r = self._client(["sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T"], check=False, timeout=10)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+
+    def _teardown_extra(self) -> None:
+        for kind, name in reversed(self._made):
+            if kind == "link":
+                subprocess.run(["ip", "link", "del", name], capture_output=True)
+            else:
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._made.clear()
+        if self._hosts_marker:
+            try:
+                with open("/etc/hosts") as f:
+                    kept = [line for line in f if self._hosts_marker not in line]
+                with open("/etc/hosts", "w") as f:  # in place: keeps the inode
+                    f.writelines(kept)
+            except OSError:
+                pass
+            self._hosts_marker = ""
+
+
+def two_node_cluster_fixture(scope: str = "session", **cluster_kwargs):
+    """A pytest fixture yielding a started TwoNodeSlurmCluster (skips with the reason when it cannot run)."""
+    import pytest
+
+    @pytest.fixture(scope=scope)
+    def _cluster():
+        reason = two_node_available()
+        if reason:
+            pytest.skip(reason)
+        with TwoNodeSlurmCluster(**cluster_kwargs) as cluster:
+            yield cluster
+
+    return _cluster

@@ -312,13 +312,15 @@ def test_sbatch_runs_every_stage_with_a_fake_slurm(tmp_path, capsys):
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "echo", "STEPC_RUN_DIR": str(run_dir),
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2"}
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "node-a"}
     result = subprocess.run(["bash", str(run_dir / "run.sbatch")], capture_output=True, text=True, cwd=tmp_path,
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     for index in (1, 2):
         log = (run_dir / "logs" / f"stage-{index}.slurm.log").read_text()
-        assert "--nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=node-a:29500" in log
-        assert f"--rdzv_id=stepc-77-stage-{index}" in log
+        # port = rdzv_port + job id mod rdzv_ports; this task runs on the head node, which hosts the store
+        assert (f"--nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=node-a:29577 "
+                f"--rdzv_id=stepc-77-stage-{index} --rdzv_conf=is_host=1 -m stepc.runtime") in log
+        assert "--node_rank" not in log
         assert f"--manifest {run_dir}/manifest.json --stage {index}" in log
     no_pwned(tmp_path)

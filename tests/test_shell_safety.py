@@ -186,7 +186,11 @@ def _check_execution(tmp_path: Path, run_dir: Path) -> None:
     _run(["bash", str(run_dir / "run.sbatch")], scratch, slurm_env)
 
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    for argv in calls:  # every interpreter call gets the real manifest path (or run directory) as one argument
+    locks = [argv for argv in calls if argv[:2] == ["-m", "stepc.runlock"]]  # run.sbatch takes the run-dir lock
+    assert [argv[2:4] for argv in locks] == [["acquire", str(run_dir.resolve())]], locks
+    for argv in calls:  # every other interpreter call gets the real manifest path (or run directory) as one argument
+        if argv in locks:
+            continue
         if argv[:4] == ["-m", "stepc.cli", "data", "prepare"]:
             assert argv[4] == str(run_dir.resolve()), argv
         else:

@@ -142,7 +142,7 @@ def job_env() -> dict[str, str]:
 
 def logs(root: Path, run_dir: Path) -> str:
     parts = []
-    for f in sorted(root.glob("slurm-*.out")) + sorted((run_dir / "logs").glob("*.log")):
+    for f in sorted((run_dir / "logs").glob("slurm-*.out")) + sorted((run_dir / "logs").glob("*.log")):
         parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-40:]))
     return "\n".join(parts)
 
@@ -182,7 +182,8 @@ def test_sbatch_runs_every_stage_in_order(slurm_cluster: SlurmCluster, uninterru
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
     assert info["Requeue"] == "1"
     assert_finished(root, run_dir)
-    out = (root / f"slurm-{NAME}-{result.job_id}.out").read_text()
+    out = (run_dir / "logs" / f"slurm-{NAME}-{result.job_id}.out").read_text()
+    assert not list(root.glob("slurm-*.out"))  # never in the project root (the submit directory)
     assert "stage 1 of 2" in out and "stage 2 of 2" in out and out.index("stage 1 of 2") < out.index("stage 2 of 2")
     log = (run_dir / "logs" / "stage-1.slurm.log").read_text()
     assert f"job {result.job_id} (restart 0) stage 1/2" in log
@@ -212,7 +213,7 @@ def test_cancel_and_resubmit_resumes(slurm_cluster: SlurmCluster, corpus: Path, 
     while slurm_cluster.leftover_job_pids() and time.monotonic() < deadline:  # torchrun and its workers are gone
         time.sleep(0.2)
     assert slurm_cluster.leftover_job_pids() == []
-    out = (root / f"slurm-{NAME}-{first.job_id}.out").read_text()
+    out = (run_dir / "logs" / f"slurm-{NAME}-{first.job_id}.out").read_text()
     assert "got TERM" in out, out
 
     second = slurm_cluster.sbatch(script, wait=True, cwd=root, env=job_env())
@@ -267,9 +268,10 @@ def test_submit_one_job_or_a_chain(tmp_path: Path, monkeypatch, capsys):
     assert submit(Path("runs/tiny-cpu"), chain=True) == ["102", "103"]
     lines = log.read_text().splitlines()
     script = str(run_dir.resolve() / "run.sbatch")
-    assert lines[0] == f"--parsable --export=ALL {script} | STAGES=all RUN_DIR={run_dir.resolve()}"
-    assert lines[1] == f"--parsable --export=ALL --job-name=tiny-cpu-stage-1 {script} | STAGES=1 RUN_DIR={run_dir.resolve()}"
-    assert lines[2] == (f"--parsable --export=ALL --job-name=tiny-cpu-stage-2 --dependency=afterok:102 "
+    out = f"--output={run_dir.resolve()}/logs/slurm-%x-%j.out"
+    assert lines[0] == f"--parsable --export=ALL {out} {script} | STAGES=all RUN_DIR={run_dir.resolve()}"
+    assert lines[1] == f"--parsable --export=ALL {out} --job-name=tiny-cpu-stage-1 {script} | STAGES=1 RUN_DIR={run_dir.resolve()}"
+    assert lines[2] == (f"--parsable --export=ALL {out} --job-name=tiny-cpu-stage-2 --dependency=afterok:102 "
                         f"--kill-on-invalid-dep=yes {script} | STAGES=2 RUN_DIR={run_dir.resolve()}")
     assert not list(run_dir.glob("logs/*"))  # nothing added to the run directory
 

@@ -59,12 +59,15 @@ def submit(run_dir: Path, chain: bool) -> list[str]:
     script = script.resolve()
     env = {k: v for k, v in os.environ.items() if k != "STEPC_STAGES"}
     env["STEPC_RUN_DIR"] = str(run_dir.resolve())
+    logs = run_dir.resolve() / "logs"
+    logs.mkdir(exist_ok=True)
+    common = ["--export=ALL", f"--output={logs}/slurm-%x-%j.out"]  # never slurm-*.out in the submit directory
     if not chain:
-        return [_sbatch(script, ["--export=ALL"], env)]
+        return [_sbatch(script, common, env)]
     name = _job_name(script)
     ids: list[str] = []
     for index in stages:
-        args = ["--export=ALL", f"--job-name={name}-stage-{index}"]
+        args = [*common, f"--job-name={name}-stage-{index}"]
         if ids:
             args += [f"--dependency=afterok:{ids[-1]}", "--kill-on-invalid-dep=yes"]
         ids.append(_sbatch(script, args, {**env, "STEPC_STAGES": str(index)}))

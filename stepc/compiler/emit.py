@@ -86,9 +86,11 @@ def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool, marker: s
             path = staging / name
             path.write_bytes(data)
             os.chmod(path, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+        (staging / "logs").mkdir()  # run.sbatch's `#SBATCH --output=runs/<name>/logs/...` needs it at submit time
         if not run_dir.exists():
             os.replace(staging, run_dir)
             return
+        (run_dir / "logs").mkdir(exist_ok=True)
         for stale in run_dir.glob("stage-*.sh"):  # a recompile with fewer stages must not leave old scripts behind
             if stale.name not in files:
                 stale.unlink()

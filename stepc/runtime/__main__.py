@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-from stepc.errors import UserError
 from stepc.runtime.guard import ALLOWABLE, RuntimeFailure, preflight
 
 
@@ -24,16 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify-data", action="store_true",
                         help="accepted for the stage scripts; `stepc data prepare --verify-data` (run by them) re-hashes "
                              "every data file and shard")
+    parser.add_argument("--lock-pid", type=int,
+                        help="with --preflight: take the run directory's lock for this process (the stage script)")
+    parser.add_argument("--world", type=int, help="with --preflight: the number of ranks the stage will run on")
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:
+        from stepc.errors import UserError
+        from stepc.runlock import acquire
+
         try:
-            preflight(args.manifest, args.stage, allow)
+            if args.lock_pid is not None:  # before the checks: they may write (checkpoints/EXPERIMENT)
+                acquire(args.manifest.parent, args.lock_pid, f"stage-{args.stage}.sh")
+            preflight(args.manifest, args.stage, allow, world=args.world)
         except (RuntimeFailure, UserError) as failure:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2
         return 0
     _die_with_launcher()
+    from stepc.runtime import preempt
+
+    preempt.install()  # before torch's imports: a stop signal during start-up is not lost
     from stepc.runtime.console import quiet_library_bars_unless_tty
 
     quiet_library_bars_unless_tty()  # no carriage-return bars from transformers in SLURM logs

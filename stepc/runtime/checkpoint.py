@@ -113,7 +113,10 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / f"extra-rank{dist.get_rank()}.pt", weights_only=False)
+    extra_file = path / f"extra-rank{dist.get_rank()}.pt"
+    if not extra_file.exists():  # resumed on more ranks than saved it: the loop state is the same on every rank
+        extra_file = path / "extra-rank0.pt"
+    extra = torch.load(extra_file, weights_only=False)
     torch.set_rng_state(extra.pop("rng"))
     return extra
 

@@ -69,7 +69,8 @@ def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
         raise RuntimeFailure(f"{path}: {exc}; recompile the spec with `stepc compile SPEC --force`") from None
 
 
-def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True) -> tuple[Manifest, bool]:
+def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True,
+              world: int | None = None) -> tuple[Manifest, bool]:
     """Every check that needs no torch: (verified manifest, stage already complete?).
 
     Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
@@ -83,10 +84,25 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         check_experiment_identity(manifest_path.parent, manifest)
     if is_exported(RunDir(manifest_path.parent).final_export(stage_index)):
         return manifest, True
+    if world is not None:
+        check_world(manifest, world)
     previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
     if data:
         check_data_files(manifest_path.parent, manifest.spec.data, allow)
     return manifest, False
+
+
+def check_world(manifest: Manifest, world: int) -> None:
+    """A stage may run (and resume) on any number of ranks whose micro-batches tile the global batch:
+    the samples of a step depend only on the step and the global batch (data.BlockSampler), and DCP
+    reshards the checkpoint. Refuse only where the tiling is impossible."""
+    train, seq = manifest.spec.train, manifest.spec.model.seq_len
+    per_pass = seq * train.micro_batch_size * world
+    if world < 1 or train.global_batch_tokens % per_pass:
+        raise RuntimeFailure(
+            f"cannot run on {world} rank(s): train.global_batch_tokens = {train.global_batch_tokens} is not a multiple "
+            f"of model.seq_len x train.micro_batch_size x ranks = {seq} x {train.micro_batch_size} x {world} = {per_pass}. "
+            f"Launch with a number of ranks that divides it (NNODES x NPROC_PER_NODE), or change the spec and recompile")
 
 
 def experiment_identity(manifest: Manifest) -> str:

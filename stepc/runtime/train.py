@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
-from stepc.runtime import carry
+from stepc.runtime import carry, preempt
 from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.batches import device_batches
 from stepc.runtime.console import Console, echo
@@ -93,7 +93,8 @@ class Stage:
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     run_dir = manifest_path.parent
-    manifest, complete = preflight(manifest_path, stage_index, allow, data=False)  # data: _load_data checks it all
+    manifest, complete = preflight(manifest_path, stage_index, allow, data=False,  # data: _load_data checks it all
+                                   world=int(os.environ.get("WORLD_SIZE", "1")))
     stage = manifest.stage(stage_index)
     final_export = RunDir(run_dir).final_export(stage_index)
     if complete:
@@ -152,13 +153,14 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     peak_flops = device_peak_flops(st.device)
     per_token = flops_per_token(spec.model, st.stage.new_layers, st.stage.frozen_layers, spec.step.lora_rank)
     if start == 0:
-        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers,
+        metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers, world=st.world,
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)
     reset_peak_memory(st.device)  # the peak of training, not of the model build
     batches = device_batches(lambda step, micro: sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
                                                                   tr.micro_batch_size, st.grad_accum),
                              range(start, steps), st.grad_accum, st.device)
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
+    stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
     console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
@@ -199,6 +201,10 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             with window.paused(st.device):
                 _save_checkpoint(st, done, model, optimizer)
             metrics.write(event="checkpoint", stage=st.index, step=done)
+        if done != steps and preempt.agreed_stop(done, stop_request):  # SIGTERM/SIGINT/SIGUSR1 on any rank
+            console.close()
+            _stop(st, done, model, optimizer, metrics)
+            return
     console.close()
     if spec.step.carry_optimizer_state and st.index < len(st.plan.stages):
         found = ckpt.newest_complete(st.dir, warn=False)
@@ -272,6 +278,17 @@ def _check_losses(st: Stage, window: _Window, metrics: MetricsWriter, done: int)
 def _fault_step(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     return int(value) if value else None
+
+
+def _stop(st: Stage, done: int, model, optimizer, metrics: MetricsWriter) -> None:
+    """Every rank: checkpoint the step just finished (unless the periodic one did) and leave STOPPED."""
+    if done % st.spec.train.checkpoint_every != 0:
+        _save_checkpoint(st, done, model, optimizer)
+    if st.rank == 0:
+        record = preempt.record_stop(RunDir(st.run_dir).stop_record(st.index), done, ckpt.step_dir(st.dir, done))
+        metrics.write(event="stopped", stage=st.index, step=done, signal=record["signal"])
+        _log(st, f"stage {st.index} stopped by {record['signal']} after step {done}; checkpoint {ckpt.step_dir(st.dir, done)}")
+    dist.barrier()
 
 
 def _save_checkpoint(st: Stage, done: int, model, optimizer) -> None:

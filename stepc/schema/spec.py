@@ -272,11 +272,20 @@ class Launch(Section):
     nproc_per_node: int = Field(default=8, gt=0, le=1024)
     """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
-    """TCP port of the torchrun c10d rendezvous on the head node."""
+    """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
+    rdzv_ports: int = Field(default=1000, ge=1, le=64512)
+    """Size of the rendezvous port range (see rdzv_port): rdzv_ports consecutive job ids get distinct ports. rdzv_port + rdzv_ports - 1 must be at most 65535."""
     collective_timeout: PositiveInt = 1800
-    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to tokenise a corpus or write an export while the others wait."""
+    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to write an export or a checkpoint while the others wait."""
     slurm: Slurm = Slurm()
     """SLURM settings for run.sbatch."""
+
+    @model_validator(mode="after")
+    def _ports_fit(self) -> "Launch":
+        if self.rdzv_port + self.rdzv_ports - 1 > 65535:
+            raise ValueError(f"rdzv_port + rdzv_ports - 1 = {self.rdzv_port + self.rdzv_ports - 1} is above 65535: "
+                             "lower launch.rdzv_port or launch.rdzv_ports")
+        return self
 
 
 class Log(Section):
