@@ -21,7 +21,8 @@ from test_methods import spec_for
 from stepc.cli import main
 from stepc.compiler.load import parse_spec
 from stepc.rundir import RunDir
-from stepc.runtime.data import BlockSampler, eval_sets, open_datasets
+from stepc.runtime.data import open_prepared, training_sets
+from stepc.runtime.sampler import BlockSampler, holdout_split
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +34,23 @@ def compiled(tmp_path_factory, small_corpus):
     assert main(["compile", str(spec_path), "--out", str(out)]) == 0
     run_dir = out / "heldout"
     spec = parse_spec(spec_path.read_text())
-    tok, train, named = open_datasets(spec.data, spec.model.seq_len, RunDir(run_dir).cache)
-    return run_dir, spec, tok, train, named
+    assert main(["data", "prepare", str(run_dir), "--quiet"]) == 0
+    prepared = open_prepared(run_dir, spec.data, spec.model.seq_len)
+    return run_dir, spec, prepared, prepared.tokenizer, prepared.train["train"], prepared.validation
 
 
 def test_the_sampler_never_hands_out_a_heldout_block(compiled):
-    _, spec, _, train, named = compiled
-    train_idx, sets = eval_sets(train, named, spec.data.holdout_fraction, spec.experiment.seed)
+    _, spec, prepared, _, train, _ = compiled
+    runtime_sampler, sets = training_sets(prepared, spec.data.holdout_fraction, spec.experiment.seed)
     heldout_blocks, heldout_idx = sets["heldout"]
-    assert heldout_blocks is train.blocks
-    n = train.num_blocks
+    assert heldout_blocks is train
+    n = len(train)
+    train_idx, _ = holdout_split(n, spec.data.holdout_fraction, spec.experiment.seed)
     assert len(heldout_idx) == round(spec.data.holdout_fraction * n) > 0  # 1% of the blocks, as documented
 
     # every block the sampler gives 2 ranks x 2 micro-batches over one epoch and a bit (as the runtime builds it)
-    sampler = BlockSampler(train.blocks, spec.experiment.seed, indices=train_idx)
+    sampler = BlockSampler(train, spec.experiment.seed, indices=train_idx)
+    assert np.array_equal(runtime_sampler.block_ids(0, 0, 0, 2, 4, 2), sampler.block_ids(0, 0, 0, 2, 4, 2))
     seen: list[int] = []
     per_step = 2 * 2 * 4
     for step in range(n // per_step + 2):
@@ -55,8 +59,8 @@ def test_the_sampler_never_hands_out_a_heldout_block(compiled):
                 seen += sampler.block_ids(step, micro, rank, 2, 4, 2).tolist()
     assert set(seen) == set(range(n)) - set(heldout_idx.tolist())  # all training blocks, none held out
     # and by content: no held-out block's tokens are a training block's tokens
-    trained_rows = {train.blocks[i].tobytes() for i in set(seen)}
-    assert not any(train.blocks[i].tobytes() in trained_rows for i in heldout_idx)
+    trained_rows = {train[i].tobytes() for i in set(seen)}
+    assert not any(train[i].tobytes() in trained_rows for i in heldout_idx)
 
 
 def _fixed_model(spec, train, train_idx):
@@ -66,7 +70,7 @@ def _fixed_model(spec, train, train_idx):
     model = fresh_model(spec, spec.model.num_layers, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(6):
-        x = torch.from_numpy(np.asarray(train.blocks[train_idx[step * 4:(step + 1) * 4]], np.int64))
+        x = torch.from_numpy(np.asarray(train[train_idx[step * 4:(step + 1) * 4]], np.int64))
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -84,11 +88,10 @@ def _perplexity_by_hand(model, blocks: np.ndarray) -> float:
 
 
 def test_stepc_eval_perplexity_equals_an_independent_computation(compiled):
-    from stepc.runtime.data import holdout_split
     from stepc.runtime.export import write_export
 
-    run_dir, spec, tok, train, named = compiled
-    train_idx, heldout_idx = holdout_split(train.num_blocks, spec.data.holdout_fraction, spec.experiment.seed)
+    run_dir, spec, _, tok, train, named = compiled
+    train_idx, heldout_idx = holdout_split(len(train), spec.data.holdout_fraction, spec.experiment.seed)
     model = _fixed_model(spec, train, train_idx)
     write_export({k: v.detach().clone() for k, v in model.state_dict().items()}, spec, spec.model.num_layers,
                  RunDir(run_dir).export, tok)
@@ -99,11 +102,11 @@ def test_stepc_eval_perplexity_equals_an_independent_computation(compiled):
     # the documented sets: the held-out blocks, and all of each validation set, cut at eval.max_tokens
     first = spec.eval.max_tokens // spec.model.seq_len
     assert len(heldout_idx) > first and first % 8 != 0  # `stepc eval` batches 8 blocks: a partial last batch
-    expected = {"heldout": _perplexity_by_hand(model, train.blocks[heldout_idx[:first]]),
-                "val": _perplexity_by_hand(model, named["val"].blocks[:first])}
+    expected = {"heldout": _perplexity_by_hand(model, train[heldout_idx[:first]]),
+                "val": _perplexity_by_hand(model, named["val"][np.arange(first)])}
     assert set(reported) == set(expected)
     for name, value in expected.items():
         assert value < 0.8 * spec.model.vocab_size  # the fixed model is not uniform: the blocks matter
         assert reported[name] == pytest.approx(value, rel=1e-6), name
     # the same model scores training blocks differently (so a set drawn from them would be noticed)
-    assert _perplexity_by_hand(model, train.blocks[train_idx[:first]]) != pytest.approx(expected["heldout"], rel=1e-4)
+    assert _perplexity_by_hand(model, train[train_idx[:first]]) != pytest.approx(expected["heldout"], rel=1e-4)

@@ -5,7 +5,7 @@ Collectives: on a GPU the default group is "cpu:gloo,cuda:nccl" - NCCL for every
 device) and gloo for what only exists on the host (object collectives in checkpointing). `device_id`
 binds the NCCL communicator to this rank's GPU at init, so barriers never guess the device. On CPU
 it is plain gloo. The timeout comes from `[launch] collective_timeout`: rank 0 gathers and
-and writes exports while the other ranks wait in a barrier, which the 10-minute default would kill.
+writes exports while the other ranks wait in a barrier, which the 10-minute default would kill.
 
 Determinism (`[train] deterministic`): CUBLAS_WORKSPACE_CONFIG must be set before the first cuBLAS
 handle exists, so this runs before any CUDA work; `use_deterministic_algorithms(True)` without
