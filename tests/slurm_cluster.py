@@ -134,12 +134,13 @@ class SbatchResult(tuple):
 def slurm_available() -> str | None:
     """None if a cluster can be started here, else the reason (for pytest.skip).
 
-    With STEPC_REQUIRE_SLURM=1 (CI, where scripts/setup.sh installs SLURM) a missing cluster is an
-    error instead: the SLURM tests fail rather than skip.
+    Under CI (CI=true, as CI services set it; scripts/setup.sh installs SLURM there) or with
+    STEPC_REQUIRE_SLURM=1, a missing cluster is an error instead: the SLURM tests fail rather than skip.
     """
     reason = _slurm_unavailable()
-    if reason and os.environ.get("STEPC_REQUIRE_SLURM") == "1":
-        raise RuntimeError(f"STEPC_REQUIRE_SLURM=1 but no SLURM cluster can start here: {reason}")
+    required = os.environ.get("STEPC_REQUIRE_SLURM") == "1" or os.environ.get("CI", "").lower() in ("true", "1")
+    if reason and required:
+        raise RuntimeError(f"CI/STEPC_REQUIRE_SLURM=1 but no SLURM cluster can start here: {reason}")
     return reason
 
 
