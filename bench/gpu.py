@@ -100,15 +100,11 @@ def prepare(out: Path, smoke: bool) -> None:
             spec.write_text(spec_text(f"gpu-{method}", method, size))
             if stepc(["compile", str(spec), "--out", str(out / "runs"), "--force"]) != 0:
                 raise SystemExit(f"cannot compile {spec}")
-        # Tokenise and pack once, here: the GPU machine's time goes to training, not to BPE.
-        from stepc.runtime.data import open_datasets
-        from stepc.schema.manifest import load_manifest
-
-        vanilla = out / "runs" / "gpu-vanilla"
-        spec = load_manifest(vanilla).spec
-        open_datasets(spec.data, spec.model.seq_len, vanilla / "cache")
-        shutil.rmtree(out / "runs" / "gpu-step" / "cache", ignore_errors=True)
-        shutil.copytree(vanilla / "cache", out / "runs" / "gpu-step" / "cache")
+        # Tokenise once, here (shards in out/.cache/stepc, relative to where the stage scripts run):
+        # the GPU machine's time goes to training, and its stage scripts' preparation is a quick check.
+        for method in ("step", "vanilla"):
+            if stepc(["data", "prepare", str(out / "runs" / f"gpu-{method}"), "--quiet"]) != 0:
+                raise SystemExit(f"cannot prepare the data of gpu-{method}")
     finally:
         os.chdir(cwd)
     (out / "bench.json").write_text(json.dumps({"smoke": smoke, "size": size}, indent=1) + "\n")
@@ -200,7 +196,7 @@ def plain_loop(run_dir: Path, steps: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from stepc.runtime.data import BlockSampler, eval_sets, open_datasets
+    from stepc.runtime.data import open_prepared, training_sets
     from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
     from stepc.runtime.model import StepcLlama, llama_config
     from stepc.schema.manifest import load_manifest
@@ -208,9 +204,8 @@ def plain_loop(run_dir: Path, steps: int) -> dict:
     manifest = load_manifest(run_dir)
     spec = manifest.spec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, train, named = open_datasets(spec.data, spec.model.seq_len, run_dir / "cache")
-    train_idx, _ = eval_sets(train, named, spec.data.holdout_fraction, spec.experiment.seed)
-    sampler = BlockSampler(train.blocks, spec.experiment.seed, indices=train_idx)
+    sampler, _ = training_sets(open_prepared(run_dir, spec.data, spec.model.seq_len), spec.data.holdout_fraction,
+                               spec.experiment.seed)  # the runtime's own sampler: same samples in the same order
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(spec.model, spec.model.num_layers)).to(device).train()
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}

@@ -23,7 +23,7 @@ def _measured_bytes(spec) -> tuple[int, dict[str, int]]:
 
     torch.manual_seed(0)
     model = fresh_model(spec, spec.model.num_layers, 0)
-    optimizer = _optimizer(model, spec)
+    optimizer = _optimizer(model, spec, torch.device("cpu"))
     batch = torch.randint(0, spec.model.vocab_size, (2, spec.model.seq_len))
     model(input_ids=batch, labels=batch).loss.backward()
     optimizer.step()
@@ -75,7 +75,7 @@ def test_the_runtimes_measured_bytes_count_galores_projectors():
     expected, _ = _measured_bytes(spec)
     torch.manual_seed(0)
     model = fresh_model(spec, spec.model.num_layers, 0)
-    optimizer = _optimizer(model, spec)
+    optimizer = _optimizer(model, spec, torch.device("cpu"))
     batch = torch.randint(0, spec.model.vocab_size, (2, spec.model.seq_len))
     model(input_ids=batch, labels=batch).loss.backward()
     optimizer.step()

@@ -100,7 +100,7 @@ def test_galore_projects_exactly_the_decoder_layers_matrices():
 
     spec = parse_spec(spec_for("galore"))
     model = fresh_model(spec, 4, 0)
-    optimizer = _optimizer(model, spec)
+    optimizer = _optimizer(model, spec, torch.device("cpu"))
     assert type(optimizer).__module__.startswith("galore_torch")
     projected = [g for g in optimizer.param_groups if "rank" in g]
     assert len(projected) == 1

@@ -86,7 +86,7 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     """Same global batch (1 rank x 2 micro-batches of 2 vs 2 ranks x 2): same samples, same losses, same weights.
 
     The tolerance is a few times the float reordering noise measured between the two layouts (max
-    |diff| 2.6e-7 over 18 steps); a gradient summed where it should be averaged (over micro-batches or
+    |diff| 6.6e-6 over 18 steps with the chunked loss); a gradient summed where it should be averaged (over micro-batches or
     ranks) moves the weights by ~8e-3, and a logged loss summed over ranks doubles it.
     """
     from stepc.runtime.sampler import BlockSampler
@@ -111,7 +111,7 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     b = load_weights(full_run / "checkpoints" / "stage-1" / "final")
     assert sorted(a) == sorted(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     losses = [{m["step"]: m["loss"] for m in _events(read_metrics(run), "train", 1)} for run in (one, full_run)]
     assert losses[0].keys() == losses[1].keys() and len(losses[0]) >= 2
     for step, loss in losses[0].items():

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from stepc.errors import UserError
 from stepc.runtime.guard import ALLOWABLE, RuntimeFailure, preflight
 
 
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:
-        from stepc.errors import UserError
         from stepc.runlock import acquire
 
         try:

@@ -205,6 +205,19 @@ def _encode_unit(task: Task) -> dict[str, Any]:
     return meta
 
 
+def _remove_orphaned_temporaries(directory: Path) -> None:
+    """Delete `.<shard>.<pid>.tmp` files whose writer is gone (a killed preparation leaves them; a
+    live concurrent preparation's are kept: its pid still exists)."""
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
     if not tasks:
         return
@@ -318,6 +331,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
     directories = {Path(t.out).parent for t in tasks}
     for directory in directories:
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_orphaned_temporaries(directory)
     try:
         _run_tasks(tasks, tok, workers, progress)
     except UserError as err:
