@@ -91,17 +91,23 @@ gpus_per_node = 0
 """
 
 
-def _free_port() -> int:
-    """A free port outside the ephemeral range, so concurrent test sessions do not share a rendezvous."""
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(span: int = 64) -> int:
+    """A base rendezvous port outside the ephemeral range whose next `span` ports are free too: a job
+    listens on launch.rdzv_port + job id (mod rdzv_ports), and the test cluster's job ids are small."""
     rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(100):
-        port = rng.randrange(30000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
+        base = rng.randrange(30000, 32000 - span)
+        if all(_port_free(port) for port in range(base, base + span)):
+            return base
     raise RuntimeError("no free port")
 
 

@@ -184,7 +184,8 @@ def test_sweep_runs_as_a_job_array_and_reports(slurm_cluster: SlurmCluster, smal
             break
         assert time.monotonic() < deadline, f"array {job_id} still {states}"
         time.sleep(1)
-    outputs = {p.name: p.read_text(errors="replace")[-3000:] for p in root.glob("slurm-*.out")}
+    assert not list(root.glob("slurm-*.out"))  # SLURM output goes under the sweep directory, never the project root
+    outputs = {p.name: p.read_text(errors="replace")[-3000:] for p in (sweep_dir / "logs").glob("slurm-*.out")}
     assert states == {"0": "COMPLETED", "1": "COMPLETED"}, outputs
     for index, name in enumerate(names):
         out = (root / f"slurm-sw-sweep-{job_id}_{index}.out").read_text()

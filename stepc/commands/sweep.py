@@ -234,4 +234,6 @@ def submit_sweep(sweep_dir: Path) -> str:
                         fix="recompile the sweep with `stepc sweep ... --force`")
     env = {k: v for k, v in os.environ.items() if k not in ("STEPC_STAGES", "STEPC_RUN_DIR")}
     env["STEPC_SWEEP_DIR"] = str(sweep_dir.resolve())
-    return _sbatch((sweep_dir / "sweep.sbatch").resolve(), ["--export=ALL"], env)
+    logs = sweep_dir.resolve() / "logs"
+    logs.mkdir(exist_ok=True)  # SLURM does not create the output's directory
+    return _sbatch((sweep_dir / "sweep.sbatch").resolve(), ["--export=ALL", f"--output={logs}/slurm-%x-%A_%a.out"], env)
