@@ -18,7 +18,8 @@ def test_gpu_bench_smoke_writes_every_figure(tmp_path):
     prep = subprocess.run([sys.executable, str(bench), "--prepare", str(tmp_path / "b"), "--smoke"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-3000:]
-    assert (tmp_path / "b" / "runs" / "gpu-vanilla" / "cache").is_dir()  # tokenised at prepare time
+    assert (tmp_path / "b" / "runs" / "gpu-vanilla" / "data-index.json").is_file()  # tokenised at prepare time
+    assert (tmp_path / "b" / ".cache" / "stepc").is_dir()  # the shards, carried with the bench directory
     run = subprocess.run([sys.executable, str(bench), "--run", str(tmp_path / "b"), "--out", str(tmp_path / "gpu.json")],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
