@@ -1,11 +1,11 @@
 """`stepc sweep SPEC --grid KEY=V1,V2 ...`: one run directory per grid point, one SLURM job array.
 
 Every point is the spec with --set values, then the point's grid values, applied as overrides
-(so each run's spec.toml, manifest and `stepc diff` show exactly what differs), plus two keys the
-sweep sets itself and records the same way:
-  experiment.name   = <base name>-<key><value>-..., derived from the point alone (deterministic)
-  launch.rdzv_port  = the spec's port + the point's index, so array tasks that share a node do
-                      not meet in one torchrun rendezvous (unless the grid or --set chooses it)
+(so each run's spec.toml, manifest and `stepc diff` show exactly what differs), plus experiment.name =
+<base name>-<key><value>-..., derived from the point alone (deterministic) and recorded the same way.
+Array tasks that share a head node never meet in one rendezvous: each task is its own job, and
+run.sbatch's port is launch.rdzv_port + job id mod launch.rdzv_ports. (An extra per-point port
+offset would collide exactly: task i with job id j+1 and task i+1 with job id j.)
 All points are compiled before anything is written; a point that fails names itself and the
 --grid/--set value. The sweep directory OUT/<base>.sweep/ holds sweep.json (the points and their
 manifest hashes), plan.md (the plans side by side) and sweep.sbatch (a job array whose task i
@@ -113,15 +113,11 @@ def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | 
         base_spec, _ = plan_spec(apply_overrides(original, sets, spec_path), spec_path)
     check_installed(base_spec.log.backends, spec_path)
     base = base_spec.experiment.name
-    chooses_port = any(o.key == "launch.rdzv_port" for o in sets + [a[0] for a in axes])
     points: list[Point] = []
-    for index, values in enumerate(itertools.product(*axes)):
+    for values in itertools.product(*axes):
         values = list(values)
         name = point_name(base, values)
         own = [Override("experiment.name", name, f"experiment.name={json.dumps(name)}", json.dumps(name), "stepc sweep")]
-        if not chooses_port:
-            port = base_spec.launch.rdzv_port + index
-            own.append(Override("launch.rdzv_port", port, f"launch.rdzv_port={port}", str(port), "stepc sweep"))
         overrides = [*sets, *values, *own]
         try:
             with blamed(overrides):
