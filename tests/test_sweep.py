@@ -188,7 +188,7 @@ def test_sweep_runs_as_a_job_array_and_reports(slurm_cluster: SlurmCluster, smal
     outputs = {p.name: p.read_text(errors="replace")[-3000:] for p in (sweep_dir / "logs").glob("slurm-*.out")}
     assert states == {"0": "COMPLETED", "1": "COMPLETED"}, outputs
     for index, name in enumerate(names):
-        out = (root / f"slurm-sw-sweep-{job_id}_{index}.out").read_text()
+        out = (sweep_dir / "logs" / f"slurm-sw-sweep-{job_id}_{index}.out").read_text()
         assert f"array task {index} of 2 runs {(root / 'runs' / name).resolve()}" in out, out
         run_dir = root / "runs" / name
         assert (run_dir / "export" / "model.safetensors").is_file()
