@@ -54,6 +54,11 @@ class RunDir:
         """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/preempt.py)."""
         return self.stage_dir(index) / "STOPPED"
 
+    def failure_record(self, index: int) -> Path:
+        """FAILED: a rank of stage `index` stopped with a diagnosis (OOM, non-finite loss, disk full);
+        the stage script exits 2 when it is there (torchrun would turn the worker's 2 into 1)."""
+        return self.stage_dir(index) / "FAILED"
+
     def stop_request(self, index: int) -> Path:
         """STOP_REQUEST: stage-<index>.sh was signalled; rank 0 checks for it after every step."""
         return self.stage_dir(index) / "STOP_REQUEST"

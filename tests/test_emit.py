@@ -293,7 +293,7 @@ def test_stage_script_passes_the_manifest_path_intact(tmp_path, capsys):
         assert result.returncode == 0, result.stderr
         prepare, printed = result.stdout.strip().splitlines()  # PYTHON=echo: the data preparation, then torchrun
         assert prepare == f"-m stepc.cli data prepare {run_dir} --quiet"
-        assert printed.startswith("-m torch.distributed.run --nnodes=1 --nproc_per_node=2 --standalone")
+        assert printed.startswith("-m stepc.runtime.launch --nnodes=1 --nproc_per_node=2 --standalone")
         assert printed.endswith(f"-m stepc.runtime --manifest {run_dir}/manifest.json --stage {index} --extra arg")
     assert (run_dir / "logs").is_dir()
     no_pwned(tmp_path)

@@ -192,7 +192,7 @@ def test_nonfinite_loss_keeps_last_good_checkpoint_and_resumes(fast_run, monkeyp
     monkeypatch.setenv(FAULT, "4")  # step 4 is a checkpoint step: its checkpoint must not be written
     proc = run_stage(run_dir, 1)
     monkeypatch.delenv(FAULT)
-    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert proc.returncode == 2, proc.stdout[-2000:]  # a diagnosis (FAILED record), not torchrun's 1
     assert "error: non-finite loss nan at stage 1 step 4" in proc.stderr, proc.stderr[-4000:]
     assert "the last good checkpoint is kept" in proc.stderr
 
@@ -207,7 +207,25 @@ def test_nonfinite_loss_keeps_last_good_checkpoint_and_resumes(fast_run, monkeyp
 
     again = check_ok(run_stage(run_dir, 1))
     _resumed_from(again, stage_dir, 2)
+    assert not (stage_dir / "FAILED").exists()  # the rerun's stage script cleared the failure record
     _finished(run_dir)
+
+
+def test_out_of_memory_exits_2_from_the_stage_script_naming_the_keys_that_fit(fast_run, monkeypatch):
+    """torchrun reports any failed worker as exit code 1; the stage script must still exit 2 (a
+    diagnosis, not a crash: the message names the fix) and the last complete checkpoint stays intact."""
+    run_dir = fast_run("oom")
+    stage_dir = _stage1(run_dir)
+    monkeypatch.setenv("STEPC_FAULT_OOM_AT_STEP", "3")
+    proc = run_stage(run_dir, 1)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    assert "error: CUDA out of memory at stage 1 step 3: the plan predicted a peak of" in proc.stderr, proc.stderr[-4000:]
+    for key in ("train.micro_batch_size", "train.activation_checkpointing", "train.compile"):
+        assert key in proc.stderr
+    assert f"The last complete checkpoint {step_dir(stage_dir, 2)} is kept." in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((stage_dir / "FAILED").read_text())["exit_code"] == 2
+    assert _steps(stage_dir) == ["step-00000002"] and is_complete(step_dir(stage_dir, 2)) == (True, "")
 
 
 # ----------------------------------------------------------------------------- 3. disk and permissions

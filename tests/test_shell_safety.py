@@ -197,7 +197,7 @@ def _check_execution(tmp_path: Path, run_dir: Path) -> None:
             assert argv[argv.index("--manifest") + 1] == manifest, argv
     prepares = [argv for argv in calls if argv[:4] == ["-m", "stepc.cli", "data", "prepare"]]
     assert len(prepares) == 1 + 1 + stages, calls  # stage-1.sh; run.sbatch once, then each stage script
-    launches = [argv for argv in calls if argv[:2] == ["-m", "torch.distributed.run"]]
+    launches = [argv for argv in calls if argv[:2] == ["-m", "stepc.runtime.launch"]]
     assert [argv[argv.index("--stage") + 1] for argv in launches] == [str(i) for i in [1, *range(1, stages + 1)]], calls
     for argv in launches:
         assert argv[argv.index("-m", 2) + 1] == "stepc.runtime", argv

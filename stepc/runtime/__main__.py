@@ -53,7 +53,25 @@ def main(argv: list[str] | None = None) -> int:
         return train(args.manifest, args.stage, allow)
     except (RuntimeFailure, UserError) as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)
+        _record_failure(args.manifest.parent, args.stage, failure)
         return 2
+
+
+def _record_failure(run_dir: Path, stage: int, failure: Exception) -> None:
+    """FAILED for the stage script: torchrun reports any failed worker as exit code 1, so the diagnosed
+    failure's exit code 2 (a CUDA OOM with the keys that fit, a non-finite loss, a full disk) reaches
+    `stepc run` and run.sbatch only through this file. Any rank may write it (an OOM hits one rank)."""
+    import json
+
+    from stepc.rundir import RunDir, atomic_write_text
+
+    record = {"exit_code": 2, "rank": int(os.environ.get("RANK", "0")), "error": str(failure)}
+    path = RunDir(run_dir).failure_record(stage)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record) + "\n")
+    except OSError:
+        pass  # a full or read-only disk: the stage script then reports torchrun's exit code
 
 
 def _die_with_launcher() -> None:
