@@ -186,6 +186,18 @@ def _pick_ports(n: int) -> list[int]:
     raise SlurmClusterError("could not find free TCP ports for slurmctld/slurmd")
 
 
+def free_rdzv_base(span: int = 64) -> int:
+    """A base rendezvous port (launch.rdzv_port) outside the ephemeral range whose next `span` ports
+    are free too: a job listens on launch.rdzv_port + job id (mod rdzv_ports), and the test cluster's
+    job ids are small."""
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(100):
+        base = rng.randrange(30000, 32000 - span)
+        if all(_port_free(port) for port in range(base, base + span)):
+            return base
+    raise SlurmClusterError("no free rendezvous ports in 30000-32000")
+
+
 def _nproc() -> int:
     try:
         return len(os.sched_getaffinity(0))

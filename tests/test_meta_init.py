@@ -44,7 +44,7 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
         1: fresh_model(spec, stages[0].total_layers, spec.experiment.seed).state_dict(),
         2: grown_model(spec, full_run / "checkpoints" / "stage-1" / "final", stages[1])[0].state_dict(),
     }
-    worlds = (1, 2, 3) if precision == "fp32" else (2,)
+    worlds = (1, 3) if precision == "fp32" else (2,)  # 1: no sharding; 3: uneven shards; 2 in bf16
     for world in worlds:
         _probe(full_run, tmp_path, world, precision)
         for index in (1, 2):

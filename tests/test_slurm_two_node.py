@@ -5,8 +5,9 @@
 - scancel mid-stage: every rank finishes the step in flight and checkpoints it (STOPPED names the step,
   no periodic checkpoints exist), a second job on the same run directory meanwhile exits 2 naming the
   holder, and the resubmitted job resumes from that step to an export bit-identical to the uninterrupted run;
-- a short time limit with an early `--signal=B:USR1@50`: the job checkpoints, requeues itself (same job
-  id, restart 1) and completes, again bit-identical;
+- a 2-minute time limit with an early `--signal=B:USR1@90`: SLURM's own warning stops stage 1 at the
+  step it is held at (a second USR1 meanwhile does no harm), the job requeues itself (same job id,
+  restart 1), resumes from that step and completes, again bit-identical;
 - two launches on one node at once (a plain job and `stepc submit --chain`) both finish: distinct
   rendezvous ports, the chain's stage 2 waits for its stage 1.
 
@@ -246,12 +247,13 @@ def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster
 def test_time_limit_requeues_and_completes(cluster: TwoNodeSlurmCluster, corpus: Path, uninterrupted, tmp_path: Path):
     root = tmp_path / "project-c"
     run_dir = compile_run(root, corpus, cluster)
-    # 2 minutes, USR1 to the batch shell 60 s before the end: slurmctld checks limits about every
-    # 30 s, so SLURM's own warning comes 60-90 s into the job. Stage 1 holds after step 5 until it is
+    # 2 minutes, USR1 to the batch shell 90 s before the end: slurmctld checks limits about every
+    # 30 s, so SLURM's own warning comes 30-60 s into the job (step 5 is reached after ~15 s on two
+    # busy cores) and 60 s remain to checkpoint and requeue. Stage 1 holds after step 5 until it is
     # told to stop (STEPC_FAULT_HOLD_AFTER_STEP, stepc/runtime/faults.py): the warning lands mid-stage
     # on an idle machine (where the whole run takes ~20 s) and on a busy one alike.
-    env = {**job_env(cluster), "STEPC_FAULT_HOLD_AFTER_STEP": "5"}
-    job = cluster.sbatch("runs/" + NAME + "/run.sbatch", "--time=2", "--signal=B:USR1@60", wait=False, cwd=root, env=env)
+    env = {**job_env(cluster), "STEPC_FAULT_HOLD_AFTER_STEP": "1:5"}
+    job = cluster.sbatch("runs/" + NAME + "/run.sbatch", "--time=2", "--signal=B:USR1@90", wait=False, cwd=root, env=env)
     assert job.returncode == 0 and job.job_id is not None, job
     out = run_dir / "logs" / f"slurm-{NAME}-{job.job_id}.out"
     deadline = time.monotonic() + 300

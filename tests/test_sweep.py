@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from slurm_cluster import SlurmCluster, slurm_available, slurm_cluster_fixture
+    from slurm_cluster import SlurmCluster, free_rdzv_base, slurm_available, slurm_cluster_fixture
 except ImportError:  # --import-mode=importlib: tests/ is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from slurm_cluster import SlurmCluster, slurm_available, slurm_cluster_fixture
+    from slurm_cluster import SlurmCluster, free_rdzv_base, slurm_available, slurm_cluster_fixture
 
 from stepc.cli import main
 
@@ -155,13 +155,11 @@ def array_states(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
 
 @needs_slurm
 def test_sweep_runs_as_a_job_array_and_reports(slurm_cluster: SlurmCluster, small_corpus, tmp_path, monkeypatch, capsys):
-    from test_slurm_run import _free_port
-
     started = time.monotonic()
     root = tmp_path / "project"
     root.mkdir()
     spec = root / "sw.toml"
-    spec.write_text(SPEC.format(train=json.dumps(str(small_corpus / "train" / "*.txt")), port=_free_port(),
+    spec.write_text(SPEC.format(train=json.dumps(str(small_corpus / "train" / "*.txt")), port=free_rdzv_base(),
                                 partition=slurm_cluster.partition))
     monkeypatch.chdir(root)  # the project root: relative paths, sbatch's working directory
     assert main(["sweep", "sw.toml", "--grid", "train.lr=3e-3,1e-3"]) == 0

@@ -6,8 +6,8 @@ exists), it writes <path>.rank<RANK> and
 sleeps until killed, so a test can kill -9 the stage exactly there rather than racing a metric
 written later.
 
-STEPC_FAULT_HOLD_AFTER_STEP=N: after step N of a stage that started before step N, every rank waits
-until it is told to stop (a stop signal, or the stage script's STOP_REQUEST on rank 0), so a test can
+STEPC_FAULT_HOLD_AFTER_STEP=I:N: after step N of stage I, when the stage started before step N, every
+rank waits until it is told to stop (a stop signal, or the stage script's STOP_REQUEST on rank 0), so a test can
 have a real SLURM time-limit warning (sent some 0-30 s late, whenever slurmctld checks) land in the
 middle of a stage however fast or slow the machine is. A resumed stage does not hold again.
 
@@ -34,9 +34,9 @@ def pause_point(name: str) -> None:
 HOLD_LIMIT_S = 600  # a test that never signals fails on its own timeout, not on a stage that sleeps forever
 
 
-def hold_after_step(done: int, started_at: int, stop_requested: Callable[[], bool]) -> None:
+def hold_after_step(stage: int, done: int, started_at: int, stop_requested: Callable[[], bool]) -> None:
     value = os.environ.get("STEPC_FAULT_HOLD_AFTER_STEP", "").strip()
-    if not value or done != int(value) or started_at >= done:
+    if not value or value != f"{stage}:{done}" or started_at >= done:
         return
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not stop_requested() and time.monotonic() < deadline:

@@ -14,7 +14,7 @@ Launched by stage-<i>.sh through torchrun; every rank runs this file.
 Fault injection (tests only): STEPC_FAULT_NONFINITE_AT_STEP=N treats the loss of (1-based) step N
 as NaN, exercising the non-finite-loss stop without waiting for a real divergence;
 STEPC_FAULT_OOM_AT_STEP=N raises torch.OutOfMemoryError in step N, as a CUDA allocation would.
-STEPC_FAULT_HOLD_AFTER_STEP=N holds every rank after step N until it is told to stop (faults.py).
+STEPC_FAULT_HOLD_AFTER_STEP=I:N holds every rank after step N of stage I until it is told to stop (faults.py).
 STEPC_DUMP_OPTIMIZER_AT_START=FILE writes the optimizer state a fresh stage starts with (after any
 carry) to FILE, so tests can compare carried moments with the previous stage's bit for bit.
 """
@@ -41,8 +41,8 @@ from stepc.runtime.console import Console, echo
 from stepc.runtime.data import open_prepared, training_sets
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism
 from stepc.runtime.evalsets import iter_eval_batches
-from stepc.runtime.faults import hold_after_step
 from stepc.runtime.export import write_export
+from stepc.runtime.faults import hold_after_step
 from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
 from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
@@ -206,7 +206,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             with window.paused(st.device):
                 _save_checkpoint(st, done, model, optimizer)
             metrics.write(event="checkpoint", stage=st.index, step=done)
-        hold_after_step(done, start, lambda: preempt.requested() is not None
+        hold_after_step(st.index, done, start, lambda: preempt.requested() is not None
                         or (stop_request is not None and stop_request.exists()))  # tests only (faults.py)
         if done != steps and preempt.agreed_stop(done, stop_request):  # SIGTERM/SIGINT/SIGUSR1 on any rank
             console.close()
