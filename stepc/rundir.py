@@ -71,6 +71,10 @@ class RunDir:
         """DCP step checkpoints of stage `index` (`step-<n>/`) and its merged export (`final/`)."""
         return self.checkpoints / f"stage-{index}"
 
+    def step_checkpoint(self, index: int, step: int) -> Path:
+        """The checkpoint of stage `index` after `step` optimizer steps (runtime/checkpoint.py writes it)."""
+        return self.stage_dir(index) / step_dir_name(step)
+
     def final_export(self, index: int) -> Path:
         """Stage `index`'s merged Hugging Face export: the next stage grows from it."""
         return self.stage_dir(index) / "final"
@@ -117,6 +121,13 @@ class RunDir:
 
 
 # --- hashing -------------------------------------------------------------------------------------
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint directory, listing its files
+
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

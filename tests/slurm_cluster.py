@@ -14,7 +14,7 @@ Needs root and the Debian packages slurmctld slurmd slurm-client munge
 Usage::
 
     with SlurmCluster() as c:
-        rc, job_id = c.sbatch("job.sbatch", "--output=/tmp/x.out")   # sbatch --wait
+        rc, job_id = c.sbatch("job.sbatch", "--output=/tmp/x.out")   # waits; rc as sbatch --wait
         c.job_state(job_id)            # 'COMPLETED' (from `scontrol show job`)
 
     # pytest (e.g. in a conftest.py):
@@ -28,13 +28,14 @@ Design notes (see also the traps listed in the test module):
   cgroup tree. A process a job detaches (setsid + parent exits) escapes slurm;
   ``stop()`` finds such leftovers by ``SLURM_CONF=<this cluster's conf>`` in
   their environment and kills them by PID.
-* No slurmdbd, so no ``sacct``: job results come from ``sbatch --wait`` (the
-  batch script's exit code) or ``scontrol show job`` (finished jobs are kept
-  ``MinJobAge`` = 1 day) and a jobcomp text file.
+* No slurmdbd, so no ``sacct``: job results come from ``scontrol show job``
+  (finished jobs are kept ``MinJobAge`` = 1 day: JobState and ExitCode, the
+  batch script's status) and a jobcomp text file.
 * ``EnforcePartLimits=ALL``: jobs that can never run (too many CPUs / nodes /
   memory) are rejected by ``sbatch`` at once instead of pending forever.
 * ``sbatch --wait`` polls slurmctld after 2 s, 10 s and then every 32 s, so it
-  may return up to ~32 s after the job ended; ``wait_job()`` polls every 0.25 s.
+  may return up to ~32 s after the job ended; ``sbatch(wait=True)`` therefore
+  submits without it and polls ``scontrol`` every 0.25 s (``wait_job()``).
 * Unix socket paths are limited to 107 bytes; slurmstepd creates
   ``<spool>/<node>/<node>_<job>.<step>``, hence the short temp dir.
 """
@@ -702,26 +703,33 @@ JobRequeue=1
     def sbatch(self, script_path: str | os.PathLike, *args: str, wait: bool = True,
                env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
                timeout: float | None = 600) -> SbatchResult:
-        """Submit ``sbatch --parsable [--wait] ARGS SCRIPT``.
+        """Submit ``sbatch --parsable ARGS SCRIPT``; with wait=True, wait for the job to end.
 
         Returns ``(returncode, job_id)`` (an ``SbatchResult``). With wait=True
-        returncode is the batch script's exit code (0 only if COMPLETED;
-        1 for CANCELLED/TIMEOUT). With wait=False it is sbatch's own status.
+        returncode is the batch script's exit code as ``sbatch --wait`` gives
+        it (0 only if COMPLETED; the script's status, or 1 for CANCELLED/TIMEOUT
+        and the like). With wait=False it is sbatch's own status.
         job_id is None if the submission was rejected (see ``.stderr``).
         ``env`` is added to the (SLURM_*-cleaned) environment, which sbatch
         exports into the job (--export=ALL); cwd is the job's working dir.
-        Note: ``sbatch --wait`` polls after 2 s, 10 s, then every 32 s.
+        Waiting polls scontrol every 0.25 s: ``sbatch --wait`` itself polls
+        after 2 s, 10 s, then every 32 s, which cost the suite up to half a
+        minute per job.
         """
-        argv = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + list(args) \
-            + [str(script_path)]
+        argv = ["sbatch", "--parsable"] + list(args) + [str(script_path)]
         t0 = time.monotonic()
-        r = self._client(argv, check=False, timeout=timeout, env=env,
+        r = self._client(argv, check=False, timeout=timeout or 600, env=env,
                          cwd=str(cwd) if cwd is not None else None)
         job_id = None
         m = re.match(r"\s*(\d+)", r.stdout)
         if m:
             job_id = int(m.group(1))
-        return SbatchResult(r.returncode, job_id, r.stdout, r.stderr, time.monotonic() - t0)
+        if not wait or job_id is None or r.returncode != 0:
+            return SbatchResult(r.returncode, job_id, r.stdout, r.stderr, time.monotonic() - t0)
+        state = self.wait_job(job_id, timeout=timeout or 600)
+        status, _ = self.exit_code(job_id)
+        returncode = 0 if state == "COMPLETED" else (status or 1)
+        return SbatchResult(returncode, job_id, r.stdout, r.stderr, time.monotonic() - t0)
 
     def scancel(self, job_id: int, *extra: str, signal: str | None = None,
                 batch: bool = False) -> None:

@@ -71,7 +71,8 @@ def test_carried_moments_equal_previous_stage_bit_for_bit(make_run, tmp_path):
     final.rename(hidden)
     refused = run_stage(run_dir, 2)
     hidden.rename(final)
-    assert refused.returncode != 0 and "carry_optimizer_state needs stage 1's checkpoint" in refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "carry_optimizer_state needs stage 1's checkpoint" in refused.stderr, refused.stderr
+    assert "torchrun" not in refused.stderr  # refused by the stage script's preflight, before any worker started
 
     dump = tmp_path / "start.pt"
     env = {**stage_env(), "STEPC_DUMP_OPTIMIZER_AT_START": str(dump)}

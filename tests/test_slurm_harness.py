@@ -5,7 +5,7 @@ install them with ``bash tests/install_slurm.sh``.
 
 What these tests establish about slurm 22.05 (Debian 12) in this setup:
 
-* ``sbatch --wait`` returns the batch script's exit code (3 -> 3); the script
+* ``sbatch(wait=True)`` returns the batch script's exit code (3 -> 3), as ``sbatch --wait`` does; the script
   must use ``set -euo pipefail`` so a failing ``srun`` step fails the job.
 * ``scancel JOB`` (no --signal): every process of the job (batch shell and
   steps) gets SIGCONT+SIGTERM, SIGKILL after KillWait. A ``trap ... TERM`` in

@@ -1,6 +1,6 @@
 """run.sbatch on a real two-node SLURM cluster (two slurmd in network namespaces, tests/slurm_cluster.py).
 
-- a tiny spec with nnodes = 2 (one rank per node) runs through `sbatch --wait`: the two torchrun agents
+- a tiny spec with nnodes = 2 (one rank per node) runs through sbatch to completion: the two torchrun agents
   rendezvous on the head node (explicit is_host, a port derived from the job id) and both stages finish;
 - scancel mid-stage: every rank finishes the step in flight and checkpoints it (STOPPED names the step,
   no periodic checkpoints exist), a second job on the same run directory meanwhile exits 2 naming the
@@ -199,7 +199,7 @@ def test_two_nodes_run_every_stage(cluster: TwoNodeSlurmCluster, uninterrupted):
         assert "node_rank is only used for static rdzv_backend" not in log  # no ignored flags
     # one agent per node, both in one world of 2
     assert [(m["stage"], m["world"]) for m in metrics(run_dir) if m["event"] == "stage_start"] == [(1, 2), (2, 2)]
-    print(f"two-node run: {seconds:.1f} s (sbatch --wait)")
+    print(f"two-node run: {seconds:.1f} s (submit to completion)")
 
 
 def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster: TwoNodeSlurmCluster, corpus: Path,

@@ -22,14 +22,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from stepc.rundir import atomic_write_text
+from stepc.rundir import CHECKPOINT_MARKER, atomic_write_text, step_dir_name
 
-MARKER = "COMPLETE"
+MARKER = CHECKPOINT_MARKER
 LOW_SPACE = 64 << 20  # a failed write with less free space than this is reported as a full disk
 
 
 def step_dir(stage_dir: Path, step: int) -> Path:
-    return stage_dir / f"step-{step:08d}"
+    return stage_dir / step_dir_name(step)
 
 
 def is_complete(path: Path) -> tuple[bool, str]:

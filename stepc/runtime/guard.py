@@ -13,6 +13,7 @@ from typing import Any
 from stepc import __version__
 from stepc.errors import UserError
 from stepc.rundir import (
+    CHECKPOINT_MARKER,
     RunDir,
     atomic_write_json,
     atomic_write_text,
@@ -87,9 +88,31 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     if world is not None:
         check_world(manifest, world)
     previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
+    check_carry_source(manifest_path.parent, manifest, stage_index)
     if data:
         check_data_files(manifest_path.parent, manifest.spec.data, allow)
     return manifest, False
+
+
+def check_carry_source(run_dir: Path, manifest: Manifest, stage_index: int) -> None:
+    """step.carry_optimizer_state: a stage that has no checkpoint of its own starts from stage i-1's
+    AdamW state, so stage i-1's checkpoint at its final step must be there (the workers then load and
+    verify it; here only its COMPLETE marker is looked at, without torch)."""
+    if not manifest.spec.step.carry_optimizer_state or stage_index == 1:
+        return
+    rundir = RunDir(run_dir)
+    if any((p / CHECKPOINT_MARKER).is_file() for p in rundir.stage_dir(stage_index).glob("step-*")):
+        return  # resumes from its own checkpoint; the carry happened when it started
+    steps = manifest.plan.stages[stage_index - 2].steps
+    source = rundir.step_checkpoint(stage_index - 1, steps)
+    if not (source / CHECKPOINT_MARKER).is_file():
+        raise carry_source_missing(rundir, stage_index, source)
+
+
+def carry_source_missing(rundir: RunDir, stage_index: int, source: Path) -> RuntimeFailure:
+    return RuntimeFailure(f"step.carry_optimizer_state needs stage {stage_index - 1}'s checkpoint at its final step "
+                          f"{source}, which is missing or incomplete; rerun stage-{stage_index - 1}.sh after removing "
+                          f"{rundir.final_export(stage_index - 1)} so it writes it")
 
 
 def check_world(manifest: Manifest, world: int) -> None:

@@ -44,7 +44,7 @@ from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.export import write_export
 from stepc.runtime.faults import hold_after_step
 from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
-from stepc.runtime.guard import RuntimeFailure, check_data_fingerprint, preflight, previous_stage_export
+from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
@@ -229,10 +229,8 @@ def _carry_optimizer_state(st: Stage, model, optimizer, new_layers: list[int]) -
     prev_dir = RunDir(st.run_dir).stage_dir(st.index - 1)
     prev_steps = st.plan.stages[st.index - 2].steps
     found = ckpt.newest_complete(prev_dir)
-    if found is None or found[0] != prev_steps:
-        raise RuntimeFailure(f"step.carry_optimizer_state needs stage {st.index - 1}'s checkpoint at its final step "
-                             f"{ckpt.step_dir(prev_dir, prev_steps)}, which is missing or incomplete; rerun "
-                             f"stage-{st.index - 1}.sh after removing {RunDir(st.run_dir).final_export(st.index - 1)} so it writes it")
+    if found is None or found[0] != prev_steps:  # the stage script's preflight looked for its marker; this verifies it
+        raise carry_source_missing(RunDir(st.run_dir), st.index, ckpt.step_dir(prev_dir, prev_steps))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     names = carry.carry_names(trainable, new_layers, st.stage.total_layers)
     carried = carry.load_carried(found[1], model, optimizer, names)
