@@ -166,9 +166,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    out = args.results.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         rows.append(run_method(method, args.reference_steps, args.out))
         print(f"done {method} in {rows[-1]['wall_s']} s", flush=True)
+        # the finished rows so far: a long run cut short keeps what it measured
+        out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": rows, "partial": True}, indent=1) + "\n")
     vanilla = rows[0]
     header = (f"{'method':17} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "
               f"{'Eq.1-5 peak':>12} {'exact peak':>11} {'measured':>10} {'vs vanilla (Eq./meas.)':>23}")
@@ -182,8 +186,6 @@ def main() -> None:
               f"{r['ppl_heldout']:13.2f} {r['ppl_milton']:11.2f} {r['paper_peak_bytes'] / 1e6:9.2f} MB "
               f"{r['exact_peak_bytes'] / 1e6:8.2f} MB {r['measured_peak_bytes'] / 1e6:7.2f} MB "
               f"{less_paper:10.1f}% / {less_measured:5.1f}%")
-    out = args.results.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
