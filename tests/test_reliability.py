@@ -223,7 +223,8 @@ def test_out_of_memory_exits_2_from_the_stage_script_naming_the_keys_that_fit(fa
     for key in ("train.micro_batch_size", "train.activation_checkpointing", "train.compile"):
         assert key in proc.stderr
     assert f"The last complete checkpoint {step_dir(stage_dir, 2)} is kept." in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "Root Cause" not in proc.stderr  # nor torchrun's failure report
+    assert "torchrun: worker rank 0 (local rank 0" in proc.stderr and "exited with code 2" in proc.stderr
     assert json.loads((stage_dir / "FAILED").read_text())["exit_code"] == 2
     assert _steps(stage_dir) == ["step-00000002"] and is_complete(step_dir(stage_dir, 2)) == (True, "")
 
