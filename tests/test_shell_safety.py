@@ -271,3 +271,37 @@ def test_restricted_fields_reject_hostile_strings(tmp_path, capsys, monkeypatch,
     assert f"[{key}" in err, err
     assert not out.exists()
     _no_pwned(tmp_path)
+
+
+def test_run_sbatch_skips_a_rendezvous_port_something_listens_on(tmp_path, capsys, monkeypatch):
+    """Two runs whose rdzv_port + job id land on one number on one head node: the second job must not
+    join the first one's rendezvous store, so run.sbatch (on the head node) takes the next free port."""
+    import socket
+
+    from slurm_cluster import free_rdzv_base
+
+    monkeypatch.chdir(tmp_path)
+    base = free_rdzv_base()
+    doc = json.loads(json.dumps(BASE))
+    doc["launch"].update(rdzv_port=base, rdzv_ports=50)
+    code, err, _, out = _compile(tmp_path, to_toml(doc), capsys)
+    assert code == 0, err
+    run_dir = (out / doc["experiment"]["name"]).resolve()
+    bin_dir, fake_python = _stubs(tmp_path)
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL.replace("echo localhost", "echo 127.0.0.1"))
+    log = tmp_path / "argv.jsonl"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "PYTHON": str(fake_python),
+           "ARGV_LOG": str(log), "STEPC_RUN_DIR": str(run_dir), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1"}
+
+    def endpoint() -> str:
+        log.unlink(missing_ok=True)
+        _run(["bash", str(run_dir / "run.sbatch")], tmp_path, env)
+        launches = [argv for argv in map(json.loads, log.read_text().splitlines()) if argv[:2] == ["-m", "stepc.runtime.launch"]]
+        return {a.split("=", 1)[1] for argv in launches for a in argv if a.startswith("--rdzv_endpoint=")}.pop()
+
+    assert endpoint() == f"127.0.0.1:{base + 42}"  # the job id's own port
+    with socket.socket() as other:  # another run's rendezvous store on that port
+        other.bind(("127.0.0.1", base + 42))
+        other.listen()
+        assert endpoint() == f"127.0.0.1:{base + 43}"

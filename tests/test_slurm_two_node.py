@@ -5,9 +5,9 @@
 - scancel mid-stage: every rank finishes the step in flight and checkpoints it (STOPPED names the step,
   no periodic checkpoints exist), a second job on the same run directory meanwhile exits 2 naming the
   holder, and the resubmitted job resumes from that step to an export bit-identical to the uninterrupted run;
-- a 2-minute time limit with an early `--signal=B:USR1@90`: SLURM's own warning stops stage 1 at the
-  step it is held at (a second USR1 meanwhile does no harm), the job requeues itself (same job id,
-  restart 1), resumes from that step and completes, again bit-identical;
+- a time limit cut to 1-2 minutes away once stage 1 is held at step 5, with `--signal=B:USR1@90`:
+  SLURM's own warning stops stage 1 at that step (a second USR1 meanwhile does no harm), the job
+  requeues itself (same job id, restart 1), resumes from that step and completes, bit-identical;
 - two launches on one node at once (a plain job and `stepc submit --chain`) both finish: distinct
   rendezvous ports, the chain's stage 2 waits for its stage 1.
 
@@ -168,6 +168,13 @@ def wait_for(what: str, condition, cl: TwoNodeSlurmCluster, job: int, run_dir: P
         time.sleep(0.2)
 
 
+def _seconds(runtime: str) -> int:
+    """scontrol's RunTime, [D-]HH:MM:SS, in seconds."""
+    days, _, clock = runtime.rpartition("-")
+    h, m, sec = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 def stage_log(run_dir: Path, stage: int) -> str:
     path = run_dir / "logs" / f"stage-{stage}.slurm.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -247,14 +254,17 @@ def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster
 def test_time_limit_requeues_and_completes(cluster: TwoNodeSlurmCluster, corpus: Path, uninterrupted, tmp_path: Path):
     root = tmp_path / "project-c"
     run_dir = compile_run(root, corpus, cluster)
-    # 2 minutes, USR1 to the batch shell 90 s before the end: slurmctld checks limits about every
-    # 30 s, so SLURM's own warning comes 30-60 s into the job (step 5 is reached after ~15 s on two
-    # busy cores) and 60 s remain to checkpoint and requeue. Stage 1 holds after step 5 until it is
-    # told to stop (STEPC_FAULT_HOLD_AFTER_STEP, stepc/runtime/faults.py): the warning lands mid-stage
-    # on an idle machine (where the whole run takes ~20 s) and on a busy one alike.
-    env = {**job_env(cluster), "STEPC_FAULT_HOLD_AFTER_STEP": "1:5"}
-    job = cluster.sbatch("runs/" + NAME + "/run.sbatch", "--time=2", "--signal=B:USR1@90", wait=False, cwd=root, env=env)
+    # Stage 1 holds after step 5 until it is told to stop (STEPC_FAULT_HOLD_AFTER_STEP, runtime/faults.py).
+    # Once it is held, the job's time limit is cut to 60-120 s from now: SLURM itself then sends the
+    # batch shell its warning (--signal=B:USR1@90) at its next limit check (about every 30 s), mid-stage
+    # however slow the machine was to get there, with at least 30 s left to checkpoint and requeue.
+    held = tmp_path / "held"
+    env = {**job_env(cluster), "STEPC_FAULT_HOLD_AFTER_STEP": "1:5", "STEPC_FAULT_HOLD_FILE": str(held)}
+    job = cluster.sbatch("runs/" + NAME + "/run.sbatch", "--signal=B:USR1@90", wait=False, cwd=root, env=env)
     assert job.returncode == 0 and job.job_id is not None, job
+    wait_for("stage 1 held at step 5", lambda: Path(f"{held}.rank0").exists(), cluster, job.job_id, run_dir, timeout=300)
+    elapsed = _seconds(cluster.job_info(job.job_id)["RunTime"])
+    cluster.run("scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={-(-(elapsed + 60) // 60)}")
     out = run_dir / "logs" / f"slurm-{NAME}-{job.job_id}.out"
     deadline = time.monotonic() + 300
     again = False

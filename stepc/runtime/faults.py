@@ -9,7 +9,8 @@ written later.
 STEPC_FAULT_HOLD_AFTER_STEP=I:N: after step N of stage I, when the stage started before step N, every
 rank waits until it is told to stop (a stop signal, or the stage script's STOP_REQUEST on rank 0), so a test can
 have a real SLURM time-limit warning (sent some 0-30 s late, whenever slurmctld checks) land in the
-middle of a stage however fast or slow the machine is. A resumed stage does not hold again.
+middle of a stage however fast or slow the machine is. A resumed stage does not hold again. With
+STEPC_FAULT_HOLD_FILE=<path>, a held rank writes <path>.rank<RANK> first.
 
 Unset (always, outside tests), every call is a no-op.
 """
@@ -38,6 +39,8 @@ def hold_after_step(stage: int, done: int, started_at: int, stop_requested: Call
     value = os.environ.get("STEPC_FAULT_HOLD_AFTER_STEP", "").strip()
     if not value or value != f"{stage}:{done}" or started_at >= done:
         return
+    if os.environ.get("STEPC_FAULT_HOLD_FILE"):  # tell the test this rank is held
+        Path(os.environ["STEPC_FAULT_HOLD_FILE"] + f".rank{os.environ.get('RANK', '0')}").write_text(f"held after step {done}\n")
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not stop_requested() and time.monotonic() < deadline:
         time.sleep(0.2)
