@@ -362,6 +362,10 @@ def _prepare(model, st: Stage) -> None:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
     model.to_empty(device=st.device)
+    if not st.sharded and st.spec.model.tie_embeddings:
+        # to_empty gives every module its own tensor, so the head would train apart from the embedding
+        # (and the export, which saves the embedding once, would lose the head); FSDP2 keeps the tie
+        model.tie_weights()
     model.train()
 
 
