@@ -175,28 +175,23 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_ports(n: int) -> list[int]:
-    """n consecutive free TCP ports outside the Linux ephemeral range (which
+def _pick_ports(n: int, low: int = 20000, high: int = 30000) -> list[int]:
+    """n consecutive free TCP ports in [low, high), below the Linux ephemeral range (which
     srun / slurmstepd use for their own connections)."""
     rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(200):
-        base = rng.randrange(20000, 30000 - n)
+        base = rng.randrange(low, high - n)
         ports = list(range(base, base + n))
         if all(_port_free(p) for p in ports):
             return ports
-    raise SlurmClusterError("could not find free TCP ports for slurmctld/slurmd")
+    raise SlurmClusterError(f"could not find {n} free consecutive TCP ports in {low}-{high}")
 
 
 def free_rdzv_base(span: int = 64) -> int:
-    """A base rendezvous port (launch.rdzv_port) outside the ephemeral range whose next `span` ports
-    are free too: a job listens on launch.rdzv_port + job id (mod rdzv_ports), and the test cluster's
-    job ids are small."""
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(100):
-        base = rng.randrange(30000, 32000 - span)
-        if all(_port_free(port) for port in range(base, base + span)):
-            return base
-    raise SlurmClusterError("no free rendezvous ports in 30000-32000")
+    """A base rendezvous port (launch.rdzv_port) whose next `span` ports are free too, apart from
+    the daemons' ports: a job listens on launch.rdzv_port + job id (mod rdzv_ports), and the test
+    cluster's job ids are small."""
+    return _pick_ports(span, 30000, 32000)[0]
 
 
 def _nproc() -> int:

@@ -37,7 +37,7 @@ HOLD_LIMIT_S = 600  # a test that never signals fails on its own timeout, not on
 
 def hold_after_step(stage: int, done: int, started_at: int, stop_requested: Callable[[], bool]) -> None:
     value = os.environ.get("STEPC_FAULT_HOLD_AFTER_STEP", "").strip()
-    if not value or value != f"{stage}:{done}" or started_at >= done:
+    if value != f"{stage}:{done}" or started_at >= done:
         return
     if os.environ.get("STEPC_FAULT_HOLD_FILE"):  # tell the test this rank is held
         Path(os.environ["STEPC_FAULT_HOLD_FILE"] + f".rank{os.environ.get('RANK', '0')}").write_text(f"held after step {done}\n")
