@@ -14,7 +14,7 @@ on the same held-out split and validation set. Peak model-state memory is report
 the paper's Eq. 1-5 (decoder layers only, as the paper's Table 2 does), the exact prediction for
 the whole model, and the bytes measured from the live tensors during training.
 
-    python bench/quality.py [--reference-steps 600] [--methods vanilla step step-stack ...]
+    python bench/quality.py [--reference-steps 600] [--methods vanilla step step-stack ...] [--jobs 2]
     # all 9 rows: ~55 min on 2 cores; table + bench/results/quality.json
 """
 
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,15 +116,15 @@ def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stepc.cli", *args], check=True, text=True, capture_output=True, cwd=ROOT, **kw)
 
 
-def run_method(method: str, steps: int, out: Path) -> dict:
-    """Train and score one row of VARIANTS (`method` is the row name)."""
+def run_method(method: str, steps: int, out: Path, threads: int) -> dict:
+    """Train and score one row of VARIANTS (`method` is the row name) with `threads` intra-op threads."""
     spec_path = out / f"{method}.toml"
     spec_path.write_text(spec_text(method, steps))
     run_dir = out / f"quality-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # --force keeps checkpoints: a rerun would train nothing
     stepc("compile", str(spec_path), "--out", str(out))
     start = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir)], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -163,16 +164,25 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="rows to run; the first is the reference of the 'vs' columns (default: all, vanilla first)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rows trained at once; each gets cpu_count/jobs threads (wall_s is then not comparable across runs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     out = args.results.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for method in args.methods:
-        rows.append(run_method(method, args.reference_steps, args.out))
-        print(f"done {method} in {rows[-1]['wall_s']} s", flush=True)
-        # the finished rows so far: a long run cut short keeps what it measured
-        out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": rows, "partial": True}, indent=1) + "\n")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    done: dict[str, dict] = {}
+    # Rows are independent runs in their own run directories; threads only wait on subprocesses.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_method, m, args.reference_steps, args.out, threads): m for m in args.methods}
+        for future in as_completed(futures):
+            row = future.result()
+            done[row["method"]] = row
+            print(f"done {row['method']} in {row['wall_s']} s", flush=True)
+            # the finished rows so far: a long run cut short keeps what it measured
+            partial = [done[m] for m in args.methods if m in done]
+            out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": partial, "partial": True}, indent=1) + "\n")
+    rows = [done[m] for m in args.methods]
     vanilla = rows[0]
     header = (f"{'method':17} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "
               f"{'Eq.1-5 peak':>12} {'exact peak':>11} {'measured':>10} {'vs vanilla (Eq./meas.)':>23}")
