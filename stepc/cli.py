@@ -302,18 +302,26 @@ def cmd_help_spec(args: argparse.Namespace) -> int:
 
 def spec_reference(model, prefix: str = "") -> str:
     """Every key with its default and docstring, generated from the pydantic models."""
+    from typing import get_args, get_origin
+
     from pydantic import BaseModel
 
-    lines = []
+    def is_model(ann) -> bool:
+        return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+    lines, tables = [], []  # sub-tables after the plain keys, as TOML requires
     for name, field in model.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.append(f"\n[{prefix}{name}]  {field.description or ''}")
-            lines.append(spec_reference(ann, f"{prefix}{name}."))
-        else:
-            default = "(required)" if field.is_required() else repr(field.default)
-            lines.append(f"  {name} = {default}\n      {field.description or ''}")
-    return "\n".join(lines)
+        if is_model(ann):
+            tables += [f"\n[{prefix}{name}]  {field.description or ''}", spec_reference(ann, f"{prefix}{name}.")]
+            continue
+        default = "(required)" if field.is_required() else repr(field.default)
+        lines.append(f"  {name} = {default}\n      {field.description or ''}")
+        # a table of named sub-tables (dict[str, Model], e.g. [data.sources.NAME]): list the sub-table's keys too
+        if get_origin(ann) is dict and is_model(get_args(ann)[1]):
+            entry = get_args(ann)[1]
+            tables += [f"\n[{prefix}{name}.NAME]  one entry of {prefix}{name}", spec_reference(entry, f"{prefix}{name}.NAME.")]
+    return "\n".join(lines + tables)
 
 
 if __name__ == "__main__":
