@@ -51,7 +51,7 @@ METHODS = tuple(VARIANTS)
 BASE = """
 [experiment]
 name = "quality-{name}"
-seed = 7
+seed = {seed}
 method = "{method}"
 
 [model]
@@ -103,10 +103,10 @@ nproc_per_node = 1
 """
 
 
-def spec_text(name: str, steps: int, accounting: str = "exact") -> str:
+def spec_text(name: str, steps: int, accounting: str = "exact", seed: int = 7) -> str:
     method, step_extra = VARIANTS[name]
     return BASE.format(
-        name=name, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
+        name=name, seed=seed, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
         steps=steps, reset=max(20, steps // 4), warm=max(10, steps // 10), warmup=max(5, steps // 20),
         ckpt=max(10, steps // 2), lr=1e-2 if method == "galore" else 3e-3, root=ROOT.as_posix(),
     )
@@ -116,10 +116,10 @@ def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stepc.cli", *args], check=True, text=True, capture_output=True, cwd=ROOT, **kw)
 
 
-def run_method(method: str, steps: int, out: Path, threads: int) -> dict:
+def run_method(method: str, steps: int, out: Path, threads: int, seed: int = 7) -> dict:
     """Train and score one row of VARIANTS (`method` is the row name) with `threads` intra-op threads."""
     spec_path = out / f"{method}.toml"
-    spec_path.write_text(spec_text(method, steps))
+    spec_path.write_text(spec_text(method, steps, seed=seed))
     run_dir = out / f"quality-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # --force keeps checkpoints: a rerun would train nothing
     stepc("compile", str(spec_path), "--out", str(out))
@@ -134,7 +134,7 @@ def run_method(method: str, steps: int, out: Path, threads: int) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = max(r["model_state_bytes"] for r in records if r.get("event") == "train")
     paper_spec = out / f"{method}-paper.toml"
-    paper_spec.write_text(spec_text(method, steps, accounting="paper"))
+    paper_spec.write_text(spec_text(method, steps, accounting="paper", seed=seed))
     paper_peak = _plan_peak(paper_spec)
     from stepc.schema.plan import Plan
 
@@ -144,7 +144,7 @@ def run_method(method: str, steps: int, out: Path, threads: int) -> dict:
         "tokens": sum(s.tokens for s in plan.stages), "flops": sum(s.flops for s in plan.stages),
         "ppl_heldout": evaluation["heldout"], "ppl_milton": evaluation["milton"],
         "paper_peak_bytes": paper_peak, "exact_peak_bytes": plan.peak_bytes, "measured_peak_bytes": measured,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1), "seed": seed,
     }
 
 
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="rows to run; the first is the reference of the 'vs' columns (default: all, vanilla first)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    parser.add_argument("--seed", type=int, default=7, help="[experiment] seed of every row (init and data order)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="rows trained at once; each gets cpu_count/jobs threads (wall_s is then not comparable across runs)")
     args = parser.parse_args()
@@ -174,7 +175,7 @@ def main() -> None:
     done: dict[str, dict] = {}
     # Rows are independent runs in their own run directories; threads only wait on subprocesses.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_method, m, args.reference_steps, args.out, threads): m for m in args.methods}
+        futures = {pool.submit(run_method, m, args.reference_steps, args.out, threads, args.seed): m for m in args.methods}
         for future in as_completed(futures):
             row = future.result()
             done[row["method"]] = row
