@@ -15,7 +15,7 @@ the paper's Eq. 1-5 (decoder layers only, as the paper's Table 2 does), the exac
 the whole model, and the bytes measured from the live tensors during training.
 
     python bench/quality.py [--reference-steps 600] [--methods vanilla step step-stack ...] [--jobs 2]
-    # all 9 rows: ~55 min on 2 cores; table + bench/results/quality.json
+    # all 10 rows: 52 min on 2 idle cores with --jobs 2; table + bench/results/quality.json
 """
 
 from __future__ import annotations
