@@ -2,7 +2,10 @@
 of a compiled run exactly as the runtime does - meta model, train._prepare (FSDP2 over the ranks,
 to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
 
-usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION [GROWTH_OPERATOR]
+usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION [GROWTH_OPERATOR,...]
+
+With growth operators, stage 2 is built once per operator (stage2-worldN-OPERATOR.pt), in one launch:
+starting the workers costs more than building the models.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(run_dir)
-    spec = probe_spec(manifest.spec, precision, sys.argv[4] if len(sys.argv) > 4 else None)
-    for index in (1, 2):
+    operators = sys.argv[4].split(",") if len(sys.argv) > 4 else []
+    builds = [(2, op) for op in operators] or [(1, None), (2, None)]
+    for index, operator in builds:
+        spec = probe_spec(manifest.spec, precision, operator)
         info = manifest.plan.stages[index - 1]
         st = Stage(run_dir, spec, manifest.plan, info, rank, world, torch.device("cpu"))
         if index == 1:
@@ -51,7 +56,8 @@ def main() -> None:
         dist.all_gather_object(sizes, local)
         state = ckpt.full_model_state(model)
         if rank == 0:
-            torch.save({"state": state, "local_bytes": sizes}, out / f"stage{index}-world{world}.pt")
+            name = f"stage{index}-world{world}" + (f"-{operator}" if operator else "")
+            torch.save({"state": state, "local_bytes": sizes}, out / f"{name}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
