@@ -305,3 +305,52 @@ def test_run_sbatch_skips_a_rendezvous_port_something_listens_on(tmp_path, capsy
         other.bind(("127.0.0.1", base + 42))
         other.listen()
         assert endpoint() == f"127.0.0.1:{base + 43}"
+
+
+STUB_TORCHRUN = """#!/usr/bin/env bash
+# python stub: `-m stepc.runtime.launch` plays torchrun (ignores stop signals, as the real launcher
+# does, and trains for a few seconds); every other call (data prepare, preflight) succeeds at once.
+if [[ " $* " == *" stepc.runtime.launch "* ]]; then
+  trap '' INT TERM USR1
+  touch "$LAUNCHED"
+  sleep 4
+fi
+exit 0
+"""
+
+
+def test_a_burst_of_stop_signals_never_breaks_the_stage_script(tmp_path, capsys, monkeypatch):
+    """Ctrl-C reaches `stepc run` and the stage script together and stepc run forwards its copy, SLURM
+    sends USR1 then TERM: stop signals come in bursts. bash 5.2 exits 2 with "unexpected EOF while
+    looking for matching `)'" when a trapped signal interrupts a command substitution, leaving the
+    workers unsupervised (seen once in test_preempt). Hundreds of signals while the stage trains must
+    leave the script supervising until its launcher exits, then exit with the launcher's code."""
+    import signal
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    code, err, _, out = _compile(tmp_path, to_toml(BASE), capsys)
+    assert code == 0, err
+    run_dir = (out / BASE["experiment"]["name"]).resolve()
+    stub = tmp_path / "python-stub"
+    stub.write_text(STUB_TORCHRUN)
+    stub.chmod(0o755)
+    launched = tmp_path / "launched"
+    env = {**os.environ, "PYTHON": str(stub), "LAUNCHED": str(launched)}
+    proc = subprocess.Popen(["bash", str(run_dir / "stage-1.sh")], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not launched.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    burst = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    end = time.monotonic() + 2.5
+    sent = 0
+    while time.monotonic() < end and proc.poll() is None:
+        proc.send_signal(burst[sent % 3])
+        sent += 1
+        time.sleep(0.002)
+    _, stderr = proc.communicate(timeout=30)
+    assert "unexpected EOF" not in stderr, stderr[-2000:]
+    assert proc.returncode == 0, (proc.returncode, stderr[-2000:])
+    assert sent > 300
