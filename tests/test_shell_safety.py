@@ -323,7 +323,7 @@ def test_a_burst_of_stop_signals_never_breaks_the_stage_script(tmp_path, capsys,
     """Ctrl-C reaches `stepc run` and the stage script together and stepc run forwards its copy, SLURM
     sends USR1 then TERM: stop signals come in bursts. bash 5.2 exits 2 with "unexpected EOF while
     looking for matching `)'" when a trapped signal interrupts a command substitution, leaving the
-    workers unsupervised (seen once in test_preempt). Hundreds of signals while the stage trains must
+    workers unsupervised (seen once in test_preempt). ~500 signals while the stage trains must
     leave the script supervising until its launcher exits, then exit with the launcher's code."""
     import signal
     import time
@@ -346,11 +346,19 @@ def test_a_burst_of_stop_signals_never_breaks_the_stage_script(tmp_path, capsys,
     burst = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     end = time.monotonic() + 2.5
     sent = 0
-    while time.monotonic() < end and proc.poll() is None:
-        proc.send_signal(burst[sent % 3])
-        sent += 1
-        time.sleep(0.002)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        # one every 4 ms: the old template broke in 3 of 3 runs at this rate (and passed at one
+        # every 10 ms); a denser storm (every 2 ms) once livelocked bash 5.2 itself (SIGCHLD
+        # blocked, spinning), which no script can prevent: the finally kills what is left
+        while time.monotonic() < end and proc.poll() is None:
+            proc.send_signal(burst[sent % 3])
+            sent += 1
+            time.sleep(0.004)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert "unexpected EOF" not in stderr, stderr[-2000:]
     assert proc.returncode == 0, (proc.returncode, stderr[-2000:])
-    assert sent > 300
+    assert sent > 200
