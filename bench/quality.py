@@ -103,7 +103,7 @@ nproc_per_node = 1
 """
 
 
-def spec_text(name: str, steps: int, accounting: str = "exact", seed: int = 7) -> str:
+def spec_text(name: str, steps: int, seed: int, accounting: str = "exact") -> str:
     method, step_extra = VARIANTS[name]
     return BASE.format(
         name=name, seed=seed, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
@@ -116,10 +116,10 @@ def stepc(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stepc.cli", *args], check=True, text=True, capture_output=True, cwd=ROOT, **kw)
 
 
-def run_method(method: str, steps: int, out: Path, threads: int, seed: int = 7) -> dict:
+def run_method(method: str, steps: int, out: Path, threads: int, seed: int) -> dict:
     """Train and score one row of VARIANTS (`method` is the row name) with `threads` intra-op threads."""
     spec_path = out / f"{method}.toml"
-    spec_path.write_text(spec_text(method, steps, seed=seed))
+    spec_path.write_text(spec_text(method, steps, seed))
     run_dir = out / f"quality-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # --force keeps checkpoints: a rerun would train nothing
     stepc("compile", str(spec_path), "--out", str(out))
@@ -134,7 +134,7 @@ def run_method(method: str, steps: int, out: Path, threads: int, seed: int = 7) 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = max(r["model_state_bytes"] for r in records if r.get("event") == "train")
     paper_spec = out / f"{method}-paper.toml"
-    paper_spec.write_text(spec_text(method, steps, accounting="paper", seed=seed))
+    paper_spec.write_text(spec_text(method, steps, seed, accounting="paper"))
     paper_peak = _plan_peak(paper_spec)
     from stepc.schema.plan import Plan
 
@@ -175,7 +175,7 @@ def main() -> None:
     done: dict[str, dict] = {}
     # Rows are independent runs in their own run directories; threads only wait on subprocesses.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_method, m, args.reference_steps, args.out, threads, args.seed): m for m in args.methods}
+        futures = [pool.submit(run_method, m, args.reference_steps, args.out, threads, args.seed) for m in args.methods]
         for future in as_completed(futures):
             row = future.result()
             done[row["method"]] = row
