@@ -95,3 +95,32 @@ def test_carried_moments_equal_previous_stage_bit_for_bit(make_run, tmp_path):
     assert event["stage"] == 2 and sorted(event["carried"]) == sorted(start)
     assert [m for m in read_metrics(run_dir) if m["event"] == "stage_end" and m["stage"] == 2]
     assert_measured_is_predicted(run_dir, plan)
+
+
+def test_carried_state_is_created_where_adamw_itself_creates_it(monkeypatch):
+    """The state a carry creates (then fills from the checkpoint) has the device, dtype and shape of
+    each entry that AdamW's own first step gives, for both kernels the runtime uses: fused (on a GPU
+    it reads `step` through a device pointer, so a CPU `step` is an illegal memory access at stage
+    2's first step) and foreach. The parameters live on the meta device, where a tensor made on the
+    CPU instead of the parameter's device is a visible mismatch (on a CPU-only machine both would be
+    CPU). AdamW refuses fused on meta by a device whitelist checked just before it creates the state;
+    the test lifts only that check, so the reference is AdamW's own state-creation code."""
+    import importlib
+
+    from stepc.runtime.carry import empty_state
+
+    adam = importlib.import_module("torch.optim.adam")  # torch.optim deletes its submodules' names
+    monkeypatch.setattr(adam, "_device_dtype_check_for_fused", lambda *a, **k: None)
+    for kernel in ({"fused": True}, {"foreach": True}):
+        params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in ((6, 4), (4,))]
+        reference = torch.optim.AdamW(params, **kernel)
+        for p in params:
+            p.grad = torch.empty_like(p)
+        reference.step()  # AdamW creates its state (meta kernels: shapes and devices only)
+        ours = torch.optim.AdamW(params, **kernel)
+        for p in params:
+            made, expected = empty_state(ours, p), reference.state[p]
+            assert made.keys() == expected.keys(), kernel
+            for key in expected:
+                assert (made[key].device, made[key].dtype, made[key].shape) == \
+                       (expected[key].device, expected[key].dtype, expected[key].shape), (kernel, key)

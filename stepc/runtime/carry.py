@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-__all__ = ["carry_names", "checkpointed_state_names", "dump_state", "load_carried"]
+__all__ = ["carry_names", "checkpointed_state_names", "dump_state", "empty_state", "load_carried", "step_device"]
 
 LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 ADAPTER = re.compile(r"\.lora_[AB]$")
@@ -75,8 +75,9 @@ def load_carried(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
                  rename: dict[str, str]) -> list[str]:
     """Collective: give the surviving parameters of a fresh AdamW the state checkpoint ``path`` holds.
 
-    The state is created the way AdamW creates it on its first step (a float32 ``step`` scalar,
-    moments shaped and sharded like the parameter) and DCP then reads the saved values into those
+    The state is created the way AdamW creates it on its first step (a float32 ``step`` scalar where
+    the optimizer's kernel reads it, see :func:`step_device`; moments shaped and sharded like the
+    parameter) and DCP then reads the saved values into those
     very tensors, resharding as needed. Every other parameter keeps no state, as with a fresh
     AdamW. Returns the carried names (stage i+1's), sorted.
     """
@@ -88,13 +89,25 @@ def load_carried(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     targets = {}
     for new in carried:
         p = params[new]
-        state = optimizer.state[p]
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        optimizer.state[p] = state = empty_state(optimizer, p)
         targets[rename[new]] = state
     dcp.load({"optim": {"state": targets}}, checkpoint_id=str(path))
     return carried
+
+
+def empty_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state AdamW gives `p` at its first step (zeros): the target DCP reads carried values into."""
+    return {"step": torch.zeros((), dtype=torch.float32, device=step_device(optimizer, p)),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def step_device(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.device:
+    """Where AdamW keeps a parameter's ``step``: on the parameter's device for the fused and capturable
+    kernels (they read it through a device pointer: a CPU step there is an illegal memory access on
+    a GPU), on the CPU otherwise (the foreach and for-loop kernels read it on the host)."""
+    defaults = optimizer.defaults
+    return p.device if defaults.get("fused") or defaults.get("capturable") else torch.device("cpu")
 
 
 def dump_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, rank: int) -> None:

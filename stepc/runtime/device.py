@@ -13,6 +13,10 @@ warn_only makes an op with no deterministic kernel an error instead of a silent 
 flash / memory-efficient attention kernels (whose backward is not deterministic) are switched off
 so SDPA uses its math path. Off (the default), nothing is touched: cuDNN/cuBLAS pick their fastest
 kernels and no fill of uninitialised memory is paid.
+
+Matmul precision on a GPU is set, not inherited: precision = "bf16" computes in bf16 already, and
+the few fp32 matmuls left (adapter merges, fp32 adapters' products) may use TF32 ("high");
+precision = "fp32" is a request for fp32 arithmetic, so TF32 stays off ("highest").
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def init_distributed(device: torch.device, backend: str, timeout_s: int) -> None
     """init_process_group with the collective timeout, and device_id on GPUs (eager NCCL init)."""
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def set_matmul_precision(precision: str, device: torch.device) -> None:
+    """TF32 for fp32 matmuls under bf16 training on a GPU, none under fp32 (see the module docstring)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if precision == "bf16" else "highest")
 
 
 def set_determinism(enabled: bool, device: torch.device) -> None:

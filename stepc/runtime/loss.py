@@ -11,12 +11,22 @@ g^T @ h - so the chunk's logits die before the next chunk starts. Backward only 
 gradients by the incoming one. The FLOPs are the unfused forward + backward's (three matmuls per
 token), nothing is recomputed.
 
+Every matmul runs in the compute dtype (bf16 on a GPU), like autograd's own: the head's weight
+gradient is summed over chunks in an fp32 buffer, each chunk's GEMM accumulating in fp32 inside
+cuBLAS and writing fp32 straight into that buffer (addmm with out_dtype), so no chunk is rounded to
+bf16 before the sum. Upcasting the operands to fp32 instead would run 2-4% of a step's FLOPs on the
+fp32 units at a fraction of the tensor cores' rate. Where torch has no fp32-output kernel for the
+compute dtype (CPU bf16), the chunk's product is rounded once to the compute dtype and then summed
+in fp32.
+
 Why hand-written: the fused linear + cross-entropy kernels of well-kept packages (Liger-Kernel,
 Apple's cut-cross-entropy) are Triton-only, so they cannot run (or be tested) on CPU, and the
 runtime must be correct on both. This is plain PyTorch and works on any device and dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -53,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[start:start + chunk] = g @ weight
             if grad_w is not None:
-                grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype))  # fp32 sum over chunks
+                accumulate_matmul_(grad_w, g.t(), h)  # fp32 sum over chunks, GEMMs in the compute dtype
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)  # what autograd would hand the weight
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
@@ -67,6 +77,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
         dw = grad_w * grad_out.to(grad_w.dtype) if ctx.has[1] else None
         return dh, dw, None, None, None
+
+
+def accumulate_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with `a` and `b` in their own (compute) dtype and `acc` in fp32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _fp32_output_gemm(acc.device, a.dtype):  # cuBLAS: fp32 accumulation and output
+        torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+@functools.cache
+def _fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build has addmm's out_dtype kernel for `dtype` on `device` (added in torch
+    2.8, CUDA only). Asked once per device: a build without it falls back to the rounded sum
+    instead of failing the first training step."""
+    try:
+        acc = torch.zeros(8, 8, dtype=torch.float32, device=device)
+        one = torch.ones(8, 8, dtype=dtype, device=device)
+        torch.ops.aten.addmm.dtype_out(acc, one, one, torch.float32, out=acc)  # a missing kernel raises here
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -58,14 +58,20 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, int | None]:
-    """GPU: peak allocated and reserved bytes since reset_peak_memory, and the caching allocator's
+    """GPU: peak allocated and reserved bytes since reset_peak_memory, the caching allocator's
     retries (each one a cudaFree of cached blocks and a retried cudaMalloc: a sign of running at
-    the edge). CPU: the process's peak resident set; no reserved bytes or retries."""
+    the edge), and the device memory in use now by the driver's count (mem_get_info) beside the
+    allocator's reserved bytes now: their difference is the memory outside the allocator. CPU: the process's peak resident set; no reserved bytes or retries."""
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
+        free, total = torch.cuda.mem_get_info(device)
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
-                "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+                "alloc_retries": int(stats.get("num_alloc_retries", 0)),
+                # the driver's view now: the allocator's reserved bytes plus what it does not see (CUDA
+                # context, NCCL's and cuBLAS's buffers), what will-it-fit's headroom must cover
+                "device_used_bytes": int(total - free),
+                "reserved_now_bytes": int(torch.cuda.memory_reserved(device))}
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_reserved_bytes": None, "alloc_retries": None}
 

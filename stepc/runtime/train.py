@@ -39,7 +39,7 @@ from stepc.runtime import checkpoint as ckpt
 from stepc.runtime.batches import device_batches
 from stepc.runtime.console import Console, echo
 from stepc.runtime.data import open_prepared, training_sets
-from stepc.runtime.device import device_and_backend, init_distributed, set_determinism
+from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
 from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.export import write_export
 from stepc.runtime.faults import hold_after_step
@@ -52,6 +52,7 @@ from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, p
 from stepc.runtime.oom import oom_failure
 from stepc.runtime.precision import autocast_unsharded
 from stepc.runtime.sampler import BlendSampler, BlockSampler
+from stepc.runtime.syncdebug import SyncCheck
 from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -108,6 +109,7 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
 
     device, backend = device_and_backend()
     set_determinism(manifest.spec.train.deterministic, device)  # before any CUDA kernel
+    set_matmul_precision(manifest.spec.train.precision, device)
     init_distributed(device, backend, manifest.spec.launch.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu" and world > 1:
@@ -129,7 +131,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         model = meta_fresh_model(spec, st.stage.total_layers)
 
         def fill(m):
-            init_fresh(m, spec.experiment.seed)
+            init_fresh(m, spec.experiment.seed, st.device)
     else:
         model, st.adapters, new_layers, fill = meta_grown_model(spec, prev_export, st.stage)
     _prepare(model, st)
@@ -165,6 +167,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
     stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
     console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
+    syncs = SyncCheck(st.device)  # STEPC_SYNC_DEBUG (bench/gpu.py): host syncs inside a step
     for step in range(start, steps):
         lr = lr_at(offset + step, tr.lr, tr.warmup_steps, st.stage.nominal_steps, tr.min_lr_ratio,
                    reset_every, spec.step.restart_warmup_steps, offset)
@@ -173,7 +176,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         try:
             if step + 1 == _fault_step("STEPC_FAULT_OOM_AT_STEP"):
                 raise torch.OutOfMemoryError("CUDA out of memory (STEPC_FAULT_OOM_AT_STEP)")
-            loss = _train_step(st, model, optimizer, batches)
+            with syncs.step():
+                loss = _train_step(st, model, optimizer, batches)
         except torch.OutOfMemoryError:
             found = ckpt.newest_complete(st.dir, warn=False)
             kept = f"The last complete checkpoint {found[1]} is kept." if found else "No checkpoint of this stage exists yet."
@@ -194,9 +198,10 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
                 measured = model_state_bytes(model, optimizer, st.device)
                 memory = peak_memory(st.device)
                 utilisation = mfu(tps, per_token, peak_flops, st.world)
+                checked = {"host_syncs": syncs.take()} if syncs.active else {}
                 metrics.write(event="train", stage=st.index, step=done, loss=last, lr=lr, tokens_per_s=round(tps, 1),
                               mfu=None if utilisation is None else round(utilisation, 4),
-                              model_state_bytes=measured, predicted_model_state_bytes=predicted, **memory)
+                              model_state_bytes=measured, predicted_model_state_bytes=predicted, **memory, **checked)
                 console.update(done, last, lr, tps, utilisation, memory["peak_memory_bytes"])
                 window.restart(done)
         if evaluate:
@@ -213,6 +218,9 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             _stop(st, done, model, optimizer, metrics)
             return
     console.close()
+    if syncs.sites:
+        _log(st, "host syncs inside training steps (STEPC_SYNC_DEBUG): "
+             + ", ".join(f"{site} x{n}" for site, n in syncs.sites.most_common(5)))
     if spec.step.carry_optimizer_state and st.index < len(st.plan.stages):
         found = ckpt.newest_complete(st.dir, warn=False)
         if found is None or found[0] != steps:  # the next stage carries its optimizer state from here
