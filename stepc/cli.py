@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
                                    "rtx4090-24gb (exit 1 when a stage does not fit)")
     gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
+    p.add_argument("--headroom", help="with --gpu: allocator slack added to the estimate, e.g. 12%% (default: the measured 12%%)")
+    p.add_argument("--overhead", help="with --gpu: memory outside the allocator (CUDA context, NCCL), e.g. 1.5GB (default)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
@@ -167,9 +169,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans, fits = [], True
     capacity = None
     if args.gpu or args.gpu_memory:
-        from stepc.compiler.fit import fit, fit_table, gpu_capacity
+        from stepc.compiler.fit import fit, fit_table, gpu_capacity, parse_headroom
 
         label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
+        headroom = parse_headroom(args.headroom, args.overhead)
     for i, path in enumerate(args.specs):
         spec, plan = _compile(path, args.sets, emit=False)
         _warn(path, spec, plan)
@@ -178,8 +181,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan_table(plan))
         print(plan_summary(plan))
         if capacity is not None:
-            results = fit(spec, plan, capacity)
-            print("\n" + fit_table(spec, results, label))
+            results = fit(spec, plan, capacity, headroom)
+            print("\n" + fit_table(spec, results, label, headroom))
             fits = fits and all(r.fits for r in results)
         plans.append((spec.experiment.name, plan))
     if len(plans) > 1:

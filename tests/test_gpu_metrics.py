@@ -43,18 +43,21 @@ def _counted_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("new,old", [(3, 0), (1, 2)])
-def test_flops_per_token_matches_a_counted_forward_backward(new, old):
+@pytest.mark.parametrize("new,old,vocab,pad", [(3, 0, 1000, 1), (1, 2, 1000, 1), (2, 1, 600, 1024)])
+def test_flops_per_token_matches_a_counted_forward_backward(new, old, vocab, pad):
+    """pad: a padded vocabulary (600 -> 1024 rows, far more than the tolerance) and MLP width
+    (344 -> 1024) are counted as the matmuls the model runs."""
     from stepc.runtime.lora import apply_adapters
     from stepc.runtime.model import fresh_model
 
-    spec = small_spec(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,
-                      num_key_value_heads=2, seq_len=128, num_layers=new + old)
+    spec = small_spec(vocab_size=vocab, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                      num_key_value_heads=2, seq_len=128, num_layers=new + old, vocab_multiple_of=pad,
+                      intermediate_multiple_of=pad)
     cfg = spec.model
     model = fresh_model(spec, new + old, 1)
     if old:  # a grown stage: the lower layers frozen behind rank-8 adapters
         apply_adapters(model, list(range(old)), 8, 16, torch.Generator().manual_seed(0))
-    x = torch.randint(0, 1000, (2, 128))
+    x = torch.randint(0, vocab, (2, 128))
     counted = _counted_flops(model, x)
     predicted = flops_per_token(cfg, new, old, 8) * x.numel()
     # within 1%: the head sees 127 of 128 positions (the last one predicts nothing)

@@ -162,8 +162,9 @@ EXACT_CONFIGS = [
 ]
 
 
-def exact_spec(d, layers, heads, kv, inter, vocab, tie, rank, precision="bf16"):
+def exact_spec(d, layers, heads, kv, inter, vocab, tie, rank, precision="bf16", pad=1):
     inter_line = f"intermediate_size = {inter}\n" if inter else ""
+    inter_line += f"vocab_multiple_of = {pad}\nintermediate_multiple_of = {pad}\n"
     tokenizer = "gpt2" if vocab >= 50257 else "bpe-512"
     return parse_spec(f"""
 [experiment]
@@ -217,6 +218,25 @@ def test_exact_counts_match_transformers(config):
     linears = {name.rsplit(".", 1)[-1]: mod for name, mod in decoder.named_modules() if isinstance(mod, torch.nn.Linear)}
     assert set(linears) == {proj for _, proj in LINEAR_MAPS}
     assert adapter == sum(spec.step.lora_rank * (mod.in_features + mod.out_features) for mod in linears.values())
+
+
+def test_padded_shapes_reach_the_runtime_model_and_are_counted_exactly():
+    """model.vocab_multiple_of / intermediate_multiple_of = 128 at the 368M shape: the runtime's model
+    has 50304 embedding and head rows and an MLP width of 4352 (the smallest multiples of 128 at or
+    above 50257 and round(8/3 x 1600) = 4267), and the compiler's exact count is that model's."""
+    from stepc.runtime.model import StepcLlama, runtime_config
+
+    spec = exact_spec(1600, 2, 25, 5, None, 50257, False, 128, pad=128)
+    assert spec.model.vocab_size == 50257  # what the tokenizer must fit stays as written
+    with torch.device("meta"):
+        model = StepcLlama(runtime_config(spec.model, 2))
+    assert model.model.embed_tokens.weight.shape[0] == model.lm_head.weight.shape[0] == 50304
+    assert model.model.layers[0].mlp.up_proj.weight.shape[0] == 4352
+    layer, _, fixed = exact_layer_params(spec)
+    assert layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert fixed == sum(p.numel() for p in model.parameters()) - 2 * layer
+    unpadded = exact_spec(1600, 2, 25, 5, None, 50257, False, 128)
+    assert exact_costs(spec).stage_bytes(2, 0) > exact_costs(unpadded).stage_bytes(2, 0)
 
 
 @pytest.mark.parametrize("precision, frozen_bytes", [("bf16", 2), ("fp32", 4)])

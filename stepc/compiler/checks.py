@@ -1,7 +1,8 @@
 """Cross-field checks and default resolution: the one place where spec fields meet.
 
 `normalize` returns a Spec with every default that depends on other fields filled in
-(kv heads, MLP width, stage count), so the manifest records exactly what will run.
+(kv heads, MLP width rounded up to model.intermediate_multiple_of, stage count), so the manifest
+records exactly what will run.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ STAGED = ("step", "growth")  # methods that grow the model over several stages
 def normalize(spec: Spec, file: str) -> Spec:
     """Fill field-dependent defaults, then check every cross-field rule."""
     model, memory, experiment = spec.model, spec.memory, spec.experiment
+    width = model.intermediate_size or round(8 / 3 * model.hidden_size)
     model = model.model_copy(update={
         "num_key_value_heads": model.num_key_value_heads or model.num_attention_heads,
-        "intermediate_size": model.intermediate_size or round(8 / 3 * model.hidden_size),
+        "intermediate_size": -(-width // model.intermediate_multiple_of) * model.intermediate_multiple_of,
     })
     default_stages = len(memory.layers) if memory.layers else (2 if experiment.method in STAGED else 1)
     memory = memory.model_copy(update={"stages": memory.stages if memory.stages is not None else default_stages})

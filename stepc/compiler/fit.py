@@ -6,12 +6,17 @@ restates that formula, so corrections to it reach this answer unchanged). It the
 micro batch sizes the global batch allows (global_batch_tokens a multiple of seq_len x micro
 batch x ranks) for the largest that fits, without and with activation checkpointing.
 
-The answer is only as good as the estimate: its error bound is what bench/gpu.py last measured
-against torch.cuda.max_memory_allocated, recorded in MEASURED_ERROR below (None until then).
+A stage fits when the estimate plus headroom is at most the GPU's memory. The headroom covers what
+the estimate leaves out, both measured by bench/gpu.py on one H200 (bench/records/): the caching
+allocator's reserved-but-unallocated slack (fragmentation), 4-12% of the estimate over the real-size
+stages, and the memory outside the allocator (CUDA context, NCCL, cuBLAS workspaces), 1.39 GB on one
+rank. The defaults round both up; `--headroom` and `--overhead` replace them. The estimate's own
+error against torch.cuda.max_memory_allocated is MEASURED_ERROR below, printed under the table.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stepc.errors import UserError
@@ -38,8 +43,47 @@ GPUS: dict[str, tuple[str, int]] = {
 }
 
 # (GPU, worst relative error of the device estimate vs measured peak, what was measured), written from
-# bench/gpu.py's last run. None: the estimate has not been checked against a GPU yet.
-MEASURED_ERROR: tuple[str, float, str] | None = None
+# bench/gpu.py's last run (bench/records/gpu-h200-2026-12-04-run*.json). None: not checked on a GPU.
+MEASURED_ERROR: tuple[str, float, str] | None = (
+    "NVIDIA H200", 0.067, "9 stages at the 368M and 1.2B shapes, bf16, one GPU, with and without gradient "
+    "accumulation and activation checkpointing; the estimate was above the measurement in every one")
+ALLOCATOR_SLACK = 0.12  # reserved / estimate - 1: at most 11.8% over those stages (bench/records/)
+OUTSIDE_ALLOCATOR = 1_500_000_000  # CUDA context + NCCL + cuBLAS: 1.39 GB measured with one rank on an H200
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """What a stage needs beyond the estimate: a fraction of it (allocator slack) plus fixed bytes."""
+
+    slack: float = ALLOCATOR_SLACK
+    overhead: int = OUTSIDE_ALLOCATOR
+
+    def needs(self, peak: int) -> int:
+        return math.ceil(peak * (1 + self.slack)) + self.overhead
+
+    def describe(self) -> str:
+        return f"estimate + {100 * self.slack:g}% allocator slack + {format_bytes(self.overhead)} outside the allocator"
+
+
+def parse_headroom(slack: str | None, overhead: str | None) -> Headroom:
+    """--headroom PCT (e.g. 12% or 0.12) and --overhead SIZE (e.g. 1.5GB), each defaulting to the measured one."""
+    out = Headroom()
+    if slack is not None:
+        text = slack.strip()
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < 10:
+            raise UserError(f"--headroom {slack!r} is not a fraction of the estimate",
+                            fix="write e.g. --headroom 12% or --headroom 0.12 (0 for none)")
+        out = Headroom(value, out.overhead)
+    if overhead is not None:
+        try:
+            out = Headroom(out.slack, parse_bytes(overhead))
+        except ValueError as exc:
+            raise UserError(f"--overhead {overhead!r}: {exc}", fix="write e.g. --overhead 1.5GB (0B for none)") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -47,6 +91,7 @@ class StageFit:
     index: int
     layers: int
     peak_bytes: int  # per GPU, at the spec's micro batch and activation checkpointing
+    needed_bytes: int  # peak_bytes with the headroom
     fits: bool
     max_micro_batch: int | None  # largest allowed micro batch that fits without activation checkpointing
     max_micro_batch_ac: int | None  # ... with activation checkpointing
@@ -112,34 +157,58 @@ def allowed_micro_batches(spec: Spec) -> list[int]:
     return [m for m in range(1, tr.global_batch_tokens // per + 1) if tr.global_batch_tokens % (per * m) == 0]
 
 
-def fit(spec: Spec, plan: Plan, capacity: int) -> list[StageFit]:
-    """Per stage: the device peak, whether it fits `capacity` bytes, and the largest micro batches that do."""
+def fit(spec: Spec, plan: Plan, capacity: int, headroom: Headroom = Headroom()) -> list[StageFit]:
+    """Per stage: the device peak, whether it fits `capacity` bytes with `headroom`, and the largest
+    micro batches that do."""
     sizes = allowed_micro_batches(spec)
     results = []
     for stage in plan.stages:
         new, old = stage.new_layers, stage.frozen_layers
         peak = stage_peak(_with(spec), new, old)
-        best = {ac: max((m for m in sizes if stage_peak(_with(spec, m, ac), new, old) <= capacity), default=None)
-                for ac in (False, True)}
-        results.append(StageFit(stage.index, stage.total_layers, peak, peak <= capacity, best[False], best[True],
+        best = {ac: max((m for m in sizes if headroom.needs(stage_peak(_with(spec, m, ac), new, old)) <= capacity),
+                        default=None) for ac in (False, True)}
+        needed = headroom.needs(peak)
+        results.append(StageFit(stage.index, stage.total_layers, peak, needed, needed <= capacity, best[False], best[True],
                                 spec.train.activation_checkpointing))
     return results
 
 
-def fit_table(spec: Spec, results: list[StageFit], label: str) -> str:
+def fit_table(spec: Spec, results: list[StageFit], label: str, headroom: Headroom = Headroom()) -> str:
     tr, la = spec.train, spec.launch
     ranks = 1 if spec.experiment.method == "galore" else la.nnodes * la.nproc_per_node
     head = (f"will it fit on {label}: device accounting, {ranks} rank(s), micro_batch_size {tr.micro_batch_size}, "
             f"activation_checkpointing {'on' if tr.activation_checkpointing else 'off'}")
-    rows = [("stage", "layers", "peak/GPU", "fits", "max micro batch", "with AC", "verdict")]
+    rows = [("stage", "layers", "estimate/GPU", "needs/GPU", "fits", "max micro batch", "with AC", "verdict")]
     for r in results:
-        rows.append((str(r.index), str(r.layers), format_bytes(r.peak_bytes), "yes" if r.fits else "NO",
-                     str(r.max_micro_batch or "-"), str(r.max_micro_batch_ac or "-"), r.verdict))
+        rows.append((str(r.index), str(r.layers), format_bytes(r.peak_bytes), format_bytes(r.needed_bytes),
+                     "yes" if r.fits else "NO", str(r.max_micro_batch or "-"), str(r.max_micro_batch_ac or "-"), r.verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == len(row) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([head, *lines, error_bound_note()])
+    notes = [f"needs = {headroom.describe()} (--headroom, --overhead)", error_bound_note()]
+    speed = padding_note(spec)
+    return "\n".join([head, *lines, *notes, *([speed] if speed else [])])
+
+
+GEMM_MULTIPLE = 128  # widths that are multiples of this ran at full speed on the H200 (bench/gpu.py's GEMM table)
+
+
+def padding_note(spec: Spec) -> str | None:
+    """A speed-up to name when the vocabulary or MLP width is an odd GEMM width: on an H200 such
+    GEMMs ran 2.9-5.9x slower than at the next multiple of 128, and whole 368M/1.2B steps 2.2-2.3x."""
+    m = spec.model
+    odd = []
+    if m.embedding_rows % GEMM_MULTIPLE:
+        odd.append(f"model.vocab_multiple_of = {GEMM_MULTIPLE} ({m.embedding_rows} -> "
+                   f"{-(-m.embedding_rows // GEMM_MULTIPLE) * GEMM_MULTIPLE} rows)")
+    if m.intermediate_size % GEMM_MULTIPLE:
+        odd.append(f"model.intermediate_multiple_of = {GEMM_MULTIPLE} (MLP width {m.intermediate_size} -> "
+                   f"{-(-m.intermediate_size // GEMM_MULTIPLE) * GEMM_MULTIPLE})")
+    if not odd:
+        return None
+    return ("speed-up: set " + " and ".join(odd) + ": GEMMs of these widths ran 2.9-5.9x slower than padded ones on an "
+            "H200, whole 368M and 1.2B steps 2.2-2.3x (bench/gpu.py); it changes the parameter count from the paper's")
 
 
 def error_bound_note() -> str:
@@ -147,4 +216,4 @@ def error_bound_note() -> str:
         return ("error bound: not measured yet (bench/gpu.py has not been run on a GPU); the peak is an "
                 "unverified estimate, and CUDA context / NCCL buffers are not included")
     gpu, error, what = MEASURED_ERROR
-    return f"error bound: within {100 * error:.1f}% of the measured peak on {gpu} ({what}; bench/gpu.py)"
+    return f"error bound: the estimate is within {100 * error:.1f}% of the peak allocated measured on an {gpu} ({what}; bench/gpu.py)"

@@ -67,7 +67,7 @@ def exact_layer_params(spec: Spec) -> tuple[int, int, int]:
     }
     layer = sum(i * o for i, o in shapes.values()) + 2 * d  # two RMSNorm weights
     adapter = sum(spec.step.lora_rank * (i + o) for i, o in shapes.values())
-    fixed = m.vocab_size * d * (1 if m.tie_embeddings else 2) + d  # embeddings, head, final norm
+    fixed = m.embedding_rows * d * (1 if m.tie_embeddings else 2) + d  # embeddings, head, final norm
     return layer, adapter, fixed
 
 
@@ -126,7 +126,7 @@ def device_costs(spec: Spec) -> Costs:
     per_layer = tokens * elt * d if tr.activation_checkpointing else full_layer
     adapter = 0 if tr.activation_checkpointing else tokens * len(LINEAR_MAPS) * spec.step.lora_rank * elt
     chunk = min(LOSS_CHUNK_TOKENS, tokens)
-    v = m.vocab_size
+    v = m.embedding_rows
     loss = chunk * v * (4 + elt + (4 if elt == 2 else 0)) + v * d * (4 + elt) + 2 * tokens * d * elt + tokens * norm
     fsdp = 2 * elt * base.layer_params + elt * base.fixed_params  # gathered parameters
     fsdp += elt * base.fixed_params + (elt + 4) * base.layer_params  # unsharded gradients, reduce buffer

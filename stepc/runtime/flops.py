@@ -66,7 +66,7 @@ def adapter_params(model: Model, rank: int) -> int:
 
 def flops_per_token(model: Model, new: int, old: int, lora_rank: int) -> float:
     """Training FLOPs per token of a stage with `new` trained and `old` frozen (adapted) layers."""
-    d, s, v = model.hidden_size, model.seq_len, model.vocab_size
+    d, s, v = model.hidden_size, model.seq_len, model.embedding_rows
     p = layer_matmul_params(model)
     e = adapter_params(model, lora_rank) if old else 0
     return 6 * (new * p + old * e + v * d) + 4 * old * p + 12 * (new + old) * d * s

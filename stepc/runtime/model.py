@@ -23,7 +23,7 @@ from stepc.schema.spec import Model, Spec
 def llama_config(model: Model, num_layers: int) -> LlamaConfig:
     """A LlamaConfig from the manifest's normalised [model] table (never downloaded)."""
     return LlamaConfig(
-        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
+        vocab_size=model.embedding_rows, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_key_value_heads, max_position_embeddings=model.seq_len,
         tie_word_embeddings=model.tie_embeddings, attention_bias=False, mlp_bias=False,
