@@ -14,6 +14,7 @@ import torch
 
 from stepc.compiler.load import parse_spec
 from stepc.compiler.memory import device_costs
+from stepc.runtime.model import wrap_decoder_layers
 
 SPEC = """
 [experiment]
@@ -58,7 +59,7 @@ def _saved_bytes_per_token(spec, layers: int, frozen: int) -> float:
         apply_adapters(model, list(range(frozen)), spec.step.lora_rank, spec.step.lora_alpha, torch.Generator().manual_seed(0))
     model = model.to(torch.bfloat16 if spec.train.precision == "bf16" else torch.float32)
     if spec.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        wrap_decoder_layers(model, compile_=False, checkpointing=True)  # as the runtime does
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}

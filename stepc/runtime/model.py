@@ -7,9 +7,11 @@ CPU: they are the reference the sharded construction is tested against bit for b
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -56,6 +58,36 @@ class StepcLlama(LlamaForCausalLM):
         for layer in m.layers[: self.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids)
         return m.norm(hidden)
+
+
+def wrap_decoder_layers(model: StepcLlama, compile_: bool, checkpointing: bool) -> None:
+    """[train] compile and activation_checkpointing, applied to each decoder layer's `forward` on the
+    (meta) model before FSDP2 shards it: checkpoint( compile( forward ) ).
+
+    Only `forward` is wrapped, never the module's call: FSDP2's all-gather/reshard hooks and any
+    other module hook stay outside both the compiled region (a hook inside it breaks the graph at
+    every layer, so the compile is `fullgraph=True`: a break is an error, not a silent slowdown) and
+    the checkpointed region (a hook inside it would run again when backward recomputes the layer).
+    The layers share one compiled graph (same code, same shapes). Checkpointing sits outside the
+    compiled forward, not inside it as torchtitan nests them: tracing through checkpoint's
+    higher-order op fails on the context variable transformers' kernel hub sets in every attention
+    call ("HOP: Unsafe side effect"), and the recomputation then simply reruns the compiled kernels.
+    stepc checkpoints with torch itself rather than transformers' gradient_checkpointing_enable,
+    whose mechanism differs between transformers releases.
+    """
+    if not (compile_ or checkpointing):
+        return
+    for layer in model.model.layers:
+        forward = layer.forward
+        if compile_:
+            forward = torch.compile(forward, fullgraph=True)
+        if checkpointing:
+            forward = functools.partial(_checkpointed, forward)
+        layer.forward = forward
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def runtime_config(model: Model, num_layers: int) -> LlamaConfig:

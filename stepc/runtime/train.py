@@ -1,7 +1,7 @@
 """Train one stage of a compiled run: the loop, top to bottom.
 
     load + verify manifest -> data -> model on `meta` (fresh, or grown from stage i-1's export)
-    -> [compile per layer] -> fully_shard per layer + root -> each rank fills its shards (init.py)
+    -> [checkpoint(compile(forward)) per layer] -> fully_shard per layer + root -> each rank fills its shards (init.py)
     -> AdamW -> resume from the newest complete checkpoint
     -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
 
@@ -48,6 +48,7 @@ from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.lr import is_merge_step, lr_at
+from stepc.runtime.model import wrap_decoder_layers
 from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
 from stepc.runtime.oom import oom_failure
 from stepc.runtime.precision import autocast_unsharded
@@ -354,13 +355,10 @@ def _merge_adapters(st: Stage, optimizer, step: int) -> None:
 
 
 def _prepare(model, st: Stage) -> None:
-    """Compilation, activation checkpointing and FSDP2 (one unit per decoder layer plus the root) on
-    the meta model, then each rank allocates only its shards on the device (filled by the caller)."""
-    if st.spec.train.compile:
-        for layer in model.model.layers:  # per layer: one graph reused L times, FSDP hooks stay outside
-            layer.compile()
-    if st.spec.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Activation checkpointing and compilation of each layer's forward (model.wrap_decoder_layers),
+    then FSDP2 (one unit per decoder layer plus the root) on the meta model, then each rank allocates
+    only its shards on the device (filled by the caller)."""
+    wrap_decoder_layers(model, st.spec.train.compile, st.spec.train.activation_checkpointing)  # before sharding
     if st.sharded:
         mp = None
         if st.spec.train.precision == "bf16" and st.device.type == "cuda":
