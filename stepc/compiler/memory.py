@@ -87,8 +87,9 @@ LOSS_CHUNK_TOKENS = 2048  # stepc.runtime.loss.CHUNK_TOKENS: tokens whose logits
 
 
 def device_costs(spec: Spec) -> Costs:
-    """Per-GPU peak estimate: exact model states sharded over the ranks, plus what a training step
-    adds on top of them at its peak (the start of the backward pass), per rank.
+    """Per-GPU peak estimate: exact model states sharded over the ranks (over one node's ranks under
+    [launch] sharding = "hybrid": HSDP keeps one copy per node), plus what a training step adds on
+    top of them at its peak (the start of the backward pass), per rank.
 
     Saved activations of one decoder layer, per token (elt = 2 bytes under bf16, 4 under fp32),
     as counted with saved_tensors_hooks on the runtime's model (tests/test_device_memory.py):
@@ -118,6 +119,7 @@ def device_costs(spec: Spec) -> Costs:
     m, tr, la = spec.model, spec.train, spec.launch
     galore = spec.experiment.method == "galore"
     ranks = 1 if galore else la.nnodes * la.nproc_per_node
+    shards = la.nproc_per_node if la.sharding == "hybrid" else ranks  # HSDP: one copy per node
     elt = 2 if tr.precision == "bf16" else 4
     d, inter, kv, heads = m.hidden_size, m.intermediate_size, m.kv_dim, m.num_attention_heads
     tokens = tr.micro_batch_size * m.seq_len
@@ -134,7 +136,7 @@ def device_costs(spec: Spec) -> Costs:
     if tr.activation_checkpointing:
         fixed += full_layer
     accum = tr.global_batch_tokens // (m.seq_len * tr.micro_batch_size * ranks)
-    return Costs(**{**base.__dict__, "ranks": ranks, "activation_layer_bytes": per_layer,
+    return Costs(**{**base.__dict__, "ranks": 1 if galore else shards, "activation_layer_bytes": per_layer,
                     "activation_adapter_bytes": adapter, "activation_fixed_bytes": fixed,
                     "accumulated_grad_bytes": 4 if accum > 1 and not galore else 0})
 

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock-pid", type=int,
                         help="with --preflight: take the run directory's lock for this process (the stage script)")
     parser.add_argument("--world", type=int, help="with --preflight: the number of ranks the stage will run on")
+    parser.add_argument("--nnodes", type=int, default=1, help="with --preflight: the number of nodes (multi-node networking checks)")
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.lock_pid is not None:  # before the checks: they may write (checkpoints/EXPERIMENT)
                 acquire(args.manifest.parent, args.lock_pid, f"stage-{args.stage}.sh")
-            preflight(args.manifest, args.stage, allow, world=args.world)
+            preflight(args.manifest, args.stage, allow, world=args.world, nnodes=args.nnodes)
         except (RuntimeFailure, UserError) as failure:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2

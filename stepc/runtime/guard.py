@@ -6,6 +6,7 @@ Each refusal says what differs and how to proceed; `--allow-<what>` overrides on
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from stepc.rundir import (
 )
 from stepc.runtime.export_seal import MARKER, ExportDamaged
 from stepc.runtime.export_seal import check as check_export
+from stepc.runtime.network import check_multi_node
 from stepc.schema.manifest import Manifest, ManifestError
 from stepc.schema.spec import Data
 
@@ -71,7 +73,7 @@ def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
 
 
 def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True,
-              world: int | None = None) -> tuple[Manifest, bool]:
+              world: int | None = None, nnodes: int = 1) -> tuple[Manifest, bool]:
     """Every check that needs no torch: (verified manifest, stage already complete?).
 
     Raises RuntimeFailure (exit code 2). The stage scripts run this once before torchrun, because
@@ -87,6 +89,7 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         return manifest, True
     if world is not None:
         check_world(manifest, world)
+    check_multi_node(nnodes, os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("RDZV_ENDPOINT"))
     previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
     check_carry_source(manifest_path.parent, manifest, stage_index)
     if data:

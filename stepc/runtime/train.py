@@ -1,7 +1,7 @@
 """Train one stage of a compiled run: the loop, top to bottom.
 
     load + verify manifest -> data -> model on `meta` (fresh, or grown from stage i-1's export)
-    -> [checkpoint(compile(forward)) per layer] -> fully_shard per layer + root -> each rank fills its shards (init.py)
+    -> [checkpoint(compile(forward)) per layer] -> fully_shard per layer + root (HSDP: on a nodes x ranks mesh) -> each rank fills its shards (init.py)
     -> AdamW -> resume from the newest complete checkpoint
     -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
@@ -94,6 +95,18 @@ class Stage:
     def grad_accum(self) -> int:
         tr, seq = self.spec.train, self.spec.model.seq_len
         return tr.global_batch_tokens // (seq * tr.micro_batch_size * self.world)
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the model states across the job: the nodes under [launch] sharding = "hybrid"
+        (HSDP: each node shards one copy over its own ranks), else 1 (FSDP over every rank)."""
+        if self.spec.launch.sharding != "hybrid" or not self.sharded:
+            return 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        if self.world % local:
+            raise RuntimeFailure(f"sharding = \"hybrid\" needs the same number of ranks on every node; {self.world} ranks "
+                                 f"do not split into nodes of {local}")
+        return self.world // local
 
 
 def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
@@ -363,7 +376,10 @@ def _prepare(model, st: Stage) -> None:
         mp = None
         if st.spec.train.precision == "bf16" and st.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = {"mp_policy": mp} if mp else {}
+        kwargs: dict[str, Any] = {"mp_policy": mp} if mp else {}
+        if st.replicas > 1:  # HSDP: replicate over the nodes (dim 0), shard within a node (dim 1)
+            kwargs["mesh"] = init_device_mesh(st.device.type, (st.replicas, st.world // st.replicas),
+                                              mesh_dim_names=("replicate", "shard"))
         for layer in model.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
@@ -404,11 +420,12 @@ def _optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Optimizer
 
 
 def _predicted_state_bytes(st: Stage, model) -> int | None:
-    """The compiler's exact prediction, plus AdamW step scalars that every rank holds for its shards."""
+    """The compiler's exact prediction summed over the ranks: one copy of the model states per replica
+    (HSDP), plus the AdamW step scalars every rank holds for its shards (exact counts one set)."""
     if st.stage.exact_model_state_bytes is None:  # GaLore: no tensor-level prediction
         return None
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    return st.stage.exact_model_state_bytes + 4 * tensors * (st.world - 1)
+    return st.stage.exact_model_state_bytes * st.replicas + 4 * tensors * (st.world - st.replicas)
 
 
 def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler, dict[str, Any]]:

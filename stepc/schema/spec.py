@@ -284,6 +284,10 @@ class Launch(Section):
     """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
     rdzv_ports: int = Field(default=1000, ge=1, le=64512)
     """Size of the rendezvous port range (see rdzv_port): rdzv_ports consecutive job ids get distinct ports. rdzv_port + rdzv_ports - 1 must be at most 65535."""
+    network_interface: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,15}(,[A-Za-z0-9_.:-]{1,15})*$")
+    """Multi-node jobs: the network interface(s) gloo and NCCL use between nodes, e.g. "eth0" or "ib0" (exported as GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless already set). Default: the address each node's host name resolves to; a loopback one (Debian's 127.0.1.1) is refused before the launch, since the job would hang."""
+    sharding: Literal["full", "hybrid"] = "full"
+    """How FSDP2 spreads model states: "full" shards them over every rank; "hybrid" (HSDP) shards within each node and replicates across nodes, so parameters are all-gathered over a node's own links only and gradients cross nodes once per step (all-reduce), at the cost of each GPU holding its node's share rather than the whole job's."""
     collective_timeout: PositiveInt = 1800
     """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to write an export or a checkpoint while the others wait."""
     slurm: Slurm = Slurm()
