@@ -76,7 +76,7 @@ class Model(Section):
     vocab_multiple_of: int = Field(default=1, gt=0, le=4096)
     """Give the embedding and the head a multiple of this many rows, e.g. 128 (50257 -> 50304): GEMMs with an odd width run several times slower on GPUs. The extra rows are never a token. 1 (the default) keeps the paper's parameter counts."""
     intermediate_multiple_of: int = Field(default=1, gt=0, le=4096)
-    """Round the MLP width up to a multiple of this, e.g. 128 (floor(8/3 d) = 4266 -> 4352 for d = 1600), for the same reason. 1 (the default) keeps the paper's width."""
+    """Round the MLP width up to a multiple of this, e.g. 128 (round(8/3 d) = 4267 -> 4352 for d = 1600), for the same reason. 1 (the default) keeps the paper's width."""
 
     @property
     def embedding_rows(self) -> int:
