@@ -543,9 +543,10 @@ def plain_loop(run_dir: Path, steps: int) -> dict:
     from transformers import LlamaForCausalLM
 
     from stepc.runtime.data import open_prepared, training_sets
-    from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
+    from stepc.runtime.flops import device_peak_flops, mfu
     from stepc.runtime.model import StepcLlama, llama_config
     from stepc.schema.manifest import load_manifest
+    from stepc.schema.shapes import model_flops_per_token
 
     manifest = load_manifest(run_dir)
     spec = manifest.spec
@@ -584,7 +585,7 @@ def plain_loop(run_dir: Path, steps: int) -> dict:
     sync()
     seconds = time.perf_counter() - began
     tps = mbs * spec.model.seq_len * (steps - warm) / seconds
-    per_token = flops_per_token(spec.model, spec.model.num_layers, 0, spec.step.lora_rank)
+    per_token = model_flops_per_token(spec.model, spec.model.num_layers, 0, spec.step.lora_rank)
     out = {"tokens_per_s": round(tps, 1), "mfu": mfu(tps, per_token, device_peak_flops(device), 1),
            "final_loss": float(loss), "steps_timed": steps - warm,
            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils import flop_counter as fc
 
-from stepc.runtime.flops import GPU_PEAK_BF16, flops_per_token, peak_flops
+from stepc.runtime.flops import GPU_PEAK_BF16, peak_flops
+from stepc.schema.shapes import model_flops_per_token
 
 aten = torch.ops.aten
 
@@ -59,7 +60,7 @@ def test_flops_per_token_matches_a_counted_forward_backward(new, old, vocab, pad
         apply_adapters(model, list(range(old)), 8, 16, torch.Generator().manual_seed(0))
     x = torch.randint(0, vocab, (2, 128))
     counted = _counted_flops(model, x)
-    predicted = flops_per_token(cfg, new, old, 8) * x.numel()
+    predicted = model_flops_per_token(cfg, new, old, 8) * x.numel()
     # within 1%: the head sees 127 of 128 positions (the last one predicts nothing)
     assert predicted == pytest.approx(counted, rel=0.01)
 

@@ -19,7 +19,7 @@ from stepc.compiler.load import parse_spec
 from stepc.compiler.memory import exact_costs, exact_layer_params
 from stepc.compiler.plan import make_plan
 from stepc.errors import UserError
-from stepc.schema.spec import LINEAR_MAPS
+from stepc.schema.shapes import LINEAR_MAPS
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SOLVERS = ["glpk", "highs"]

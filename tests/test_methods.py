@@ -15,7 +15,7 @@ import torch
 from stepc.compiler.load import parse_spec
 from stepc.compiler.memory import exact_layer_params
 from stepc.compiler.plan import make_plan
-from stepc.compiler.schedule import flops_per_token
+from stepc.schema.shapes import budget_flops_per_token
 from stepc.runtime.lr import is_merge_step, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_relora_plan_is_warm_start_then_lora_phase_at_equal_flops():
     P, E, fixed = exact_layer_params(spec)
     assert (warm.trainable_params, lora.trainable_params, lora.frozen_params) == (4 * P + fixed, 4 * E + fixed, 4 * P)
     budget = 6 * 4 * P * 100 * 256
-    lora_step = flops_per_token(4 * E, 4 * P, "paper") * 256
+    lora_step = budget_flops_per_token(4 * E, 4 * P, "paper") * 256
     assert lora.steps == (budget - 6 * 4 * P * 20 * 256) // lora_step
     assert warm.flops + lora.flops <= budget < warm.flops + lora.flops + lora_step
     assert plan.peak_bytes == plan.vanilla_peak_bytes  # the warm start is full-rank (the paper: equal to vanilla)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stepc.schema.spec import LINEAR_MAPS, Spec
+from stepc.schema.shapes import LINEAR_MAPS, LOSS_CHUNK_TOKENS, adapter_params, fixed_params, layer_params, linear_shapes
+from stepc.schema.spec import Spec
 
 TRAINED_BYTES = 16  # fp16/bf16 weight + gradient + fp32 master, momentum, variance (Eq. 1), or fp32 param+grad+2 moments
 STEP_SCALAR_BYTES = 4  # torch AdamW keeps one fp32 `step` tensor per parameter tensor
@@ -59,16 +60,7 @@ def paper_costs(d: int, r: int) -> Costs:
 def exact_layer_params(spec: Spec) -> tuple[int, int, int]:
     """(layer, adapter, fixed) parameter counts of the real transformers LlamaForCausalLM."""
     m = spec.model
-    d, inter = m.hidden_size, m.intermediate_size
-    kv = m.kv_dim
-    shapes = {  # (in, out) of each linear map; LLaMA has no biases
-        "q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
-        "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d),
-    }
-    layer = sum(i * o for i, o in shapes.values()) + 2 * d  # two RMSNorm weights
-    adapter = sum(spec.step.lora_rank * (i + o) for i, o in shapes.values())
-    fixed = m.embedding_rows * d * (1 if m.tie_embeddings else 2) + d  # embeddings, head, final norm
-    return layer, adapter, fixed
+    return layer_params(m), adapter_params(m, spec.step.lora_rank), fixed_params(m)
 
 
 def exact_costs(spec: Spec) -> Costs:
@@ -81,9 +73,6 @@ def exact_costs(spec: Spec) -> Costs:
         layer_tensors=len(LINEAR_MAPS) + 2, adapter_tensors=2 * len(LINEAR_MAPS), fixed_tensors=fixed_tensors,
         step_bytes=STEP_SCALAR_BYTES,
     )
-
-
-LOSS_CHUNK_TOKENS = 2048  # stepc.runtime.loss.CHUNK_TOKENS: tokens whose logits exist at a time
 
 
 def device_costs(spec: Spec) -> Costs:
@@ -172,12 +161,10 @@ def galore_bytes(spec: Spec, costs: Costs) -> int:
     layer) keeps ordinary AdamW state: two fp32 moments. Exact for fp32 training on one rank, where
     weight + gradient are the same 8 bytes per parameter (tests/test_galore_memory.py counts it).
     """
-    m, r = spec.model, spec.step.galore_rank
-    d, inter = m.hidden_size, m.intermediate_size
-    kv = m.kv_dim
-    if spec.memory.accounting == "paper":
-        inter, kv = round(8 / 3 * d), d
-    mats = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
+    m, r, d = spec.model, spec.step.galore_rank, spec.model.hidden_size
+    if spec.memory.accounting == "paper":  # Eq. 4's layer: no GQA, width 8/3 d
+        m = m.model_copy(update={"intermediate_size": round(8 / 3 * d), "num_key_value_heads": m.num_attention_heads})
+    mats = list(linear_shapes(m).values())
     projected = sum(2 * 4 * r * max(a, b) + 4 * min(a, b) * r for a, b in mats)  # moments r x max, projector min x r
     per_layer = 8 * costs.layer_params + 8 * 2 * d + projected  # + the layer norms' two fp32 moments
     return m.num_layers * per_layer + 16 * costs.fixed_params

@@ -9,10 +9,11 @@ from typing import Any
 
 from stepc.compiler.layout import Layout, layout_feasible, pinned_layout, solve_layout
 from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_bytes, vanilla_bytes
-from stepc.compiler.schedule import StageSchedule, flops_per_token, stage_schedule, vanilla_flops
+from stepc.compiler.schedule import StageSchedule, stage_schedule, vanilla_flops
 from stepc.compiler.static_checks import plan_problems
 from stepc.errors import UserError
 from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.shapes import budget_flops_per_token
 from stepc.schema.spec import Spec
 from stepc.schema.units import format_bytes
 
@@ -72,7 +73,7 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
     if spec.experiment.method == "relora":
         warm, batch = st.relora_warm_start_steps, tr.global_batch_tokens
         budget = vanilla_flops(P, L, tr.reference_steps, batch)
-        lora_step = flops_per_token(L * E, L * P, tr.flops_accounting) * batch
+        lora_step = budget_flops_per_token(L * E, L * P, tr.flops_accounting) * batch
         lora_steps = (budget - 6 * L * P * warm * batch) // lora_step
         total = warm + lora_steps
         return [

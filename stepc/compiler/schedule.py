@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stepc.errors import UserError
-
-FROZEN_FLOPS = {"paper": 2, "backprop": 4}
+from stepc.schema.shapes import budget_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -24,10 +23,6 @@ class StageSchedule:
     nominal_steps: int  # the horizon of the stage's cosine schedule
     tokens: int
     flops: float
-
-
-def flops_per_token(trainable: int, frozen: int, accounting: str) -> int:
-    return 6 * trainable + FROZEN_FLOPS[accounting] * frozen
 
 
 def vanilla_flops(layer_params: int, num_layers: int, reference_steps: int, batch_tokens: int) -> int:
@@ -54,7 +49,7 @@ def stage_schedule(
         raise UserError(f"{len(ends)} growth times for {last} growths ({last + 1} stages)", key="step.grow_at_tokens",
                         fix=f"give {last} token counts, one per growth (or pin memory.stages)")
     for i, (tr, fr) in enumerate(zip(trainable, frozen)):
-        per_step = flops_per_token(tr, fr, accounting) * batch_tokens
+        per_step = budget_flops_per_token(tr, fr, accounting) * batch_tokens
         if i < last and ends is not None:
             steps = ends[i] - (ends[i - 1] if i else 0)
             nominal = max(reference_steps, steps)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from stepc.schema.spec import LINEAR_MAPS
+from stepc.schema.shapes import LINEAR_MAPS
 
 __all__ = [
     "ADAPTED_PROJECTIONS",

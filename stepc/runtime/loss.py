@@ -30,8 +30,10 @@ import functools
 
 import torch
 
+from stepc.schema.shapes import LOSS_CHUNK_TOKENS
+
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 2048  # x 50257 x 4 bytes = 0.4 GB of fp32 logits at a time, enough rows to keep the GPU busy
+CHUNK_TOKENS = LOSS_CHUNK_TOKENS  # tokens whose logits exist at a time (the device accounting counts them)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

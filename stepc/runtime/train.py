@@ -44,7 +44,7 @@ from stepc.runtime.device import device_and_backend, init_distributed, set_deter
 from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.export import write_export
 from stepc.runtime.faults import hold_after_step
-from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
+from stepc.runtime.flops import device_peak_flops, mfu
 from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
@@ -57,6 +57,7 @@ from stepc.runtime.sampler import BlendSampler, BlockSampler
 from stepc.runtime.syncdebug import SyncCheck
 from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.shapes import model_flops_per_token
 from stepc.schema.spec import Spec
 
 
@@ -170,7 +171,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     predicted = _predicted_state_bytes(st, model)
     tokens_per_step = tr.global_batch_tokens
     peak_flops = device_peak_flops(st.device)
-    per_token = flops_per_token(spec.model, st.stage.new_layers, st.stage.frozen_layers, spec.step.lora_rank)
+    per_token = model_flops_per_token(spec.model, st.stage.new_layers, st.stage.frozen_layers, spec.step.lora_rank)
     if start == 0:
         metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers, world=st.world,
                       predicted_model_state_bytes=predicted, plan_peak_bytes=st.stage.peak_bytes)

@@ -48,14 +48,6 @@ class Experiment(Section):
     """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), or "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers)."""
 
 
-LINEAR_MAPS: tuple[tuple[str, str], ...] = (
-    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
-)
-"""The seven linear maps of a LLaMA decoder layer, as (submodule, attribute): what the memory model
-counts and what gets ReLoRA adapters."""
-
-
 class Model(Section):
     hidden_size: int = Field(gt=0, le=65536)  # the largest published dense models use 16-25K
     """Hidden dimension d of the TARGET LLaMA model, at most 65536."""
