@@ -12,20 +12,24 @@ from itertools import pairwise
 from stepc.compiler.layout import layout_allowed
 from stepc.compiler.static_checks import runtime_facing_problems
 from stepc.errors import UserError
+from stepc.schema.methods import METHODS
 from stepc.schema.spec import Spec
 
-STAGED = ("step", "growth")  # methods that grow the model over several stages
+
+def _names(trait) -> str:
+    """The methods that have a trait, for messages: '"step" or "growth"'."""
+    return " or ".join(f'"{name}"' for name, m in METHODS.items() if trait(m))
 
 
 def normalize(spec: Spec, file: str) -> Spec:
     """Fill field-dependent defaults, then check every cross-field rule."""
-    model, memory, experiment = spec.model, spec.memory, spec.experiment
+    model, memory = spec.model, spec.memory
     width = model.intermediate_size or round(8 / 3 * model.hidden_size)
     model = model.model_copy(update={
         "num_key_value_heads": model.num_key_value_heads or model.num_attention_heads,
         "intermediate_size": -(-width // model.intermediate_multiple_of) * model.intermediate_multiple_of,
     })
-    default_stages = len(memory.layers) if memory.layers else (2 if experiment.method in STAGED else 1)
+    default_stages = len(memory.layers) if memory.layers else (2 if spec.method.grows else 1)
     memory = memory.model_copy(update={"stages": memory.stages if memory.stages is not None else default_stages})
     spec = spec.model_copy(update={"model": model, "memory": memory})
     for key, problem, fix in _problems(spec):
@@ -42,11 +46,11 @@ def _problems(spec: Spec):
         yield "model.num_attention_heads", f"head dimension {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one", "choose heads so hidden_size / heads is even"
     if m.num_attention_heads % m.num_key_value_heads:
         yield "model.num_key_value_heads", f"{m.num_key_value_heads} key/value heads do not divide {m.num_attention_heads} attention heads", "choose a divisor of num_attention_heads"
-    if exp.method == "growth" and mem.layers is None:
+    if spec.method.grows and not spec.method.solves_layout and mem.layers is None:
         yield "memory.layers", "method \"growth\" trains the whole model in every stage, so memory cannot choose the layout (its peak is always the last stage's)", "pin the layers per stage, e.g. layers = [4, 4] (the whole-model stack of G_stack)"
-    if mem.layers is not None and exp.method not in STAGED and len(mem.layers) != 1:  # before the stages rule: stages defaults to len(layers)
+    if mem.layers is not None and not spec.method.grows and len(mem.layers) != 1:  # before the stages rule: stages defaults to len(layers)
         yield "memory.layers", f"method '{exp.method}' has one stage; layers = {mem.layers}", f"remove layers or set layers = [{m.num_layers}]"
-    if exp.method not in STAGED and mem.stages != 1:
+    if not spec.method.grows and mem.stages != 1:
         yield "memory.stages", f"method '{exp.method}' trains in one stage, got stages = {mem.stages!r}", "set stages = 1 (or remove it), or use method = \"step\""
     if mem.stages == "auto" and mem.budget is None:
         yield "memory.budget", "stages = \"auto\" needs a budget to fit", "set budget, e.g. budget = \"3.5GB\", or give stages as an int"
@@ -68,9 +72,9 @@ def _problems(spec: Spec):
         yield "train.global_batch_tokens", (
             f"{tr.global_batch_tokens} tokens is not a multiple of seq_len * micro_batch_size * ranks = "
             f"{m.seq_len} * {tr.micro_batch_size} * {ranks} = {per_micro}"), f"use a multiple of {per_micro}, or change micro_batch_size"
-    if exp.method == "relora" and st.relora_warm_start_steps >= tr.reference_steps:
+    if spec.method.schedule == "relora" and st.relora_warm_start_steps >= tr.reference_steps:
         yield "step.relora_warm_start_steps", "the warm start covers the whole run", "use fewer warm-start steps than train.reference_steps"
-    if exp.method == "galore" and la.nnodes * la.nproc_per_node != 1:
+    if not spec.method.shards and la.nnodes * la.nproc_per_node != 1:
         yield "launch.nproc_per_node", "GaLoreAdamW is not FSDP-aware; stepc runs GaLore on a single rank", "set nnodes = 1 and nproc_per_node = 1 for method = \"galore\""
     if m.vocab_size < 256 and spec.data.tokenizer != "gpt2":
         yield "model.vocab_size", f"vocab_size {m.vocab_size} cannot hold a byte-level tokenizer", "use at least 256 (and at least the tokenizer's size)"
@@ -90,9 +94,9 @@ def _growth_problems(spec: Spec):
     if stacking and "position" in st.model_fields_set:
         yield "step.position", f"growth_operator = \"{st.growth_operator}\" places the copied block itself; position = \"{st.position}\" would be ignored", "remove position (or use an interpolation operator)"
     yield from _grow_at_tokens_problems(spec)
-    if st.carry_optimizer_state and spec.experiment.method in ("vanilla", "galore"):
-        yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", "remove carry_optimizer_state (it applies to method = \"step\" and \"relora\")"
-    if st.stack_block is None or spec.experiment.method not in STAGED:
+    if st.carry_optimizer_state and not spec.method.stages_follow:
+        yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", f"remove carry_optimizer_state (it applies to method = {_names(lambda m: m.stages_follow)})"
+    if st.stack_block is None or not spec.method.grows:
         return
     b = st.stack_block
     if not stacking:
@@ -109,8 +113,8 @@ def _grow_at_tokens_problems(spec: Spec):
     tokens = st.grow_at_tokens
     if tokens is None:
         return
-    if spec.experiment.method not in STAGED:
-        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", "remove grow_at_tokens (it applies to method = \"step\" and \"growth\")"
+    if not spec.method.grows:
+        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", f"remove grow_at_tokens (it applies to method = {_names(lambda m: m.grows)})"
         return
     if "grow_at" in st.model_fields_set:
         yield "step.grow_at_tokens", "grow_at and grow_at_tokens both set the growth times", "keep one of them"

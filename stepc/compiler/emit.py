@@ -18,6 +18,7 @@ import jinja2
 
 from stepc import __version__
 from stepc.compiler.figure import memory_png
+from stepc.schema.methods import METHODS
 from stepc.compiler.plan_table import plan_table
 from stepc.errors import UserError
 from stepc.schema.plan import Plan
@@ -44,7 +45,7 @@ def render_files(spec: Spec, plan: Plan, spec_text: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {"spec.toml": spec_text.encode()}
     for stage in plan.stages:
         summary = f"{stage.frozen_layers} frozen + {stage.new_layers} new layers, {stage.steps} steps"
-        if plan.method == "growth":  # nothing is frozen: the whole grown model trains
+        if METHODS[plan.method].old_layers == "trained":  # nothing is frozen: the whole grown model trains
             summary = f"{stage.total_layers} layers ({stage.new_layers} new), all trained, {stage.steps} steps"
         files[f"stage-{stage.index}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
     files["run.sbatch"] = env.get_template("run.sbatch.j2").render(common).encode()

@@ -142,7 +142,7 @@ def stage_peak(spec: Spec, new: int, old: int) -> int:
     from stepc.compiler.memory import costs_for, exact_costs, galore_bytes
 
     costs = costs_for(spec)
-    if spec.experiment.method != "galore":
+    if spec.method.optimizer != "galore":
         return costs.stage_bytes(new, old)
     # GaLore's projected moments are not AdamW's: its model states, plus what `device` adds over exact
     # model states (activations, buffers) for the one unsharded rank GaLore runs on.
@@ -175,7 +175,7 @@ def fit(spec: Spec, plan: Plan, capacity: int, headroom: Headroom = Headroom()) 
 
 def fit_table(spec: Spec, results: list[StageFit], label: str, headroom: Headroom = Headroom()) -> str:
     tr, la = spec.train, spec.launch
-    ranks = 1 if spec.experiment.method == "galore" else la.nnodes * la.nproc_per_node
+    ranks = la.nnodes * la.nproc_per_node if spec.method.shards else 1
     head = (f"will it fit on {label}: device accounting, {ranks} rank(s), micro_batch_size {tr.micro_batch_size}, "
             f"activation_checkpointing {'on' if tr.activation_checkpointing else 'off'}")
     rows = [("stage", "layers", "estimate/GPU", "needs/GPU", "fits", "max micro batch", "with AC", "verdict")]

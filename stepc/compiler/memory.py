@@ -106,7 +106,7 @@ def device_costs(spec: Spec) -> Costs:
     """
     base = exact_costs(spec)
     m, tr, la = spec.model, spec.train, spec.launch
-    galore = spec.experiment.method == "galore"
+    galore = not spec.method.shards  # one unsharded rank (GaLore)
     ranks = 1 if galore else la.nnodes * la.nproc_per_node
     shards = la.nproc_per_node if la.sharding == "hybrid" else ranks  # HSDP: one copy per node
     elt = 2 if tr.precision == "bf16" else 4

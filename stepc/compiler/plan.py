@@ -24,17 +24,18 @@ def make_plan(spec: Spec) -> Plan:
     """Solve the layout and the schedule for `spec` (already normalised)."""
     costs, exact = costs_for(spec), exact_costs(spec)
     layout = choose_layout(spec, costs)
-    method = spec.experiment.method
-    galore = method == "galore"
+    method = spec.method
+    galore = method.optimizer == "galore"
+    keeps_training = method.old_layers == "trained"
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
         new, old, sched = phase["new"], phase["old"], phase["schedule"]
-        # method "growth" trains every layer: the stage costs what a vanilla model of old + new layers does
-        trained, frozen = (new + old, 0) if method == "growth" else (new, old)
-        # AdamW state handed over from stage i-1 (embeddings, final norm, head; with method "growth" the
-        # old layers too: stepc/runtime/carry.py). Memory is unchanged: they hold those moments from
+        # old layers that keep training: the stage costs what a vanilla model of old + new layers does
+        trained, frozen = (new + old, 0) if keeps_training else (new, old)
+        # AdamW state handed over from stage i-1 (embeddings, final norm, head; old layers too when they
+        # keep training: stepc/runtime/carry.py). Memory is unchanged: they hold those moments from
         # their first step on either way.
-        carried = exact.fixed_params + (old * exact.layer_params if method == "growth" else 0)
+        carried = exact.fixed_params + (old * exact.layer_params if keeps_training else 0)
         stages.append(StagePlan(**{
             "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": frozen,
             "trainable_params": costs.trainable_params(trained, frozen), "frozen_params": costs.frozen_params(trained, frozen),
@@ -50,7 +51,7 @@ def make_plan(spec: Spec) -> Plan:
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s.peak_bytes for s in stages)
     plan = Plan(**{
-        "method": method, "accounting": spec.memory.accounting, "solver": layout.solver,
+        "method": method.name, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
         "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
@@ -70,7 +71,7 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
     """
     tr, st, L = spec.train, spec.step, spec.model.num_layers
     P, E = costs.layer_params, costs.adapter_params
-    if spec.experiment.method == "relora":
+    if spec.method.schedule == "relora":
         warm, batch = st.relora_warm_start_steps, tr.global_batch_tokens
         budget = vanilla_flops(P, L, tr.reference_steps, batch)
         lora_step = budget_flops_per_token(L * E, L * P, tr.flops_accounting) * batch
@@ -84,7 +85,7 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
         ]
     trainable, frozen, old = [], [], 0
     for new in layers:
-        if spec.experiment.method == "growth":  # the whole grown model trains
+        if spec.method.old_layers == "trained":  # the whole grown model trains
             trainable.append((old + new) * P)
             frozen.append(0)
         else:
@@ -104,7 +105,7 @@ def layer_multiple(spec: Spec) -> int:
     """Every growth must add a multiple of this many layers (1: no constraint): a stacking operator
     with a fixed block (step.stack_block) copies whole blocks."""
     st = spec.step
-    if spec.experiment.method in ("step", "growth") and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
+    if spec.method.grows and st.growth_operator in ("stack", "stack-middle") and st.stack_block:
         return st.stack_block
     return 1
 
@@ -113,7 +114,7 @@ def choose_layout(spec: Spec, costs: Costs) -> Layout:
     """Pinned, fixed-K optimum, or the fewest stages that fit the budget; infeasible budgets are user errors."""
     mem, L = spec.memory, spec.model.num_layers
     multiple = layer_multiple(spec)
-    if spec.experiment.method == "growth":  # checks require pinned layers; the last stage is the vanilla model
+    if spec.method.grows and not spec.method.solves_layout:  # checks require pinned layers; the last stage is the whole model
         layout = Layout(list(mem.layers), costs.stage_bytes(L, 0), "pinned")
     elif mem.layers is not None:
         layout = pinned_layout(costs, mem.layers)
@@ -127,7 +128,7 @@ def choose_layout(spec: Spec, costs: Costs) -> Layout:
         _raise_infeasible(spec, costs)
     else:
         layout = solve_layout(costs, L, mem.stages, mem.solver, multiple)
-    if mem.budget is not None and spec.experiment.method in ("step", "growth") and layout.peak_bytes > mem.budget:
+    if mem.budget is not None and spec.method.grows and layout.peak_bytes > mem.budget:
         _raise_infeasible(spec, costs, layout)
     return layout
 

@@ -40,7 +40,7 @@ def runtime_facing_problems(spec: Spec) -> Iterator[Problem]:
     if m.intermediate_size is not None and m.intermediate_size > 16 * m.hidden_size:
         yield ("model.intermediate_size", f"intermediate_size {m.intermediate_size} is more than 16 x hidden_size {m.hidden_size}",
                "LLaMA uses about 8/3 x hidden_size; remove the key for that default")
-    if spec.experiment.method == "galore" and spec.step.galore_rank > m.hidden_size:
+    if spec.method.optimizer == "galore" and spec.step.galore_rank > m.hidden_size:
         yield ("step.galore_rank", f"rank {spec.step.galore_rank} exceeds hidden_size {m.hidden_size}: a projection cannot "
                "have more dimensions than the matrix it projects", "use a rank at most hidden_size (the paper uses 128)")
     for i, pattern in enumerate(data.train):
@@ -77,10 +77,10 @@ def _path_problem(pattern: str) -> str | None:
 
 def plan_problems(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Warmups and merge intervals against the stage lengths of the plan, and the budget for every method."""
-    tr, st, method = spec.train, spec.step, spec.experiment.method
+    tr, st, method = spec.train, spec.step, spec.method
     stages = plan.stages
     default = _defaults_note(spec)
-    if method == "relora":  # one LR schedule over both phases: warmup against the whole run
+    if method.schedule == "relora":  # one LR schedule over both phases: warmup against the whole run
         runs = [("the whole run", sum(s.steps for s in stages))]
     else:
         runs = [(f"stage {s.index}", s.steps) for s in stages]
@@ -97,8 +97,8 @@ def plan_problems(spec: Spec, plan: Plan) -> Iterator[Problem]:
                f"relora_reset_every = {st.relora_reset_every}: after each merge in stage {merging[0].index} the learning "
                "rate would never re-warm to its peak", "use fewer re-warm steps than relora_reset_every (Table 6: 500 of 5000)")
     budget = plan.budget_bytes
-    if budget is not None and plan.peak_bytes > budget and method != "step":
-        yield ("memory.budget", f"method {method!r} has a fixed layout, and its peak of {format_bytes(plan.peak_bytes)} "
+    if budget is not None and plan.peak_bytes > budget and not method.solves_layout:
+        yield ("memory.budget", f"method {method.name!r} has a fixed layout, and its peak of {format_bytes(plan.peak_bytes)} "
                f"({plan.accounting} accounting) is over the budget of {format_bytes(budget)}; the budget binds every method",
                "raise the budget, remove it to compile this baseline as an over-budget reference, or use method = \"step\"")
 

@@ -151,7 +151,7 @@ def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
     model = meta_fresh_model(spec, len(sources))
     new_layers = [i for i, src in enumerate(sources) if src.new]
     old = [i for i, src in enumerate(sources) if not src.new]
-    if spec.experiment.method == "growth":  # classic model growth: the whole grown model trains, no adapters
+    if spec.method.old_layers == "trained":  # classic model growth: the whole grown model trains, no adapters
         old = []
     adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, None)  # A drawn at fill time
     if spec.train.precision == "bf16":

@@ -117,7 +117,7 @@ def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[St
     if stage.new_layers:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
         new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed,
                                  block=step.stack_block)
-    if spec.experiment.method == "growth":  # classic model growth: the whole grown model trains
+    if spec.method.old_layers == "trained":  # classic model growth: the whole grown model trains
         return model, [], new_layers
     old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
     generator = torch.Generator().manual_seed(seed)

@@ -66,4 +66,4 @@ def check_multi_node(nnodes: int, interface: str | None, endpoint: str | None, h
             raise UserError(f"the rendezvous endpoint {endpoint} is a loopback address, which the other node(s) of a "
                             f"{nnodes}-node job cannot reach", key="launch.network_interface",
                             fix="give RDZV_ENDPOINT the head node's address (run.sbatch does), or, for several "
-                                f"launches on one machine, set [launch] network_interface = \"lo\"")
+                                "launches on one machine, set [launch] network_interface = \"lo\"")

@@ -88,7 +88,7 @@ class Stage:
         """FSDP2 unless there is nothing to shard: one CPU rank runs the plain module (FSDP2's
         all-gathers and DTensor dispatch cost ~35% there for no memory gain). A single GPU keeps
         FSDP2 for its bf16 mixed-precision policy. GaLore is never sharded (not FSDP-aware)."""
-        if self.spec.experiment.method == "galore":
+        if not self.spec.method.shards:
             return False
         return self.world > 1 or self.device.type == "cuda"
 
@@ -398,7 +398,7 @@ def _optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Optimizer
     method = "galore": GaLoreAdamW, projecting the gradients of the decoder layers' 2-D weights.
     """
     tr, sp = spec.train, spec.step
-    galore = spec.experiment.method == "galore"
+    galore = spec.method.optimizer == "galore"
     decay, no_decay, projected = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stepc.schema.methods import METHODS, Method, MethodName
 from stepc.schema.rules import slurm_time_minutes
 from stepc.schema.units import parse_bytes
 
@@ -44,7 +45,7 @@ class Experiment(Section):
     """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is runs/<name>."""
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
-    method: Literal["step", "vanilla", "relora", "galore", "growth"] = "step"
+    method: MethodName = "step"
     """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), or "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers)."""
 
 
@@ -334,3 +335,8 @@ class Spec(Section):
     """torchrun and SLURM launch settings."""
     log: Log = Log()
     """Experiment tracking (TensorBoard, W&B, MLflow) beside metrics.jsonl."""
+
+    @property
+    def method(self) -> Method:
+        """experiment.method's registry entry (stepc.schema.methods): the traits code asks about."""
+        return METHODS[self.experiment.method]

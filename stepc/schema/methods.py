@@ -1,0 +1,53 @@
+"""The training methods, one registry entry each.
+
+Everything the compiler plans and the runtime runs differently per method is one of these traits;
+code asks `method_of(spec).<trait>`, never compares method names. A new method is one new entry
+(and code only for a trait value no method had before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    grows: bool
+    """Stages add decoder layers: a layout of several stages, growth operators, grow_at, carry between stages."""
+    solves_layout: bool
+    """The layout is the ILP's optimum within memory.budget; otherwise it is fixed (one stage of every
+    layer, or memory.layers pinned) and a budget is only checked against it."""
+    old_layers: Literal["adapted", "trained"]
+    """In a later stage, the layers earlier stages trained are frozen behind ReLoRA adapters, or keep training."""
+    schedule: Literal["flops", "relora"]
+    """How steps are split: Appendix E's FLOPs schedule over the layout's stages, each with its own LR
+    schedule; or ReLoRA's full-rank warm start then an adapter phase on one jagged cosine."""
+    optimizer: Literal["adamw", "galore"]
+    """AdamW, or GaLoreAdamW (rank-projected moments of the decoder layers' matrices)."""
+    shards: bool
+    """FSDP2 shards the model states over the ranks; False: the optimizer is not FSDP-aware, one rank."""
+
+    @property
+    def stages_follow(self) -> bool:
+        """More than one runtime stage: a later one can carry the optimizer state of an earlier one."""
+        return self.grows or self.schedule == "relora"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("step", grows=True, solves_layout=True, old_layers="adapted", schedule="flops", optimizer="adamw", shards=True),
+    Method("vanilla", grows=False, solves_layout=False, old_layers="adapted", schedule="flops", optimizer="adamw",
+           shards=True),
+    Method("relora", grows=False, solves_layout=False, old_layers="adapted", schedule="relora", optimizer="adamw",
+           shards=True),
+    Method("galore", grows=False, solves_layout=False, old_layers="adapted", schedule="flops", optimizer="galore",
+           shards=False),
+    Method("growth", grows=True, solves_layout=False, old_layers="trained", schedule="flops", optimizer="adamw",
+           shards=True),
+)}
+
+MethodName = Literal["step", "vanilla", "relora", "galore", "growth"]
+assert set(MethodName.__args__) == set(METHODS)  # the spec's choices are the registry's entries
+
+
