@@ -92,7 +92,7 @@ def build_corpus(out: Path, size_bytes: int, seed: int = 0) -> tuple[int, int]:
 RAW = """
 import json, os, sys, time
 import pyarrow.parquet as pq
-from stepc.runtime.tokenizer import build_gpt2_tokenizer
+from stepc.runtime.data.tokenizer import build_gpt2_tokenizer
 tok = build_gpt2_tokenizer()
 pf = pq.ParquetFile(sys.argv[1])
 docs = pf.read_row_groups(list(range(min(int(sys.argv[2]), pf.num_row_groups)))).column("text").to_pylist()
@@ -156,8 +156,8 @@ def prepare_corpus(spec: Path, workers: int, cwd: Path) -> dict:
 def open_in_process(spec: Path, cwd: Path) -> float:
     """Seconds for what every rank does at stage start: check the index against the files, map the shards."""
     from stepc.compiler.load import load_spec
-    from stepc.runtime.data import open_prepared
-    from stepc.runtime.prepare import prepare
+    from stepc.runtime.data.prepared import open_prepared
+    from stepc.runtime.data.prepare import prepare
 
     parsed, _ = load_spec(spec)
     here = os.getcwd()

@@ -489,7 +489,7 @@ def probe() -> dict:
     On a CPU the same code runs at small sizes (the smoke test), its figures meaningless."""
     import torch
 
-    from stepc.runtime import loss as loss_module
+    from stepc.runtime.loop import loss as loss_module
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -542,9 +542,9 @@ def plain_loop(run_dir: Path, steps: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from stepc.runtime.data import open_prepared, training_sets
-    from stepc.runtime.flops import device_peak_flops, mfu
-    from stepc.runtime.model import StepcLlama, llama_config
+    from stepc.runtime.data.prepared import open_prepared, training_sets
+    from stepc.runtime.loop.flops import device_peak_flops, mfu
+    from stepc.runtime.model.llama import StepcLlama, llama_config
     from stepc.schema.manifest import load_manifest
     from stepc.schema.shapes import model_flops_per_token
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from stepc.compiler.load import load_spec  # noqa: E402
 from stepc.compiler.memory import STEP_SCALAR_BYTES, TRAINED_BYTES  # noqa: E402
 from stepc.compiler.plan import make_plan  # noqa: E402
-from stepc.runtime.lora import apply_adapters  # noqa: E402
-from stepc.runtime.model import llama_config  # noqa: E402
+from stepc.runtime.model.lora import apply_adapters  # noqa: E402
+from stepc.runtime.model.llama import llama_config  # noqa: E402
 
 SPECS = ["paper-368m-step2", "paper-680m-step2", "paper-1.2b-step2", "paper-1.2b-step3",
          "paper-1.2b-step2-table1", "paper-1.2b-step3-table1"]

@@ -24,10 +24,10 @@ from transformers import LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stepc.runtime.data import open_prepared  # noqa: E402
-from stepc.runtime.model import llama_config  # noqa: E402
-from stepc.runtime.prepare import prepare  # noqa: E402
-from stepc.runtime.sampler import BlockSampler  # noqa: E402
+from stepc.runtime.data.prepared import open_prepared  # noqa: E402
+from stepc.runtime.model.llama import llama_config  # noqa: E402
+from stepc.runtime.data.prepare import prepare  # noqa: E402
+from stepc.runtime.data.sampler import BlockSampler  # noqa: E402
 from stepc.schema.spec import Data, Model  # noqa: E402
 
 THREADS = 2

@@ -126,7 +126,7 @@ def _compile(path: str, sets: list[str] | None, emit: bool):
     """
     from stepc.compiler import compile_spec, plan_spec
     from stepc.compiler.overrides import blamed, recorded, resolve
-    from stepc.runtime.tracking import check_installed
+    from stepc.runtime.loop.tracking import check_installed
 
     text, overrides = resolve(path, sets)
     with blamed(overrides):

@@ -51,7 +51,7 @@ class RunDir:
         return self.root / "LOCK"
 
     def stop_record(self, index: int) -> Path:
-        """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/preempt.py)."""
+        """STOPPED: stage `index` was stopped by a signal after checkpointing (runtime/loop/preempt.py)."""
         return self.stage_dir(index) / "STOPPED"
 
     def failure_record(self, index: int) -> Path:
@@ -72,7 +72,7 @@ class RunDir:
         return self.checkpoints / f"stage-{index}"
 
     def step_checkpoint(self, index: int, step: int) -> Path:
-        """The checkpoint of stage `index` after `step` optimizer steps (runtime/checkpoint.py writes it)."""
+        """The checkpoint of stage `index` after `step` optimizer steps (runtime/loop/checkpoint.py writes it)."""
         return self.stage_dir(index) / step_dir_name(step)
 
     def final_export(self, index: int) -> Path:

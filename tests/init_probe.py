@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from stepc.runtime import checkpoint as ckpt
-from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
-from stepc.runtime.train import Stage, _prepare
+from stepc.runtime.loop import checkpoint as ckpt
+from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
+from stepc.runtime.loop.train import Stage, _prepare
 from stepc.schema.manifest import load_manifest
 
 

@@ -13,7 +13,7 @@ import struct
 import termios
 from types import SimpleNamespace
 
-from stepc.runtime.console import Console, echo
+from stepc.runtime.loop.console import Console, echo
 
 # stage 1 is half done at 5,000 tok/s with 1,000 tokens per step; stage 2 costs twice stage 1's FLOPs
 STAGES = [SimpleNamespace(index=1, steps=20, flops=1e12, tokens=10**6), SimpleNamespace(index=2, steps=20, flops=2e12, tokens=10**6)]

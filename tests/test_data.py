@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from stepc.commands import corpus
-from stepc.runtime.data import open_prepared
-from stepc.runtime.documents import expand_patterns, iter_documents
-from stepc.runtime.evalsets import iter_eval_batches
-from stepc.runtime.prepare import prepare
-from stepc.runtime.sampler import BlockSampler, holdout_split
-from stepc.runtime.tokenizer import EOS_TOKEN, eos_id
+from stepc.runtime.data.prepared import open_prepared
+from stepc.runtime.data.documents import expand_patterns, iter_documents
+from stepc.runtime.data.evalsets import iter_eval_batches
+from stepc.runtime.data.prepare import prepare
+from stepc.runtime.data.sampler import BlockSampler, holdout_split
+from stepc.runtime.data.tokenizer import EOS_TOKEN, eos_id
 from stepc.schema.spec import Data
 
 DOCS = [

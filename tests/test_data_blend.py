@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from stepc.cli import main
-from stepc.runtime.data import fingerprint_files, index_files, open_prepared, training_sets
-from stepc.runtime.prepare import prepare
-from stepc.runtime.sampler import BlendSampler, BlockSampler
+from stepc.runtime.data.prepared import fingerprint_files, index_files, open_prepared, training_sets
+from stepc.runtime.data.prepare import prepare
+from stepc.runtime.data.sampler import BlendSampler, BlockSampler
 from stepc.schema.spec import Data
 
 SIZES, WEIGHTS = (30, 50, 20), (0.6, 0.3, 0.1)  # blend epoch M = 100: 60, 30 and 10 samples per source

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_stage, spec_tables, write_spec
 
 from stepc.cli import main
-from stepc.runtime import prepare as prepare_module
+from stepc.runtime.data import prepare as prepare_module
 
 GOOD = "The quick brown fox jumps over the lazy dog.\n" * 40
 

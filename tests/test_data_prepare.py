@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from stepc.errors import UserError
-from stepc.runtime import data as data_module
-from stepc.runtime import documents
-from stepc.runtime.data import open_prepared
-from stepc.runtime.prepare import prepare
+from stepc.runtime.data import prepared as data_module
+from stepc.runtime.data import documents
+from stepc.runtime.data.prepared import open_prepared
+from stepc.runtime.data.prepare import prepare
 from stepc.schema.spec import Data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def test_output_is_independent_of_worker_count_and_unit_size(tmp_path, monkeypat
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
-from stepc.runtime import documents
-from stepc.runtime.prepare import prepare
+from stepc.runtime.data import documents
+from stepc.runtime.data.prepare import prepare
 from stepc.schema.spec import Data
 documents.TARGET_UNIT_BYTES = 3000
 files, cache = sys.argv[1].split(","), Path(sys.argv[2])
@@ -207,8 +207,8 @@ def test_verify_data_retokenises_a_corrupted_shard(tmp_path):
 def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):
     """Above BPE_SAMPLE_CHARS of text, bpe-N trains on seeded whole units up to that budget:
     deterministic, bounded, and keyed apart from a tokenizer trained on everything."""
-    from stepc.runtime import prepare as prepare_module
-    from stepc.runtime import tokenizer as tokenizer_module
+    from stepc.runtime.data import prepare as prepare_module
+    from stepc.runtime.data import tokenizer as tokenizer_module
 
     files = mixed_corpus(tmp_path / "d")
     whole = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c0")), tmp_path / "c0", None, 1)

@@ -14,7 +14,7 @@ import torch
 
 from stepc.compiler.load import parse_spec
 from stepc.compiler.memory import device_costs
-from stepc.runtime.model import wrap_decoder_layers
+from stepc.runtime.model.llama import wrap_decoder_layers
 
 SPEC = """
 [experiment]
@@ -50,8 +50,8 @@ def _spec(**values):
 
 def _saved_bytes_per_token(spec, layers: int, frozen: int) -> float:
     """Bytes of distinct non-parameter storages autograd saves in `layers` decoder layers, per token."""
-    from stepc.runtime.lora import apply_adapters
-    from stepc.runtime.model import StepcLlama, runtime_config
+    from stepc.runtime.model.lora import apply_adapters
+    from stepc.runtime.model.llama import StepcLlama, runtime_config
 
     torch.manual_seed(0)
     model = StepcLlama(runtime_config(spec.model, layers))

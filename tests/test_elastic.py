@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import check_ok, load_weights, read_metrics, run_stage, start_stage
 
-from stepc.runtime.data import BlockSampler
+from stepc.runtime.data.prepared import BlockSampler
 
 LOSS_RTOL = 1e-4     # measured: the logged losses agreed to every printed digit
 WEIGHT_ATOL = 1e-4   # measured: 1.5e-05 max absolute weight difference after both stages

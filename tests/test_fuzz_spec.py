@@ -348,8 +348,8 @@ def runtime_accepts(data: dict[str, Any], root: Path) -> None:
     """What compile accepted, the runtime's own code accepts too: its tokenizer loader gets past the name
     (a bpe-N name then fails only for want of training files), and every data path that ends in literal
     text names a file type the runtime's reader supports."""
-    from stepc.runtime.documents import SUFFIXES
-    from stepc.runtime.tokenizer import load_tokenizer
+    from stepc.runtime.data.documents import SUFFIXES
+    from stepc.runtime.data.tokenizer import load_tokenizer
 
     name = data["tokenizer"]
     if name.lower().startswith("bpe-") and "/" not in name and not name.endswith(".json"):

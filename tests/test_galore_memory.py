@@ -18,8 +18,8 @@ from stepc.compiler.plan import make_plan
 def _measured_bytes(spec) -> tuple[int, dict[str, int]]:
     from galore_torch.galore_projector import GaLoreProjector
 
-    from stepc.runtime.model import fresh_model
-    from stepc.runtime.train import _optimizer
+    from eager_reference import fresh_model
+    from stepc.runtime.loop.train import _optimizer
 
     torch.manual_seed(0)
     model = fresh_model(spec, spec.model.num_layers, 0)
@@ -67,9 +67,9 @@ def test_the_runtimes_measured_bytes_count_galores_projectors():
 
     import torch.distributed as dist
 
-    from stepc.runtime.metrics import model_state_bytes
-    from stepc.runtime.model import fresh_model
-    from stepc.runtime.train import _optimizer
+    from stepc.runtime.loop.metrics import model_state_bytes
+    from eager_reference import fresh_model
+    from stepc.runtime.loop.train import _optimizer
 
     spec = parse_spec(spec_for("galore"))
     expected, _ = _measured_bytes(spec)

@@ -31,7 +31,7 @@ def meta_group():
 
 
 def _stage(run_dir):
-    from stepc.runtime.train import Stage
+    from stepc.runtime.loop.train import Stage
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
@@ -40,9 +40,9 @@ def _stage(run_dir):
 
 
 def test_step_metrics_and_eval_collectives_stay_on_the_model_device(make_run, meta_group):
-    from stepc.runtime.init import meta_fresh_model
-    from stepc.runtime.metrics import model_state_bytes
-    from stepc.runtime.train import _eval_sums, _optimizer, _prepare, _train_step
+    from stepc.runtime.model.materialise import meta_fresh_model
+    from stepc.runtime.loop.metrics import model_state_bytes
+    from stepc.runtime.loop.train import _eval_sums, _optimizer, _prepare, _train_step
 
     st = _stage(make_run.compile("rt", train={"global_batch_tokens": 256, "micro_batch_size": 2},
                                  launch={"nproc_per_node": 1}))

@@ -11,8 +11,8 @@ from conftest import check_ok, load_weights, read_metrics, run_stage
 
 
 def test_compile_and_checkpointing_wrap_forward_only_and_keep_the_keys(make_run):
-    from stepc.runtime.init import meta_fresh_model
-    from stepc.runtime.train import Stage, _prepare
+    from stepc.runtime.model.materialise import meta_fresh_model
+    from stepc.runtime.loop.train import Stage, _prepare
     from stepc.schema.manifest import load_manifest
 
     def prepared(on: bool):
@@ -59,7 +59,7 @@ def test_deterministic_mode_runs_a_training_step_without_warn_only():
     from test_gpu_metrics import small_spec
 
     from stepc.runtime.device import set_determinism
-    from stepc.runtime.model import fresh_model
+    from eager_reference import fresh_model
 
     spec = small_spec(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                       num_key_value_heads=2, seq_len=32, num_layers=2)

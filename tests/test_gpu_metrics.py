@@ -1,4 +1,4 @@
-"""MFU's pieces that run on CPU: the FLOPs formula (runtime/flops.py) against an independent count of
+"""MFU's pieces that run on CPU: the FLOPs formula (runtime/loop/flops.py) against an independent count of
 a real forward + backward (torch.utils.flop_counter), the exact peak-FLOPs lookup by device name, and
 the chunked loss's value and gradients against transformers' own loss."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils import flop_counter as fc
 
-from stepc.runtime.flops import GPU_PEAK_BF16, peak_flops
+from stepc.runtime.loop.flops import GPU_PEAK_BF16, peak_flops
 from stepc.schema.shapes import model_flops_per_token
 
 aten = torch.ops.aten
@@ -48,8 +48,8 @@ def _counted_flops(model, x) -> int:
 def test_flops_per_token_matches_a_counted_forward_backward(new, old, vocab, pad):
     """pad: a padded vocabulary (600 -> 1024 rows, far more than the tolerance) and MLP width
     (344 -> 1024) are counted as the matmuls the model runs."""
-    from stepc.runtime.lora import apply_adapters
-    from stepc.runtime.model import fresh_model
+    from stepc.runtime.model.lora import apply_adapters
+    from eager_reference import fresh_model
 
     spec = small_spec(vocab_size=vocab, hidden_size=128, intermediate_size=344, num_attention_heads=4,
                       num_key_value_heads=2, seq_len=128, num_layers=new + old, vocab_multiple_of=pad,
@@ -76,7 +76,7 @@ def test_peak_flops_exact_names_only():
 
 
 def test_chunked_loss_equals_transformers_loss_and_gradients():
-    from stepc.runtime.loss import IGNORE_INDEX, linear_cross_entropy
+    from stepc.runtime.loop.loss import IGNORE_INDEX, linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 37, 16, requires_grad=True)
@@ -102,7 +102,7 @@ def test_chunked_loss_runs_every_matmul_in_the_compute_dtype():
     at a fraction of the tensor cores' rate. The result still matches fp64 autograd to bf16 accuracy."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from stepc.runtime.loss import linear_cross_entropy
+    from stepc.runtime.loop.loss import linear_cross_entropy
 
     matmuls = []
 
@@ -132,7 +132,7 @@ def test_chunked_loss_runs_every_matmul_in_the_compute_dtype():
 
 
 def test_out_of_memory_message_names_prediction_capacity_and_the_keys_that_fit(make_run):
-    from stepc.runtime.oom import oom_failure
+    from stepc.runtime.loop.oom import oom_failure
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(make_run.compile("rt", memory={"accounting": "device"}))

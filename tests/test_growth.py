@@ -1,4 +1,4 @@
-"""Tests for stepc.runtime.growth (layer insertion for LlamaForCausalLM)."""
+"""Tests for stepc.runtime.model.growth (layer insertion for LlamaForCausalLM)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stepc.runtime.growth import grow_layers, plan_insertion
+from stepc.runtime.model.growth import grow_layers, plan_insertion
 
 POSITIONS = ["upper", "lower", "intermediate", "random"]
 OPERATORS = ["interpolation-mean", "interpolation-copy"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_growth import ids, layer_params, tiny_model
 
-from stepc.runtime.growth import grow_layers, plan_insertion, stack_plan
+from stepc.runtime.model.growth import grow_layers, plan_insertion, stack_plan
 
 
 def grown_sources(before: list[dict[str, torch.Tensor]], model) -> list[int | None]:

@@ -21,8 +21,8 @@ from test_methods import spec_for
 from stepc.cli import main
 from stepc.compiler.load import parse_spec
 from stepc.rundir import RunDir
-from stepc.runtime.data import open_prepared, training_sets
-from stepc.runtime.sampler import BlockSampler, holdout_split
+from stepc.runtime.data.prepared import open_prepared, training_sets
+from stepc.runtime.data.sampler import BlockSampler, holdout_split
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_the_sampler_never_hands_out_a_heldout_block(compiled):
 
 def _fixed_model(spec, train, train_idx):
     """A deterministic tiny model, trained 6 AdamW steps so its predictions depend on the input."""
-    from stepc.runtime.model import fresh_model
+    from eager_reference import fresh_model
 
     model = fresh_model(spec, spec.model.num_layers, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -88,7 +88,7 @@ def _perplexity_by_hand(model, blocks: np.ndarray) -> float:
 
 
 def test_stepc_eval_perplexity_equals_an_independent_computation(compiled):
-    from stepc.runtime.export import write_export
+    from stepc.runtime.model.export import write_export
 
     run_dir, spec, _, tok, train, named = compiled
     train_idx, heldout_idx = holdout_split(len(train), spec.data.holdout_fraction, spec.experiment.seed)

@@ -1,4 +1,4 @@
-"""Tests for stepc.runtime.lora (ReLoRA adapters on frozen layers)."""
+"""Tests for stepc.runtime.model.lora (ReLoRA adapters on frozen layers)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stepc.runtime.lora import (
+from stepc.runtime.model.lora import (
     ADAPTED_PROJECTIONS,
     LoRALinear,
     apply_adapters,

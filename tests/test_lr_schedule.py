@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from stepc.runtime.lr import lr_at
+from stepc.runtime.loop.lr import lr_at
 
 PEAK, WARMUP, NOMINAL, FLOOR_RATIO = 1e-3, 10, 110, 0.1
 

@@ -224,7 +224,7 @@ def test_padded_shapes_reach_the_runtime_model_and_are_counted_exactly():
     """model.vocab_multiple_of / intermediate_multiple_of = 128 at the 368M shape: the runtime's model
     has 50304 embedding and head rows and an MLP width of 4352 (the smallest multiples of 128 at or
     above 50257 and round(8/3 x 1600) = 4267), and the compiler's exact count is that model's."""
-    from stepc.runtime.model import StepcLlama, runtime_config
+    from stepc.runtime.model.llama import StepcLlama, runtime_config
 
     spec = exact_spec(1600, 2, 25, 5, None, 50257, False, 128, pad=128)
     assert spec.model.vocab_size == 50257  # what the tokenizer must fit stays as written

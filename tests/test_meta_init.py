@@ -1,4 +1,4 @@
-"""Meta-device construction (runtime/init.py): every rank fills only its shards, and the weights are
+"""Meta-device construction (runtime/model/materialise.py): every rank fills only its shards, and the weights are
 bit-identical for 1 rank, 2 ranks, 3 ranks (uneven shards) and the eager CPU reference - for a fresh
 stage-1 model and for a stage-2 model grown from stage 1's safetensors export, in fp32 and in bf16
 (frozen weights stored in bf16). Real torchrun, gloo, FSDP2.
@@ -34,7 +34,7 @@ def _same(a: dict, b: dict, what: str) -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp_path, precision):
-    from stepc.runtime.model import fresh_model, grown_model
+    from eager_reference import fresh_model, grown_model
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(full_run)
@@ -64,7 +64,7 @@ def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, tmp
     stacking or copy operator the 2-rank sharded grown model equals the eager one bit for bit."""
     from init_probe import probe_spec
 
-    from stepc.runtime.model import grown_model
+    from eager_reference import grown_model
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(full_run)
@@ -80,7 +80,7 @@ def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, tmp
 def test_fresh_init_depends_on_the_seed_and_matches_transformers_statistics():
     from test_gpu_metrics import small_spec
 
-    from stepc.runtime.model import fresh_model
+    from eager_reference import fresh_model
 
     spec = small_spec(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                       num_key_value_heads=2, seq_len=32, num_layers=2)

@@ -13,9 +13,9 @@ import torch
 from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
 from test_growth import tiny_model
 
-from stepc.runtime.carry import carry_names
-from stepc.runtime.growth import grow_layers
-from stepc.runtime.lora import apply_adapters
+from stepc.runtime.model.carry import carry_names
+from stepc.runtime.model.growth import grow_layers
+from stepc.runtime.model.lora import apply_adapters
 
 
 def _dcp_state(checkpoint, tmp_path):
@@ -107,7 +107,7 @@ def test_carried_state_is_created_where_adamw_itself_creates_it(monkeypatch):
     the test lifts only that check, so the reference is AdamW's own state-creation code."""
     import importlib
 
-    from stepc.runtime.carry import empty_state
+    from stepc.runtime.model.carry import empty_state
 
     adam = importlib.import_module("torch.optim.adam")  # torch.optim deletes its submodules' names
     monkeypatch.setattr(adam, "_device_dtype_check_for_fused", lambda *a, **k: None)

@@ -28,7 +28,7 @@ from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
 
 from stepc.cli import main as stepc
 from stepc.compiler.manifest import content_hash, dumps
-from stepc.runtime.checkpoint import is_complete, newest_complete, step_dir
+from stepc.runtime.loop.checkpoint import is_complete, newest_complete, step_dir
 
 FAULT = "STEPC_FAULT_NONFINITE_AT_STEP"
 # Stage 1 = 6 steps of 4 sequences on 1 rank; checkpoints at steps 2 and 4; evals only at the end.

@@ -49,8 +49,8 @@ def test_measured_model_state_bytes_equal_the_prediction(full_run):
 def test_export_loads_with_transformers_and_reproduces_the_final_eval(full_run, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from stepc.runtime.data import open_prepared
-    from stepc.runtime.evalsets import iter_eval_batches
+    from stepc.runtime.data.prepared import open_prepared
+    from stepc.runtime.data.evalsets import iter_eval_batches
     from stepc.schema.spec import Data
 
     manifest = json.loads((full_run / "manifest.json").read_text())
@@ -89,7 +89,7 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     |diff| 6.6e-6 over 18 steps with the chunked loss); a gradient summed where it should be averaged (over micro-batches or
     ranks) moves the weights by ~8e-3, and a logged loss summed over ranks doubles it.
     """
-    from stepc.runtime.sampler import BlockSampler
+    from stepc.runtime.data.sampler import BlockSampler
 
     one = make_run.compile("rt", train={"micro_batch_size": 2}, launch={"nproc_per_node": 1})  # grad_accum 2
     spec = json.loads((one / "manifest.json").read_text())["spec"]
@@ -117,7 +117,7 @@ def test_fsdp_two_ranks_match_one_rank(full_run, make_run):
     for step, loss in losses[0].items():
         assert loss == pytest.approx(losses[1][step], rel=1e-6), (step, loss, losses[1][step])
     # and training moved them (two untrained models would match vacuously)
-    from stepc.runtime.model import fresh_model
+    from eager_reference import fresh_model
     from stepc.schema.manifest import load_manifest
 
     typed = load_manifest(one).spec

@@ -254,7 +254,7 @@ def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster
 def test_time_limit_requeues_and_completes(cluster: TwoNodeSlurmCluster, corpus: Path, uninterrupted, tmp_path: Path):
     root = tmp_path / "project-c"
     run_dir = compile_run(root, corpus, cluster)
-    # Stage 1 holds after step 5 until it is told to stop (STEPC_FAULT_HOLD_AFTER_STEP, runtime/faults.py).
+    # Stage 1 holds after step 5 until it is told to stop (STEPC_FAULT_HOLD_AFTER_STEP, runtime/loop/faults.py).
     # Once it is held, the job's time limit is cut to 60-120 s from now: SLURM itself then sends the
     # batch shell its warning (--signal=B:USR1@90) at its next limit check (about every 30 s), mid-stage
     # however slow the machine was to get there, with at least 30 s left to checkpoint and requeue.

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from stepc.rundir import file_sha256_hex
-from stepc.runtime.documents import iter_documents
-from stepc.runtime.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
-from stepc.runtime.tokenizer import load_tokenizer as _load_tokenizer
+from stepc.runtime.data.documents import iter_documents
+from stepc.runtime.data.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
+from stepc.runtime.data.tokenizer import load_tokenizer as _load_tokenizer
 
 WORDS = ("the king and queen of denmark speak to the ghost upon the battlements at night "
          "while horatio and marcellus watch the sea and the stars over elsinore castle").split()

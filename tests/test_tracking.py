@@ -214,7 +214,7 @@ def test_the_tracked_run_id_is_kept_per_experiment(tmp_path, small_corpus):
     from conftest import RunFactory
     from mlflow.tracking import MlflowClient
 
-    from stepc.runtime.tracking import open_tracking
+    from stepc.runtime.loop.tracking import open_tracking
 
     factory = RunFactory(tmp_path, small_corpus)
     run_dir = factory.compile("ids", log={"backends": ["mlflow"], "project": "ids"})

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from stepc.runtime.prepare import prepare
+    from stepc.runtime.data.prepare import prepare
 
     target = Path(args.target)
     if args.workers is not None and args.workers < 1:

@@ -17,8 +17,8 @@ from stepc.rundir import RunDir, atomic_write_json, manifest_path
 
 def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None,
                  batch_size: int = 8) -> dict[str, Any]:
-    from stepc.runtime.export_seal import ExportDamaged
-    from stepc.runtime.export_seal import check as check_export
+    from stepc.runtime.model.export_seal import ExportDamaged
+    from stepc.runtime.model.export_seal import check as check_export
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(run_dir)  # everything the user can get wrong is checked before torch loads
@@ -39,17 +39,17 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
         raise UserError(f"--limit {limit}: must be a positive number of documents", key="--limit", fix="pass e.g. --limit 100")
     task_manager = _task_manager(tasks, include_path) if tasks else None
 
-    from stepc.runtime.prepare import prepare
+    from stepc.runtime.data.prepare import prepare
 
     prepare(manifest.spec.data, Path(manifest.spec.data.cache_dir), run_dir)  # quick when the stages prepared it
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stepc.runtime.data import open_prepared, training_sets
-    from stepc.runtime.evalsets import iter_eval_batches
-    from stepc.runtime.metrics import loss_sums
-    from stepc.runtime.precision import compute_dtype
+    from stepc.runtime.data.prepared import open_prepared, training_sets
+    from stepc.runtime.data.evalsets import iter_eval_batches
+    from stepc.runtime.loop.metrics import loss_sums
+    from stepc.runtime.loop.precision import compute_dtype
 
     spec = manifest.spec
     device = "cuda" if torch.cuda.is_available() else "cpu"

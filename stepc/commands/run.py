@@ -22,7 +22,7 @@ from stepc.errors import UserError
 from stepc.rundir import RunDir, content_hash, digest
 from stepc.runlock import ENV as LOCK_ENV
 from stepc.runlock import acquire, release
-from stepc.runtime.preempt import EXIT_STOPPED  # stage.sh: stopped by a signal after checkpointing
+from stepc.runtime.loop.preempt import EXIT_STOPPED  # stage.sh: stopped by a signal after checkpointing
 from stepc.schema.manifest import Manifest
 
 EXIT_REFUSED = 2

@@ -33,7 +33,7 @@ def make_plan(spec: Spec) -> Plan:
         # old layers that keep training: the stage costs what a vanilla model of old + new layers does
         trained, frozen = (new + old, 0) if keeps_training else (new, old)
         # AdamW state handed over from stage i-1 (embeddings, final norm, head; old layers too when they
-        # keep training: stepc/runtime/carry.py). Memory is unchanged: they hold those moments from
+        # keep training: stepc/runtime/model/carry.py). Memory is unchanged: they hold those moments from
         # their first step on either way.
         carried = exact.fixed_params + (old * exact.layer_params if keeps_training else 0)
         stages.append(StagePlan(**{

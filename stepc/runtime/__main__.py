@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     _die_with_launcher()
-    from stepc.runtime import preempt
+    from stepc.runtime.loop import preempt
 
     preempt.install()  # before torch's imports: a stop signal during start-up is not lost
-    from stepc.runtime.console import quiet_library_bars_unless_tty
+    from stepc.runtime.loop.console import quiet_library_bars_unless_tty
 
     quiet_library_bars_unless_tty()  # no carriage-return bars from transformers in SLURM logs
-    from stepc.runtime.train import main as train  # heavy imports after argument parsing
+    from stepc.runtime.loop.train import main as train  # heavy imports after argument parsing
 
     try:
         return train(args.manifest, args.stage, allow)

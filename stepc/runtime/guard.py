@@ -24,8 +24,8 @@ from stepc.rundir import (
     files_entry_problem,
     read_manifest,
 )
-from stepc.runtime.export_seal import MARKER, ExportDamaged
-from stepc.runtime.export_seal import check as check_export
+from stepc.runtime.model.export_seal import MARKER, ExportDamaged
+from stepc.runtime.model.export_seal import check as check_export
 from stepc.runtime.network import check_multi_node
 from stepc.schema.manifest import Manifest, ManifestError
 from stepc.schema.spec import Data
@@ -182,8 +182,8 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
                              "or pass --allow-data-change") from None
-    from stepc.runtime.data import fingerprint_files, index_files  # numpy/tokenizers, no torch
-    from stepc.runtime.shards import read_index
+    from stepc.runtime.data.prepared import fingerprint_files, index_files  # numpy/tokenizers, no torch
+    from stepc.runtime.data.shards import read_index
 
     index = read_index(run_dir)
     if index is None:

@@ -33,7 +33,7 @@ LINEAR_MAPS: tuple[tuple[str, str], ...] = (
 counts and what gets ReLoRA adapters."""
 
 LOSS_CHUNK_TOKENS = 2048
-"""Tokens whose logits exist at a time in the chunked LM-head loss (stepc.runtime.loss), which the
+"""Tokens whose logits exist at a time in the chunked LM-head loss (stepc.runtime.loop.loss), which the
 device accounting counts: x 50257 x 4 bytes = 0.4 GB of fp32 logits, enough rows to keep a GPU busy."""
 
 FROZEN_FLOPS = {"paper": 2, "backprop": 4}

@@ -1,25 +1,20 @@
 """The stage's LlamaForCausalLM (StepcLlama: the same weights and keys, a leaner training loss).
 
 The runtime builds it on the meta device and fills each rank's shard after FSDP sharding
-(stepc.runtime.init). `fresh_model` and `grown_model` here build the whole model eagerly on the
-CPU: they are the reference the sharded construction is tested against bit for bit.
+(stepc.runtime.model.materialise); tests/eager_reference.py builds the whole model eagerly on the
+CPU, the reference that construction is tested against bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from stepc.runtime.growth import grow_layers
-from stepc.runtime.lora import LoRALinear, apply_adapters
-from stepc.runtime.loss import linear_cross_entropy
-from stepc.schema.plan import StagePlan
-from stepc.schema.spec import Model, Spec
+from stepc.runtime.loop.loss import linear_cross_entropy
+from stepc.schema.spec import Model
 
 
 def llama_config(model: Model, num_layers: int) -> LlamaConfig:
@@ -37,7 +32,7 @@ class StepcLlama(LlamaForCausalLM):
     """LlamaForCausalLM whose loss never materialises the micro-batch's logits, and no KV cache.
 
     With labels, forward returns only the loss (logits=None): the decoder's last hidden states go
-    through stepc.runtime.loss.linear_cross_entropy, chunk by chunk. Without labels it is
+    through stepc.runtime.loop.loss.linear_cross_entropy, chunk by chunk. Without labels it is
     LlamaForCausalLM's forward. Training never needs a KV cache (use_cache=False): the cache's
     K/V concatenations would only keep activations alive into the next micro-batch.
     """
@@ -94,38 +89,3 @@ def runtime_config(model: Model, num_layers: int) -> LlamaConfig:
     config = llama_config(model, num_layers)
     config.use_cache = False
     return config
-
-
-def fresh_model(spec: Spec, num_layers: int, seed: int) -> StepcLlama:
-    """The eager reference: the whole model on the CPU, every module seeded by its name (init.py)."""
-    from stepc.runtime.init import init_fresh
-
-    model = StepcLlama(runtime_config(spec.model, num_layers)).float()
-    init_fresh(model, seed)
-    return model
-
-
-def grown_model(spec: Spec, previous_export: Path, stage: StagePlan) -> tuple[StepcLlama, list[LoRALinear], list[int]]:
-    """The eager reference: load stage i-1's merged export, insert the new layers, freeze the old
-    ones behind adapters. Returns the model, its adapters and the indices of the new layers.
-    """
-    model = StepcLlama.from_pretrained(previous_export, dtype=torch.float32)
-    model.config.use_cache = False
-    step = spec.step
-    seed = spec.experiment.seed + 1000 * stage.index
-    new_layers = []
-    if stage.new_layers:  # ReLoRA's LoRA phase adds no layer: adapters go on all of them
-        new_layers = grow_layers(model, stage.new_layers, step.growth_operator, step.position, step.fpi, seed,
-                                 block=step.stack_block)
-    if spec.method.old_layers == "trained":  # classic model growth: the whole grown model trains
-        return model, [], new_layers
-    old = [i for i in range(len(model.model.layers)) if i not in set(new_layers)]
-    generator = torch.Generator().manual_seed(seed)
-    adapters = apply_adapters(model, old, step.lora_rank, step.lora_alpha, generator)
-    if spec.train.precision == "bf16":
-        for adapter in adapters:  # frozen weights need no fp32 master copy (Eq. 2's 2 bytes)
-            adapter.base.to(torch.bfloat16)
-        for i in old:
-            for norm in (model.model.layers[i].input_layernorm, model.model.layers[i].post_attention_layernorm):
-                norm.to(torch.bfloat16)
-    return model, adapters, new_layers

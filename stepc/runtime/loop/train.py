@@ -35,27 +35,28 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
-from stepc.runtime import carry, preempt
-from stepc.runtime import checkpoint as ckpt
-from stepc.runtime.batches import device_batches
-from stepc.runtime.console import Console, echo
-from stepc.runtime.data import open_prepared, training_sets
+from stepc.runtime.model import carry
+from stepc.runtime.loop import preempt
+from stepc.runtime.loop import checkpoint as ckpt
+from stepc.runtime.data.batches import device_batches
+from stepc.runtime.loop.console import Console, echo
+from stepc.runtime.data.prepared import open_prepared, training_sets
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
-from stepc.runtime.evalsets import iter_eval_batches
-from stepc.runtime.export import write_export
-from stepc.runtime.faults import hold_after_step
-from stepc.runtime.flops import device_peak_flops, mfu
+from stepc.runtime.data.evalsets import iter_eval_batches
+from stepc.runtime.model.export import write_export
+from stepc.runtime.loop.faults import hold_after_step
+from stepc.runtime.loop.flops import device_peak_flops, mfu
 from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
-from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
-from stepc.runtime.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
-from stepc.runtime.lr import is_merge_step, lr_at
-from stepc.runtime.model import wrap_decoder_layers
-from stepc.runtime.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
-from stepc.runtime.oom import oom_failure
-from stepc.runtime.precision import autocast_unsharded
-from stepc.runtime.sampler import BlendSampler, BlockSampler
-from stepc.runtime.syncdebug import SyncCheck
-from stepc.runtime.tracking import open_tracking
+from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
+from stepc.runtime.model.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
+from stepc.runtime.loop.lr import is_merge_step, lr_at
+from stepc.runtime.model.llama import wrap_decoder_layers
+from stepc.runtime.loop.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
+from stepc.runtime.loop.oom import oom_failure
+from stepc.runtime.loop.precision import autocast_unsharded
+from stepc.runtime.data.sampler import BlendSampler, BlockSampler
+from stepc.runtime.loop.syncdebug import SyncCheck
+from stepc.runtime.loop.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.shapes import model_flops_per_token
 from stepc.schema.spec import Spec

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM
 
-from stepc.runtime.export_seal import seal
+from stepc.runtime.model.export_seal import seal
 from stepc.runtime.guard import EXPORT_DONE as DONE
 from stepc.runtime.guard import is_exported
-from stepc.runtime.lora import merged_state_dict
-from stepc.runtime.model import llama_config
+from stepc.runtime.model.lora import merged_state_dict
+from stepc.runtime.model.llama import llama_config
 from stepc.schema.spec import Spec
 
 __all__ = ["DONE", "is_exported", "write_export"]
@@ -39,7 +39,7 @@ def write_export(state: dict[str, torch.Tensor], spec: Spec, num_layers: int, de
     if tokenizer is not None:
         from transformers import PreTrainedTokenizerFast
 
-        from stepc.runtime.tokenizer import eos_id
+        from stepc.runtime.data.tokenizer import eos_id
 
         eos = tokenizer.id_to_token(eos_id(tokenizer))
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,

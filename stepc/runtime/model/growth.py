@@ -176,7 +176,7 @@ class LayerSource:
 def layer_sources(num_old: int, num_new: int, operator: str, position: str, seed: int,
                   block: int | None = None) -> list[LayerSource]:
     """The grown model, layer by layer (bottom to top): the one map of a growth that the eager
-    path (:func:`grow_layers`) and the sharded meta-device path (runtime/init.py) both follow."""
+    path (:func:`grow_layers`) and the sharded meta-device path (runtime/model/materialise.py) both follow."""
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; expected one of {OPERATORS}")
     if operator in STACK_OPERATORS:

@@ -9,7 +9,7 @@ sliced to the rank's part (DTensor's own local-shape/offset rule) before it is c
 * fresh model: each module's tensors are initialised by transformers' own `_init_weights` on a
   full-size stand-in of that module, under a seed derived from the experiment seed and the
   module's name. The values depend only on (seed, name, device type), never on the world size or
-  the sharding, so 1 rank, N ranks and the eager CPU reference (model.fresh_model) are
+  the sharding, so 1 rank, N ranks and the eager CPU reference (tests/eager_reference.py) are
   bit-identical. On a GPU the stand-in lives on the GPU and is drawn by its generator: the ranks
   draw in parallel at the device's speed (the CPU took 19 s per rank for 1.2B) and copy only their
   slice; the values then differ from a CPU run's (another generator), as any GPU run's do.
@@ -17,7 +17,7 @@ sliced to the rank's part (DTensor's own local-shape/offset rule) before it is c
   export with `safe_open(...).get_slice` (only the rank's rows are read), new layers are the copy or
   mean of their parents (growth.layer_sources, the same map the eager path follows; FPI zeros), adapters' A are drawn from the
   same seeded generator in the same order as lora.apply_adapters, B is zero. Bit-identical to the
-  eager reference model.grown_model.
+  eager reference (tests/eager_reference.py grown_model).
 
 torchtitan initialises the sharded model directly with DTensor random ops, which makes the values
 depend on the mesh; stepc needs world-size-independent weights (1 rank == 2 ranks is a test), hence
@@ -39,10 +39,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from stepc.runtime.faults import pause_point
-from stepc.runtime.growth import LayerSource, layer_sources
-from stepc.runtime.lora import LoRALinear, _kaiming_a_, apply_adapters
-from stepc.runtime.model import StepcLlama, runtime_config
+from stepc.runtime.loop.faults import pause_point
+from stepc.runtime.model.growth import LayerSource, layer_sources
+from stepc.runtime.model.lora import LoRALinear, _kaiming_a_, apply_adapters
+from stepc.runtime.model.llama import StepcLlama, runtime_config
 from stepc.schema.plan import StagePlan
 from stepc.schema.spec import Spec, Step
 
@@ -142,7 +142,7 @@ class _Export:
 def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
                      ) -> tuple[StepcLlama, list[LoRALinear], list[int], Callable[[StepcLlama], None]]:
     """The grown model on meta, its adapters, the indices of its new layers, and the function that
-    fills it once materialised (after sharding). Mirrors model.grown_model step for step."""
+    fills it once materialised (after sharding). Mirrors the eager grown_model of tests/eager_reference.py step for step."""
     step = spec.step
     seed = spec.experiment.seed + 1000 * stage.index
     export = _Export(previous_export)
@@ -170,7 +170,7 @@ def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
                     lora_a[(i, name)] = _kaiming_a_(torch.empty(module.lora_A.shape, dtype=torch.float32), generator)
         assert len(lora_a) == len(adapters)
         fill_model(materialised, _grown_fill(materialised, export, sources, step, lora_a, spec.experiment.seed))
-        pause_point("growth")  # tests only: kill -9 mid-growth, the grown shards filled (see stepc/runtime/faults.py)
+        pause_point("growth")  # tests only: kill -9 mid-growth, the grown shards filled (see stepc/runtime/loop/faults.py)
 
     return model, adapters, new_layers, fill
 

@@ -18,10 +18,10 @@ from tokenizers import Tokenizer
 
 from stepc.errors import UserError
 from stepc.rundir import canonical_json, file_sha256_hex
-from stepc.runtime.documents import expand_patterns
-from stepc.runtime.sampler import BlendSampler, BlockSampler, holdout_split
-from stepc.runtime.shards import SHARD_FORMAT, Shard, TokenBlocks, read_index, shards_sha256
-from stepc.runtime.tokenizer import tokenizer_hash
+from stepc.runtime.data.documents import expand_patterns
+from stepc.runtime.data.sampler import BlendSampler, BlockSampler, holdout_split
+from stepc.runtime.data.shards import SHARD_FORMAT, Shard, TokenBlocks, read_index, shards_sha256
+from stepc.runtime.data.tokenizer import tokenizer_hash
 from stepc.schema.spec import Data
 
 

@@ -37,10 +37,10 @@ from tokenizers import Tokenizer
 
 from stepc.errors import UserError
 from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
-from stepc.runtime.data import current_index
-from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
-from stepc.runtime.shards import SHARD_FORMAT, token_dtype
-from stepc.runtime.tokenizer import BPE_SAMPLE_CHARS, eos_id, load_tokenizer
+from stepc.runtime.data.prepared import current_index
+from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
+from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype
+from stepc.runtime.data.tokenizer import BPE_SAMPLE_CHARS, eos_id, load_tokenizer
 from stepc.schema.spec import Data
 
 
