@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.add_argument("--headroom", help="with --gpu: allocator slack added to the estimate, e.g. 12%% (default: the measured 12%%)")
     p.add_argument("--overhead", help="with --gpu: memory outside the allocator (CUDA context, NCCL), e.g. 1.5GB (default)")
+    p.add_argument("--explain", action="store_true", help="with --gpu: each stage's per-GPU estimate term by term")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
@@ -169,7 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans, fits = [], True
     capacity = None
     if args.gpu or args.gpu_memory:
-        from stepc.compiler.fit import fit, fit_table, gpu_capacity, parse_headroom
+        from stepc.compiler.fit import explain, fit, fit_table, gpu_capacity, parse_headroom
 
         label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
         headroom = parse_headroom(args.headroom, args.overhead)
@@ -183,6 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if capacity is not None:
             results = fit(spec, plan, capacity, headroom)
             print("\n" + fit_table(spec, results, label, headroom))
+            if args.explain:
+                print(explain(spec, plan, headroom))
             fits = fits and all(r.fits for r in results)
         plans.append((spec.experiment.name, plan))
     if len(plans) > 1:

@@ -104,3 +104,20 @@ def test_gpu_table_is_ordered_by_name_and_plausible():
     for key, (name, capacity) in GPUS.items():
         marketed = int(key.rsplit("-", 1)[1].removesuffix("gb"))
         assert 0.85 * marketed * 1e9 < capacity <= marketed * 2**30, key  # usable is a little under the label
+
+
+def test_explain_breaks_the_estimate_into_terms_that_add_up(capsys):
+    """`--explain`: each stage's printed terms add up to its estimate (to the printed rounding), and the
+    terms that make 1.2B at micro batch 8 need ~30 GB are named: activations and, under gradient
+    accumulation, FSDP2's unsharded fp32 gradients."""
+    vanilla = REPO / "specs" / "paper-1.2b-vanilla.toml"
+    assert main(["plan", str(vanilla), "--gpu", "h100-80gb", "--explain"]) == 0
+    out = capsys.readouterr().out
+    stage = out[out.index("\nstage 1:"):]
+    estimate = float(stage.split("estimate ", 1)[1].split(" GB", 1)[0])
+    terms = [float(line.rsplit(None, 2)[-2]) for line in stage.splitlines()[1:] if line.startswith("  ") and
+             not line.startswith("  +")]
+    assert abs(sum(terms) - estimate) <= 0.0005 * (len(terms) + 1)
+    assert "activations of 24 decoder layers" in stage and "unsharded fp32 gradients kept between micro-batches" in stage
+    assert main(["plan", str(PAPER), "--gpu", "h100-80gb", "--explain", "--set", "train.activation_checkpointing=true"]) == 0
+    assert "one layer recomputed in full" in capsys.readouterr().out

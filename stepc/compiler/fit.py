@@ -191,6 +191,30 @@ def fit_table(spec: Spec, results: list[StageFit], label: str, headroom: Headroo
     return "\n".join([head, *lines, *notes, *([speed] if speed else [])])
 
 
+def explain(spec: Spec, plan: Plan, headroom: Headroom = Headroom()) -> str:
+    """`--explain`: each stage's per-GPU estimate term by term (the device accounting's own terms,
+    summing to the table's estimate), then the headroom that makes it what the stage needs."""
+    from stepc.compiler.memory import costs_for
+
+    tr = spec.train
+    lines = []
+    for stage in plan.stages:
+        new, old = stage.new_layers, stage.frozen_layers
+        peak = stage_peak(_with(spec), new, old)
+        lines.append(f"\nstage {stage.index}: {stage.total_layers} layers ({new} trained, {old} frozen), micro batch "
+                     f"{tr.micro_batch_size} x {spec.model.seq_len} tokens, estimate {format_bytes(peak)} per GPU")
+        if spec.method.optimizer == "galore":
+            lines.append("  (GaLore's projected optimizer state is not broken down term by term)")
+        else:
+            terms = costs_for(_with(spec)).terms(new, old)
+            width = max(len(name) for name, _ in terms)
+            lines += [f"  {name:<{width}}  {format_bytes(value):>10}" for name, value in terms]
+        slack = headroom.needs(peak) - headroom.overhead - peak
+        lines.append(f"  + allocator slack {100 * headroom.slack:g}% {format_bytes(slack)}, outside the allocator "
+                     f"{format_bytes(headroom.overhead)}: needs {format_bytes(headroom.needs(peak))}")
+    return "\n".join(lines)
+
+
 GEMM_MULTIPLE = 128  # widths that are multiples of this ran at full speed on the H200 (bench/gpu.py's GEMM table)
 
 

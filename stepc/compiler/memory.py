@@ -31,19 +31,37 @@ class Costs:
     step_bytes: int = 0
     ranks: int = 1  # "device": FSDP shards parameters, gradients and moments over this many ranks
     activation_layer_bytes: int = 0  # "device": activations one decoder layer keeps per rank
-    activation_fixed_bytes: int = 0  # "device": logits, all-gather buffers, a recomputed layer
     activation_adapter_bytes: int = 0  # "device": extra activations of one frozen layer's adapters
     accumulated_grad_bytes: int = 0  # "device": per trainable parameter, unsharded, under gradient accumulation
+    fixed_terms: tuple[tuple[str, int], ...] = ()  # "device": named per-rank buffers (loss, FSDP2, a recomputed layer)
+
+    @property
+    def activation_fixed_bytes(self) -> int:
+        """The per-rank buffers that do not scale with the layers (loss, FSDP2, a recomputed layer)."""
+        return sum(value for _, value in self.fixed_terms)
+
+    def terms(self, new: int, old: int) -> list[tuple[str, int]]:
+        """Bytes of a stage that trains `new` layers above `old` frozen, adapted layers (per rank if
+        ranks > 1), term by term: what `stepc plan --gpu --explain` prints; their sum is stage_bytes."""
+        trained = new * self.layer_params + old * self.adapter_params + self.fixed_params
+        tensors = new * self.layer_tensors + old * self.adapter_tensors + self.fixed_tensors
+        frozen = self.frozen_bytes * old * self.layer_params
+        per = f" (1/{self.ranks})" if self.ranks > 1 else ""
+        states = -(-(TRAINED_BYTES * trained + frozen) // self.ranks)  # one ceiling for all sharded states
+        weights, grads = 4 * trained // self.ranks, 4 * trained // self.ranks
+        out = [(f"trained weights, fp32 master{per}", weights), (f"their gradients{per}", grads),
+               (f"AdamW moments{per}", states - weights - grads - frozen // self.ranks),
+               (f"frozen weights, {self.frozen_bytes} bytes each{per}", frozen // self.ranks),
+               ("AdamW step scalars (every rank holds one per tensor)", self.step_bytes * tensors),
+               ("unsharded fp32 gradients kept between micro-batches", self.accumulated_grad_bytes * trained),
+               (f"activations of {new + old} decoder layers", (new + old) * self.activation_layer_bytes),
+               (f"adapter activations of {old} frozen layers", old * self.activation_adapter_bytes),
+               *self.fixed_terms]
+        return [(name, value) for name, value in out if value]
 
     def stage_bytes(self, new: int, old: int) -> int:
         """Bytes of a stage that trains `new` layers above `old` frozen, adapted layers (per rank if ranks > 1)."""
-        trained = new * self.layer_params + old * self.adapter_params + self.fixed_params
-        tensors = new * self.layer_tensors + old * self.adapter_tensors + self.fixed_tensors
-        sharded = TRAINED_BYTES * trained + self.frozen_bytes * old * self.layer_params
-        # AdamW's step scalars are not sharded: every rank holds one per parameter tensor.
-        return (-(-sharded // self.ranks) + self.step_bytes * tensors + self.accumulated_grad_bytes * trained
-                + (new + old) * self.activation_layer_bytes + old * self.activation_adapter_bytes
-                + self.activation_fixed_bytes)
+        return sum(value for _, value in self.terms(new, old))
 
     def trainable_params(self, new: int, old: int) -> int:
         return new * self.layer_params + old * self.adapter_params + self.fixed_params
@@ -119,14 +137,16 @@ def device_costs(spec: Spec) -> Costs:
     chunk = min(LOSS_CHUNK_TOKENS, tokens)
     v = m.embedding_rows
     loss = chunk * v * (4 + elt + (4 if elt == 2 else 0)) + v * d * (4 + elt) + 2 * tokens * d * elt + tokens * norm
-    fsdp = 2 * elt * base.layer_params + elt * base.fixed_params  # gathered parameters
-    fsdp += elt * base.fixed_params + (elt + 4) * base.layer_params  # unsharded gradients, reduce buffer
-    fixed = loss + fsdp
+    gathered = 2 * elt * base.layer_params + elt * base.fixed_params
+    unsharded = elt * base.fixed_params + (elt + 4) * base.layer_params  # gradients and the reduce buffer
+    fixed = [("LM-head loss: chunk logits, head gradient, hidden-state gradient", loss),
+             ("FSDP2 all-gathered parameters (root, current and next layer)", gathered),
+             ("FSDP2 unsharded gradients and reduce-scatter buffer", unsharded)]
     if tr.activation_checkpointing:
-        fixed += full_layer
+        fixed.append(("one layer recomputed in full (activation checkpointing)", full_layer))
     accum = tr.global_batch_tokens // (m.seq_len * tr.micro_batch_size * ranks)
     return Costs(**{**base.__dict__, "ranks": 1 if galore else shards, "activation_layer_bytes": per_layer,
-                    "activation_adapter_bytes": adapter, "activation_fixed_bytes": fixed,
+                    "activation_adapter_bytes": adapter, "fixed_terms": tuple(fixed),
                     "accumulated_grad_bytes": 4 if accum > 1 and not galore else 0})
 
 
