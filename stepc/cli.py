@@ -7,13 +7,12 @@ Exit codes: 0 ok, 1 differences (diff/verify) or a failed stage, 2 user error (o
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from stepc import __version__
 from stepc.errors import UserError
-
-DEFAULT_SPEC = "specs/tiny-cpu.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `stepc help-spec | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print the plan table of one or more specs; writes nothing")
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
-    _add_set(p)
+    _add_set(p, recorded=False)
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
                                    "rtx4090-24gb (exit 1 when a stage does not fit)")
@@ -99,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
 
-    p = sub.add_parser("help-spec", help="list every spec key with its default and meaning")
+    p = sub.add_parser("help-spec", help="list every spec key with its type, default and meaning")
+    p.add_argument("section", nargs="?", help="only this table and its sub-tables, e.g. train or launch.slurm")
     p.set_defaults(func=cmd_help_spec)
     return parser
 
@@ -115,9 +118,10 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "positive integer"  # argparse names the type in its message
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, recorded: bool = True) -> None:
+    where = "recorded in the run directory's spec.toml and manifest" if recorded else "nothing is written"
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key with a TOML value, e.g. --set train.lr=3e-4 (repeatable; recorded in the run)")
+                   help=f"override a spec key with a TOML value, e.g. --set train.lr=3e-4 (repeatable; {where})")
 
 
 def _compile(path: str, sets: list[str] | None, emit: bool):
@@ -302,12 +306,42 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_help_spec(args: argparse.Namespace) -> int:
     from stepc.schema.spec import Spec
 
-    print(spec_reference(Spec))
+    text = spec_reference(Spec).strip("\n")
+    if args.section:
+        section = args.section.strip("[] ")
+        blocks = [b.strip("\n") for b in re.split(r"\n(?=\[)", text)]  # each starts with its "[table]" line
+        names = [b[1:b.index("]")] for b in blocks]
+        chosen = [b for b, n in zip(blocks, names) if n == section or n.startswith(section + ".")]
+        if not chosen:
+            raise UserError(f"no spec table [{section}]", fix=f"name one of: {', '.join(names)}")
+        text = "\n\n".join(chosen)
+    print(text)
     return 0
 
 
+def _type_name(ann) -> str:
+    """A field's type as a spec author writes it: int, float, string, bool, list of ..., one of "a" | "b"."""
+    from typing import Literal, Union, get_args, get_origin
+
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " | ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (", optional" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"table of {_type_name(args[1])}"
+    if hasattr(ann, "__metadata__"):  # Annotated[int, Field(...)]
+        return _type_name(args[0])
+    if isinstance(ann, type) and hasattr(ann, "model_fields"):  # a pydantic section: a TOML table
+        return "table"
+    return {int: "int", float: "float", str: "string", bool: "bool"}.get(ann, getattr(ann, "__name__", str(ann)))
+
+
 def spec_reference(model, prefix: str = "") -> str:
-    """Every key with its default and docstring, generated from the pydantic models."""
+    """Every key with its type, default and docstring, generated from the pydantic models."""
     from typing import get_args, get_origin
 
     from pydantic import BaseModel
@@ -322,7 +356,7 @@ def spec_reference(model, prefix: str = "") -> str:
             tables += [f"\n[{prefix}{name}]  {field.description or ''}", spec_reference(ann, f"{prefix}{name}.")]
             continue
         default = "(required)" if field.is_required() else repr(field.default)
-        lines.append(f"  {name} = {default}\n      {field.description or ''}")
+        lines.append(f"  {name} = {default}    ({_type_name(ann)})\n      {field.description or ''}")
         # a table of named sub-tables (dict[str, Model], e.g. [data.sources.NAME]): list the sub-table's keys too
         if get_origin(ann) is dict and is_model(get_args(ann)[1]):
             entry = get_args(ann)[1]

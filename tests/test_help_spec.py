@@ -79,3 +79,18 @@ def test_every_key_of_a_real_spec_is_documented(reference, source):
     missing = [f"{t}.{k}" if t else k for t, k in key_paths(doc) if not documented(reference, t, k)]
     assert not missing, f"keys missing from `stepc help-spec`: {missing}"
 
+
+
+def test_help_spec_filters_to_a_table_and_shows_types(capsys):
+    from stepc.cli import main
+
+    assert main(["help-spec", "launch"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[launch]") and "[launch.slurm]" in out and "[train]" not in out
+    assert "sharding = 'full'    (\"full\" | \"hybrid\")" in out and "nnodes = 1    (int)" in out
+    assert "account = None    (string, optional)" in out
+    assert main(["help-spec", "[train]"]) == 0
+    out = capsys.readouterr().out
+    assert "betas = [0.9, 0.95]    (list of float)" in out and "[launch]" not in out
+    assert main(["help-spec", "trian"]) == 2
+    assert "no spec table [trian]" in capsys.readouterr().err

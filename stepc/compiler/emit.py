@@ -71,7 +71,8 @@ def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool, marker: s
                         key="experiment.name", fix=f"move {run_dir} away, or choose another experiment.name or --out")
     if run_dir.exists() and not force:
         raise UserError(f"run directory {run_dir} already exists", key="experiment.name",
-                        fix="pass --force to recompile it (checkpoints, logs and metrics are kept), or choose another experiment.name")
+                        fix="compile elsewhere (--out DIR) or under another name (--set experiment.name=NEW), or pass "
+                            "--force to recompile it in place (its checkpoints, logs and metrics are kept)")
     if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / marker).is_file():
         raise UserError(f"{run_dir} is a non-empty directory without {marker}: not one stepc wrote, and --force "
                         "would write stage scripts into it", key="experiment.name",
