@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import check_ok, load_weights, read_metrics, run_stage
+from conftest import check_ok, load_weights, read_metrics, run_stage, stage_env
 
 
 def _events(metrics, event, stage=None):
@@ -148,6 +150,24 @@ def test_allow_edited_manifest_is_accepted(full_run, tmp_path):
     assert run_stage(run_dir, 1, timeout=60).returncode == 2
     proc = check_ok(run_stage(run_dir, 1, "--allow-edited-manifest", nproc=1, timeout=120))
     assert "already complete" in proc.stdout
+
+
+def test_a_finished_stage_starts_no_torchrun(full_run, tmp_path):
+    """Rerunning a finished stage (stepc run of a finished run, a requeued job) is a quick check: the
+    stage script's preflight says the stage is complete and no launcher or worker is started."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run, run_dir, ignore=shutil.ignore_patterns("step-*", "cache"))
+    calls = tmp_path / "python-calls"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/bash\necho "$*" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**stage_env(), "PYTHON": str(wrapper)}
+    for stage in (1, 2):
+        proc = subprocess.run(["bash", str(run_dir / f"stage-{stage}.sh")], env=env, cwd=run_dir, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and f"stage {stage} is already complete" in proc.stdout, proc.stderr[-2000:]
+    invoked = calls.read_text().splitlines()
+    assert invoked and not any("stepc.runtime.launch" in line for line in invoked), invoked
 
 
 def test_stage2_before_stage1_exits_2(make_run):

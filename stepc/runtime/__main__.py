@@ -11,6 +11,8 @@ from pathlib import Path
 from stepc.errors import UserError
 from stepc.runtime.guard import ALLOWABLE, RuntimeFailure, preflight
 
+EXIT_COMPLETE = 3  # --preflight: the stage's export exists, nothing to train (stage.sh then skips torchrun)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stepc.runtime", description="Train one stage of a compiled stepc run.")
@@ -19,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     for what in ALLOWABLE:
         parser.add_argument(f"--allow-{what}", action="store_true", help=f"proceed despite a {what.replace('-', ' ')}")
     parser.add_argument("--preflight", action="store_true",
-                        help="only run the checks that need no torch (manifest, stage order) and exit; the stage scripts "
-                             "run this before torchrun, which would turn the exit code 2 of a refusal into 1")
+                        help="only run the checks that need no torch (manifest, stage order) and exit: 0 to train, 2 a "
+                             "refusal, 3 the stage is already complete; the stage scripts run this before torchrun, which "
+                             "would turn the exit code 2 of a refusal into 1")
     parser.add_argument("--verify-data", action="store_true",
                         help="accepted for the stage scripts; `stepc data prepare --verify-data` (run by them) re-hashes "
                              "every data file and shard")
@@ -36,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.lock_pid is not None:  # before the checks: they may write (checkpoints/EXPERIMENT)
                 acquire(args.manifest.parent, args.lock_pid, f"stage-{args.stage}.sh")
-            preflight(args.manifest, args.stage, allow, world=args.world, nnodes=args.nnodes)
+            _, complete = preflight(args.manifest, args.stage, allow, world=args.world, nnodes=args.nnodes)
         except (RuntimeFailure, UserError) as failure:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             return 2
-        return 0
+        return EXIT_COMPLETE if complete else 0
     _die_with_launcher()
     from stepc.runtime.loop import preempt
 
