@@ -53,6 +53,7 @@ from stepc.runtime.oom import oom_failure
 from stepc.runtime.precision import autocast_unsharded
 from stepc.runtime.sampler import BlendSampler, BlockSampler
 from stepc.runtime.syncdebug import SyncCheck
+from stepc.runtime.tokenizer import id_bound
 from stepc.runtime.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
@@ -418,8 +419,8 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler,
     check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
     prepared = open_prepared(st.run_dir, st.spec.data, st.spec.model.seq_len)
     tok = prepared.tokenizer
-    if tok.get_vocab_size() > st.spec.model.vocab_size:
-        raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec.model.vocab_size}")
+    if id_bound(tok) > st.spec.model.vocab_size:  # the largest id, not the token count: ids may have gaps
+        raise RuntimeFailure(f"the tokenizer's ids reach {id_bound(tok) - 1} but model.vocab_size is {st.spec.model.vocab_size}")
     st.tokenizer = tok
     check_data_fingerprint(st.run_dir, prepared.fingerprint, st.rank, allow)
     return training_sets(prepared, st.spec.data.holdout_fraction, st.spec.experiment.seed,
