@@ -17,6 +17,7 @@ STEPC_FAULT_OOM_AT_STEP=N raises torch.OutOfMemoryError in step N, as a CUDA all
 STEPC_FAULT_HOLD_AFTER_STEP=I:N holds every rank after step N of stage I until it is told to stop (faults.py).
 STEPC_DUMP_OPTIMIZER_AT_START=FILE writes the optimizer state a fresh stage starts with (after any
 carry) to FILE, so tests can compare carried moments with the previous stage's bit for bit.
+STEPC_DUMP_FIRST_BATCH=PREFIX saves each rank's first micro-batch of each stage (faults.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from stepc.runtime.data import open_prepared, training_sets
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
 from stepc.runtime.evalsets import iter_eval_batches
 from stepc.runtime.export import write_export
-from stepc.runtime.faults import hold_after_step
+from stepc.runtime.faults import hold_after_step, tap_first_batch
 from stepc.runtime.flops import device_peak_flops, flops_per_token, mfu
 from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.init import init_fresh, meta_fresh_model, meta_grown_model
@@ -165,6 +166,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     batches = device_batches(lambda step, micro: sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
                                                                   tr.micro_batch_size, st.grad_accum),
                              range(start, steps), st.grad_accum, st.device)
+    batches = tap_first_batch(batches, st.index)  # tests only (faults.py)
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
     stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
     console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
