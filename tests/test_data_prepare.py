@@ -217,20 +217,24 @@ def test_a_truncated_or_missing_shard_under_a_surviving_index_is_prepared_again(
     good = shard_bytes(tmp_path / "cache")
     expected = open_prepared(tmp_path, data, 16).train["train"]
     expected = expected.tokens(0, expected.num_tokens)
-    truncated, missing = sorted((tmp_path / "cache" / "shards").rglob("*.bin"))[:2]
-    with open(truncated, "r+b") as handle:
-        handle.truncate(truncated.stat().st_size // 2)
-    missing.unlink()
-    assert len(list((tmp_path / "cache" / "shards").rglob("index.json"))) == len(files)
-    with pytest.raises(UserError, match="missing or truncated") as err:
-        open_prepared(tmp_path, data, 16)
-    assert "stepc data prepare" in err.value.fix
-    lines: list[str] = []
-    prepare(data, tmp_path / "cache", tmp_path, workers=1, progress=lines.append)
-    assert any(f"{truncated} is shorter or longer than its recorded tokens" in line for line in lines), lines
-    assert shard_bytes(tmp_path / "cache") == good
-    blocks = open_prepared(tmp_path, data, 16).train["train"]
-    assert np.array_equal(blocks.tokens(0, blocks.num_tokens), expected)
+    missing, truncated = sorted((tmp_path / "cache" / "shards").rglob("*.bin"))[:2]
+    for damage in ("missing", "truncated"):  # one at a time: each is detected on its own
+        if damage == "missing":
+            missing.unlink()
+        else:
+            with open(truncated, "r+b") as handle:
+                handle.truncate(truncated.stat().st_size // 2)
+        assert len(list((tmp_path / "cache" / "shards").rglob("index.json"))) == len(files)
+        with pytest.raises(UserError, match="missing or truncated") as err:
+            open_prepared(tmp_path, data, 16)
+        assert "stepc data prepare" in err.value.fix
+        lines: list[str] = []
+        prepare(data, tmp_path / "cache", tmp_path, workers=1, progress=lines.append)
+        if damage == "truncated":
+            assert any(f"{truncated} is shorter or longer than its recorded tokens" in line for line in lines), lines
+        assert shard_bytes(tmp_path / "cache") == good, damage
+        blocks = open_prepared(tmp_path, data, 16).train["train"]
+        assert np.array_equal(blocks.tokens(0, blocks.num_tokens), expected)
 
 
 def test_a_file_rewritten_in_place_is_prepared_afresh_under_a_shared_cache(tmp_path):
