@@ -3,7 +3,8 @@ and on 2 gloo ranks (FSDP2): the measured model-state bytes (every parameter, gr
 state tensor the ranks hold) equal the compiler's exact prediction in every stage, the export keeps
 one shared matrix, and `stepc eval` of the export reproduces the runtime's own last evaluation (on
 one rank `to_empty` once untied the head: it trained apart and the export, which saves the
-embedding once, scored perplexity ~2900 where the runtime measured ~80).
+embedding once, scored perplexity ~2900 where the runtime measured ~80). The same two runs check
+ReLoRA's merge on the running runtime's own optimizer (RESET below), so it costs no launch of its own.
 """
 
 from __future__ import annotations
