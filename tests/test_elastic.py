@@ -3,9 +3,9 @@
 The samples of an optimizer step depend only on the step and the global batch (data.BlockSampler), and
 DCP reshards the checkpoint (FSDP2 shards <-> one unsharded rank). Run B stops stage 1 on 2 ranks
 (SIGTERM to rank 1's worker alone: both ranks agree to stop after the same step and checkpoint it)
-and finishes it on 1 rank; it stops stage 2 on 1 rank and finishes it on 2. Its logged losses and weights match the uninterrupted 2-rank run A (`full_run`)
-to within float32 reduction-order noise. A rank count that cannot tile the global batch is refused
-before torchrun starts (exit 2, saying why).
+and finishes it on 1 rank; it stops stage 2 on 1 rank and finishes it on 2. Its logged losses and
+weights match the uninterrupted 2-rank run A (`full_run`) to within float32 reduction-order noise. A
+rank count that cannot tile the global batch is refused before torchrun starts (exit 2, saying why).
 """
 
 from __future__ import annotations
