@@ -18,14 +18,17 @@ from conftest import check_ok, read_metrics, run_stage
 
 # ReLoRA's merge on the running runtime's own optimizer: the plain module zeroes the adapters' moments,
 # FSDP2 prunes them by magnitude, shard by shard (step.optimizer_reset); the checkpoint at the merge step
-# (step 8 of stage 2's 10, checkpoint_every = relora_reset_every = 8) holds the state right after it.
-RESET = {1: {"optimizer_reset": "zero"}, 2: {"optimizer_reset": "magnitude", "prune_ratio": 0.75}}
+# (step 9 of stage 2's 10, checkpoint_every = relora_reset_every = 9) holds the state right after it.
+# Stage 1 has 9 steps: it ends at 9 and writes no periodic checkpoint.
+EVERY = 9
+RESET = {1: {"optimizer_reset": "zero", "relora_reset_every": EVERY},
+         2: {"optimizer_reset": "magnitude", "prune_ratio": 0.75, "relora_reset_every": EVERY}}
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_tied_model_measured_state_bytes_equal_the_prediction(make_run, tmp_path, nproc):
     run_dir = make_run.compile(f"tied{nproc}", model={"tie_embeddings": True}, step=RESET[nproc],
-                               train={"reference_steps": 12, "warmup_steps": 2, "checkpoint_every": 8},
+                               train={"reference_steps": 12, "warmup_steps": 2, "checkpoint_every": EVERY},
                                eval={"every_steps": 100, "max_tokens": 512}, launch={"nproc_per_node": nproc})
     for stage in (1, 2):
         check_ok(run_stage(run_dir, stage))
@@ -64,7 +67,7 @@ def _adapter_state_right_after_the_merge(run_dir, tmp_path, nproc):
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     every = manifest["spec"]["step"]["relora_reset_every"]
-    assert every == 8 < manifest["plan"]["stages"][1]["steps"]
+    assert manifest["plan"]["stages"][0]["steps"] == every < manifest["plan"]["stages"][1]["steps"]
     assert [m["step"] for m in read_metrics(run_dir) if m["event"] == "merge"] == [every]
     dcp_to_torch_save(run_dir / "checkpoints" / "stage-2" / f"step-{every:08d}", tmp_path / "merge.pt")
     state = torch.load(tmp_path / "merge.pt", weights_only=False)["optim"]["state"]
