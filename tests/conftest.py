@@ -187,6 +187,11 @@ def load_weights(export_dir: Path) -> dict[str, Any]:
     return state
 
 
+def first_batch_prefix(run_dir: Path) -> Path:
+    """Where `full_run`'s ranks save their first micro-batch of each stage (beside the run directory)."""
+    return run_dir.parent / "first-batch"
+
+
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, small_corpus) -> Path:
     """The test spec compiled and run through every stage with `stepc run` (2 gloo ranks), once per session.
@@ -195,7 +200,8 @@ def full_run(tmp_path_factory, small_corpus) -> Path:
     """
     root = tmp_path_factory.mktemp("full-run")
     run_dir = RunFactory(root, small_corpus).compile("rt")
-    proc = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir)], env=stage_env(),
+    env = {**stage_env(), "STEPC_DUMP_FIRST_BATCH": str(first_batch_prefix(run_dir))}  # for test_stages.py
+    proc = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir)], env=env,
                           cwd=run_dir, capture_output=True, text=True, timeout=2 * STAGE_TIMEOUT)
     check_ok(proc)
     (run_dir / "stepc-run.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)

@@ -2,10 +2,11 @@
 of a compiled run exactly as the runtime does - meta model, train._prepare (FSDP2 over the ranks,
 to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
 
-usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR PRECISION [GROWTH_OPERATOR,...]
+usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR BUILD [BUILD ...]
 
-With growth operators, stage 2 is built once per operator (stage2-worldN-OPERATOR.pt), in one launch:
-starting the workers costs more than building the models.
+A BUILD is PRECISION (stages 1 and 2 as the run builds them: stage1-worldN-PRECISION.pt, stage2-...) or
+PRECISION:OPERATOR (stage 2 grown with that growth operator: stage2-worldN-PRECISION-OPERATOR.pt). All
+in one launch: starting the workers costs more than building the models.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ def probe_spec(spec, precision: str, operator: str | None):
 
 
 def main() -> None:
-    run_dir, out, precision = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(run_dir)
-    operators = sys.argv[4].split(",") if len(sys.argv) > 4 else []
-    builds = [(2, op) for op in operators] or [(1, None), (2, None)]
-    for index, operator in builds:
+    builds = []
+    for arg in sys.argv[3:]:
+        precision, _, operator = arg.partition(":")
+        builds += [(precision, 2, operator)] if operator else [(precision, 1, None), (precision, 2, None)]
+    for precision, index, operator in builds:
         spec = probe_spec(manifest.spec, precision, operator)
         info = manifest.plan.stages[index - 1]
         st = Stage(run_dir, spec, manifest.plan, info, rank, world, torch.device("cpu"))
@@ -56,7 +59,7 @@ def main() -> None:
         dist.all_gather_object(sizes, local)
         state = ckpt.full_model_state(model)
         if rank == 0:
-            name = f"stage{index}-world{world}" + (f"-{operator}" if operator else "")
+            name = f"stage{index}-world{world}-{precision}" + (f"-{operator}" if operator else "")
             torch.save({"state": state, "local_bytes": sizes}, out / f"{name}.pt")
         dist.barrier()
     dist.destroy_process_group()

@@ -63,3 +63,16 @@ def test_a_pipe_gets_whole_lines_only():
         "stage 1/2 step 10/20 loss 3.2000 lr 1.00e-03 5,000 tok/s MFU 41.0% mem 2.50 GB eta stage 0:00:02 run 0:08:20",
         "stage 1/2 step 20/20 loss 3.1000 lr 5.00e-04 5,000 tok/s mem 2.50 GB eta stage 0:00:00 run 0:06:40",
     ]
+
+
+def test_etas_count_the_steps_left_exactly():
+    """At a rate where one step moves each rounded ETA: 1,000 tokens per step at 100 tok/s is 10 s a
+    step, so stage 1 at step 7 of 20 has 13 steps left = 130 s (12 would read 0:02:00, 14 0:02:20).
+    The run: 13/20 of stage 1's 1e12 FLOPs + stage 2's 2e12 = 2.65e12 FLOPs at 100 tok/s x 1e12 FLOPs
+    / 1e6 tokens = 1e8 FLOP/s = 26,500 s (a step of stage 1 is 500 s of it)."""
+    console = Console(1, STAGES, 0, 1000, enabled=False)
+    fields = console.fields(7, 3.0, 1e-3, 100.0, None, None)
+    assert fields[-2:] == ["eta stage 0:02:10", "run 7:21:40"]
+    later = Console(2, STAGES, 0, 1000, enabled=False).fields(19, 3.0, 1e-3, 100.0, None, None)
+    # the last stage: 1 step left = 10 s; its FLOPs rate is 100 x 2e12 / 1e6 = 2e8, 1/20 of 2e12 = 1e11 -> 500 s
+    assert later[-2:] == ["eta stage 0:00:10", "run 0:08:20"]

@@ -72,10 +72,10 @@ def test_packing_of_the_bundled_corpus_is_unchanged(tmp_path, monkeypatch, corpu
 
 
 def mixed_corpus(root: Path) -> list[str]:
-    """A parquet file of 12 row groups, a jsonl file, and a txt file."""
+    """A parquet file of 12 row groups of 10 documents and a short 13th of 3, a jsonl file, and a txt file."""
     root.mkdir(parents=True, exist_ok=True)
     docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(40 + i % 13)) for i in range(240)]
-    pq.write_table(pa.table({"text": docs[:120]}), root / "a.parquet", row_group_size=10)
+    pq.write_table(pa.table({"text": docs[:123]}), root / "a.parquet", row_group_size=10)
     with open(root / "b.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"text": doc}) + "\n" for doc in docs[120:])
     (root / "c.txt").write_text("\n".join(docs[:50]) + "\n", encoding="utf-8")
@@ -92,6 +92,10 @@ def test_output_is_independent_of_worker_count_and_unit_size(tmp_path, monkeypat
     index = prepare(many, tmp_path / "c2", tmp_path / "r2", workers=2)  # two spawned worker processes
     units = [len(f["shards"]) for f in index["train"]["train"]["files"]]
     assert units[0] > 3 and units[1] > 3 and units[2] == 1
+    groups = pq.ParquetFile(files[0]).metadata
+    tail = groups.row_group(groups.num_row_groups - 1)
+    # the short last row group is a unit of its own, below the unit size (read like every other unit)
+    assert units[0] == groups.num_row_groups and tail.num_rows == 3 and tail.total_byte_size < 2000
     (tmp_path / "r1").mkdir()
     prepare(one, tmp_path / "c1", tmp_path / "r1", workers=1)
     a = open_prepared(tmp_path / "r1", one, 32).train["train"]
@@ -202,6 +206,94 @@ def test_verify_data_retokenises_a_corrupted_shard(tmp_path):
     prepare(data, tmp_path / "cache", tmp_path, workers=1, verify=True, progress=lines.append)
     assert any("does not match its recorded sha256" in line for line in lines)
     assert shard_bytes(tmp_path / "cache") == good
+
+
+def test_a_truncated_or_missing_shard_under_a_surviving_index_is_prepared_again(tmp_path):
+    """Shards cut short or deleted while every index.json and unit record survives: opening the data
+    refuses (naming `stepc data prepare`), and preparing again rebuilds exactly those shards."""
+    files = mixed_corpus(tmp_path / "d")
+    data = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "cache"))
+    prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    good = shard_bytes(tmp_path / "cache")
+    expected = open_prepared(tmp_path, data, 16).train["train"]
+    expected = expected.tokens(0, expected.num_tokens)
+    missing, truncated = sorted((tmp_path / "cache" / "shards").rglob("*.bin"))[:2]
+    for damage in ("missing", "truncated"):  # one at a time: each is detected on its own
+        if damage == "missing":
+            missing.unlink()
+        else:
+            with open(truncated, "r+b") as handle:
+                handle.truncate(truncated.stat().st_size // 2)
+        assert len(list((tmp_path / "cache" / "shards").rglob("index.json"))) == len(files)
+        with pytest.raises(UserError, match="missing or truncated") as err:
+            open_prepared(tmp_path, data, 16)
+        assert "stepc data prepare" in err.value.fix
+        lines: list[str] = []
+        prepare(data, tmp_path / "cache", tmp_path, workers=1, progress=lines.append)
+        if damage == "truncated":
+            assert any(f"{truncated} is shorter or longer than its recorded tokens" in line for line in lines), lines
+        assert shard_bytes(tmp_path / "cache") == good, damage
+        blocks = open_prepared(tmp_path, data, 16).train["train"]
+        assert np.array_equal(blocks.tokens(0, blocks.num_tokens), expected)
+
+
+def test_a_file_rewritten_in_place_is_prepared_afresh_under_a_shared_cache(tmp_path):
+    """Same path and inode, new bytes and mtime: the run that prepared the old bytes refuses to open
+    them, and every preparation through the shared cache (another run's, a re-preparation) tokenises
+    the new bytes rather than reusing the old file's remembered hash and shards."""
+    files = mixed_corpus(tmp_path / "d")
+    data = Data(train=files, tokenizer="gpt2", cache_dir=str(tmp_path / "cache"))  # gpt2: the tokenizer stays
+    runs = {name: tmp_path / name for name in ("a", "b", "clean")}
+    for run in runs.values():
+        run.mkdir()
+    prepare(data, tmp_path / "cache", runs["a"], workers=1)
+    before = open_prepared(runs["a"], data, 16).train["train"]
+    before = before.tokens(0, before.num_tokens)
+
+    rewritten = Path(files[1])
+    st = rewritten.stat()
+    with open(rewritten, "r+b") as handle:  # in place: the inode stays
+        text = handle.read()
+        handle.seek(0)
+        handle.write(text.replace(b"word1", b"WORD1"))
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    now = rewritten.stat()
+    assert (now.st_ino, now.st_size) == (st.st_ino, st.st_size) and now.st_mtime_ns != st.st_mtime_ns
+
+    with pytest.raises(UserError, match="changed since preparation"):
+        open_prepared(runs["a"], data, 16)
+    fresh = Data(train=files, tokenizer="gpt2", cache_dir=str(tmp_path / "fresh"))
+    prepare(fresh, tmp_path / "fresh", runs["clean"], workers=1)
+    clean = open_prepared(runs["clean"], fresh, 16).train["train"]
+    clean = clean.tokens(0, clean.num_tokens)
+    assert not np.array_equal(clean, before)
+    for run in (runs["b"], runs["a"]):  # another run on the shared cache, and the first run preparing again
+        prepare(data, tmp_path / "cache", run, workers=1)
+        blocks = open_prepared(run, data, 16).train["train"]
+        assert np.array_equal(blocks.tokens(0, blocks.num_tokens), clean), run
+
+
+def test_ids_above_65535_are_stored_in_32_bits_and_read_back(tmp_path):
+    """A tokenizer.json whose ids reach 70000 with only ~300 tokens (ids may leave gaps): the shards are
+    uint32 and every id, those >= 65536 included, reads back as the tokenizer produced it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(300)} | {"<|endoftext|>": 300, "[UNK]": 301}
+    vocab |= {f"far{j}": 65530 + j for j in range(12)} | {"farthest": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    words = [f"w{i % 300}" if i % 3 else (f"far{i % 12}" if i % 7 else "farthest") for i in range(3000)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text(" ".join(words))
+    data = Data(train=[str(tmp_path / "d" / "a.txt")], tokenizer=str(tmp_path / "tokenizer.json"),
+                cache_dir=str(tmp_path / "cache"))
+    index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
+    assert index["dtype"] == "uint32"
+    blocks = open_prepared(tmp_path, data, 16).train["train"]
+    ids = blocks.tokens(0, blocks.num_tokens)
+    assert ids.tolist() == tok.encode(" ".join(words)).ids + [300]  # then EOS
+    assert ids.max() == 70000 and (ids >= 65536).sum() > 100
 
 
 def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):

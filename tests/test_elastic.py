@@ -2,10 +2,10 @@
 
 The samples of an optimizer step depend only on the step and the global batch (data.BlockSampler), and
 DCP reshards the checkpoint (FSDP2 shards <-> one unsharded rank). Run B stops stage 1 on 2 ranks
-(SIGTERM: a checkpoint at the step in flight) and finishes it on 1 rank; it stops stage 2 on 1 rank
-and finishes it on 2. Its logged losses and weights match the uninterrupted 2-rank run A (`full_run`)
-to within float32 reduction-order noise. A rank count that cannot tile the global batch is refused
-before torchrun starts (exit 2, saying why).
+(SIGTERM to rank 1's worker alone: both ranks agree to stop after the same step and checkpoint it)
+and finishes it on 1 rank; it stops stage 2 on 1 rank and finishes it on 2. Its logged losses and
+weights match the uninterrupted 2-rank run A (`full_run`) to within float32 reduction-order noise. A
+rank count that cannot tile the global batch is refused before torchrun starts (exit 2, saying why).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_ok, load_weights, read_metrics, run_stage, start_stage
+from conftest import alive, check_ok, descendants, load_weights, read_metrics, run_stage, start_stage
 
 from stepc.runtime.data.prepared import BlockSampler
 
@@ -38,7 +40,21 @@ def test_the_samples_of_a_step_do_not_depend_on_the_rank_count():
         assert all(p == per_world[0] for p in per_world), step
 
 
-def _stop_mid_stage(run_dir, stage, nproc, after_step=10):
+def _worker(root: int, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=`rank` below process `root` (read from /proc; Linux only)."""
+    for pid in descendants(root):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"stepc.runtime" in cmdline and b"launch" not in cmdline:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} below pid {root}")
+
+
+def _stop_mid_stage(run_dir, stage, nproc, after_step=10, only_rank=None):
+    """SIGTERM mid-stage to the stage script's process group, or to one worker alone (`only_rank`)."""
     log = run_dir / f"stage-{stage}-{nproc}.out"
     proc = start_stage(run_dir, stage, log, nproc=nproc)
     deadline = time.monotonic() + 240
@@ -46,9 +62,25 @@ def _stop_mid_stage(run_dir, stage, nproc, after_step=10):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
-    return json.loads((run_dir / "checkpoints" / f"stage-{stage}" / "STOPPED").read_text())["step"]
+    tree = descendants(proc.pid)
+    if only_rank is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(_worker(proc.pid, only_rank), signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a rank that never agreed to stop hangs its peer in a collective
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        raise
+    assert code == 75, log.read_text()[-3000:]
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if alive(p)], "a worker outlived the stopped stage"
+    return json.loads((run_dir / "checkpoints" / f"stage-{stage}" / "STOPPED").read_text())
 
 
 def _losses(run_dir, stage):
@@ -59,10 +91,14 @@ def test_resume_on_another_rank_count(full_run, make_run):
     run_b = make_run.compile("rt")
     stage1, stage2 = run_b / "checkpoints" / "stage-1", run_b / "checkpoints" / "stage-2"
 
-    at1 = _stop_mid_stage(run_b, 1, nproc=2)                      # 2 ranks ...
+    # 2 ranks, only rank 1 signalled: rank 0 stops after the same step (it records the stop as a peer's)
+    stopped = _stop_mid_stage(run_b, 1, nproc=2, only_rank=1)
+    at1 = stopped["step"]
+    assert stopped["signal"] == "peer" and stopped["steps_done_at_signal"] is None, stopped
+    assert sorted(p.name for p in stage1.glob("step-*") if (p / "COMPLETE").is_file())[-1] == f"step-{at1:08d}"
     resumed = check_ok(run_stage(run_b, 1, nproc=1))              # ... -> 1 rank
     assert f"resumed stage 1 from {stage1}/step-{at1:08d} at step {at1}" in resumed.stdout
-    at2 = _stop_mid_stage(run_b, 2, nproc=1)                      # 1 rank ...
+    at2 = _stop_mid_stage(run_b, 2, nproc=1)["step"]              # 1 rank ...
     resumed = check_ok(run_stage(run_b, 2, nproc=2))              # ... -> 2 ranks
     assert f"resumed stage 2 from {stage2}/step-{at2:08d} at step {at2}" in resumed.stdout
     starts = [(m["stage"], m["world"]) for m in read_metrics(run_b) if m["event"] == "stage_start"]

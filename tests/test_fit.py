@@ -19,9 +19,11 @@ TINY = REPO / "specs" / "tiny-cpu.toml"
 PAPER = REPO / "specs" / "paper-1.2b-step2.toml"
 
 
-@pytest.mark.parametrize("path", [TINY, PAPER, REPO / "specs" / "paper-368m-vanilla.toml"])
+@pytest.mark.parametrize("path", [TINY, PAPER, REPO / "specs" / "paper-368m-vanilla.toml",
+                                  REPO / "specs" / "paper-368m-galore.toml"])
 def test_peaks_are_the_planners_device_accounting(path):
-    """The same layout planned with memory.accounting = "device" has exactly these stage peaks."""
+    """The same layout planned with memory.accounting = "device" has exactly these stage peaks (GaLore's
+    too: its projected moments, plus the activations and buffers device accounting adds)."""
     spec, _ = load_spec(path)
     plan = make_plan(spec)
     pinned = [f"memory.layers={plan.layers}", 'memory.accounting="device"', "memory.budget=\"1000TB\""]
@@ -50,6 +52,13 @@ def test_boundaries_micro_batch_and_checkpointing():
     r = fit(spec, plan, two - 1, NONE)[-1]
     assert r.max_micro_batch == 1 and not r.fits and r.verdict == "lower micro_batch_size to 1"
     assert stage_peak(_with(spec, 1, False), new, old) <= two - 1
+    # exactly micro batch 2's peak: 1 and 2 fit, and 2, the largest, is the answer (spec's 4 does not)
+    r = fit(spec, plan, two)[-1]
+    assert r.max_micro_batch == 2 and not r.fits and r.verdict == "lower micro_batch_size to 2"
+    # the same with activation checkpointing: exactly micro batch 2's peak with it
+    two_ac = stage_peak(_with(spec, 2, True), new, old)
+    assert stage_peak(_with(spec, 1, True), new, old) < two_ac < stage_peak(_with(spec, 4, True), new, old)
+    assert fit(spec, plan, two_ac)[-1].max_micro_batch_ac == 2
     # between micro batch 1 with and without checkpointing: only activation checkpointing makes it fit
     with_ac, without = stage_peak(_with(spec, 1, True), new, old), stage_peak(_with(spec, 1, False), new, old)
     assert with_ac < without

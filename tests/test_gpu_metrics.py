@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils import flop_counter as fc
 
-from stepc.runtime.loop.flops import GPU_PEAK_BF16, peak_flops
-from stepc.schema.shapes import model_flops_per_token
+from stepc.runtime.loop.flops import GPU_PEAK_BF16, mfu, peak_flops
+from stepc.schema.shapes import adapter_params, layer_matmul_params, model_flops_per_token
 
 aten = torch.ops.aten
 
@@ -56,13 +56,29 @@ def test_flops_per_token_matches_a_counted_forward_backward(new, old, vocab, pad
                       intermediate_multiple_of=pad)
     cfg = spec.model
     model = fresh_model(spec, new + old, 1)
+    linear = [m for name, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert layer_matmul_params(cfg) == sum(m.weight.numel() for m in linear)  # P: the real seven maps
     if old:  # a grown stage: the lower layers frozen behind rank-8 adapters
         apply_adapters(model, list(range(old)), 8, 16, torch.Generator().manual_seed(0))
+        # E against the real adapters' element counts, and the adapters' term: 6 FLOPs per element per token
+        # (the 1% tolerance below would hide a wrong adapter term: it is ~1% of this stage's FLOPs)
+        adapters = [p for name, p in model.model.layers[0].named_parameters() if "lora_" in name]
+        assert len(adapters) == 14 and adapter_params(cfg, 8) == sum(p.numel() for p in adapters)
+        assert model_flops_per_token(cfg, new, old, 8) - model_flops_per_token(cfg, new, old, 0) == 6 * old * adapter_params(cfg, 8)
     x = torch.randint(0, vocab, (2, 128))
     counted = _counted_flops(model, x)
     predicted = model_flops_per_token(cfg, new, old, 8) * x.numel()
     # within 1%: the head sees 127 of 128 positions (the last one predicts nothing)
     assert predicted == pytest.approx(counted, rel=0.01)
+
+
+def test_mfu_is_achieved_flops_over_the_peak_of_every_gpu():
+    # by hand: 26,000 tokens/s x 6e9 FLOPs/token = 1.56e14 FLOP/s, on 2 A100s of 312e12 each = 6.24e14: 25%
+    assert mfu(26_000, 6e9, peak_flops("NVIDIA A100-SXM4-80GB"), 2) == pytest.approx(0.25, rel=1e-12)
+    # 1 H100 SXM (989.4e12): 50,000 x 9.894e9 = 4.947e14 FLOP/s, half the peak
+    assert mfu(50_000, 9.894e9, peak_flops("NVIDIA H100 80GB HBM3"), 1) == pytest.approx(0.5, rel=1e-12)
+    assert mfu(50_000, 9.894e9, peak_flops("Tesla T4"), 1) is None  # no peak known: no MFU, not a guess
+    assert mfu(50_000, 9.894e9, None, 1) is None
 
 
 def test_peak_flops_exact_names_only():

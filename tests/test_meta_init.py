@@ -17,12 +17,24 @@ from conftest import REPO, stage_env
 PROBE = Path(__file__).with_name("init_probe.py")
 
 
-def _probe(run_dir: Path, out: Path, nproc: int, precision: str, operator: str = "") -> None:
+OPERATORS = ("stack-middle", "interpolation-copy")
+
+
+def _probe(run_dir: Path, out: Path, nproc: int, *builds: str) -> None:
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(PROBE), str(run_dir), str(out), precision, *([operator] if operator else [])]
+           str(PROBE), str(run_dir), str(out), *builds]
     proc = subprocess.run(cmd, env=stage_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(full_run, tmp_path_factory) -> Path:
+    """One 2-rank launch for both tests (starting the workers costs more than building the models):
+    stages 1 and 2 in bf16, and stage 2 grown with each of OPERATORS in fp32."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    _probe(full_run, out, 2, "bf16", *(f"fp32:{op}" for op in OPERATORS))
+    return out
 
 
 def _same(a: dict, b: dict, what: str) -> None:
@@ -33,7 +45,7 @@ def _same(a: dict, b: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp_path, precision):
+def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, two_ranks, tmp_path, precision):
     from eager_reference import fresh_model, grown_model
     from stepc.schema.manifest import load_manifest
 
@@ -46,9 +58,11 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
     }
     worlds = (1, 3) if precision == "fp32" else (2,)  # 1: no sharding; 3: uneven shards; 2 in bf16
     for world in worlds:
-        _probe(full_run, tmp_path, world, precision)
+        out = two_ranks if world == 2 else tmp_path
+        if world != 2:
+            _probe(full_run, out, world, precision)
         for index in (1, 2):
-            saved = torch.load(tmp_path / f"stage{index}-world{world}.pt", weights_only=False)
+            saved = torch.load(out / f"stage{index}-world{world}-{precision}.pt", weights_only=False)
             _same(saved["state"], eager[index], f"stage {index}, {world} rank(s), {precision}")
             total = sum(t.nbytes for k, t in eager[index].items() if "rotary" not in k)
             if spec.model.tie_embeddings:
@@ -59,7 +73,7 @@ def test_sharded_init_is_bit_identical_to_eager_for_any_world_size(full_run, tmp
 
 
 
-def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, tmp_path):
+def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, two_ranks):
     """The meta-device fill and the eager grow_layers follow one map (growth.layer_sources): with a
     stacking or copy operator the 2-rank sharded grown model equals the eager one bit for bit."""
     from init_probe import probe_spec
@@ -68,12 +82,10 @@ def test_sharded_growth_follows_the_same_layer_map_as_eager_growth(full_run, tmp
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(full_run)
-    operators = ("stack-middle", "interpolation-copy")
-    _probe(full_run, tmp_path, 2, "fp32", ",".join(operators))  # one launch builds both
-    for operator in operators:
+    for operator in OPERATORS:  # both built in the module's one 2-rank launch
         spec = probe_spec(manifest.spec, "fp32", operator)
         eager = grown_model(spec, full_run / "checkpoints" / "stage-1" / "final", manifest.plan.stages[1])[0].state_dict()
-        saved = torch.load(tmp_path / f"stage2-world2-{operator}.pt", weights_only=False)
+        saved = torch.load(two_ranks / f"stage2-world2-fp32-{operator}.pt", weights_only=False)
         _same(saved["state"], eager, f"grown with {operator}, 2 ranks")
 
 

@@ -27,6 +27,10 @@ def test_overrides_reach_spec_toml_manifest_diff_and_verify(tmp_path, capsys):
     assert resolved["train"]["lr"] == 1e-3 and resolved["launch"]["slurm"]["partition"] == "gpu"
     assert resolved["memory"]["layers"] == [4, 2]
     text = (run / "spec.toml").read_text()
+    # it starts with the record of every --set, in the order given, and then the user's file
+    assert text.splitlines()[0] == ("# Resolved by stepc: --set train.lr=1e-3, --set launch.slurm.partition=gpu, "
+                                    "--set memory.layers=[4, 2] (values below)")
+    assert text.splitlines()[1] == TINY.read_text().splitlines()[0]
     assert "lr = 1e-3" in text  # the user's spelling of the value
     assert "# The embedded default" in text  # the file's own comments are kept
     manifest = json.loads((run / "manifest.json").read_text())

@@ -3,9 +3,10 @@
 1. Tampering and drift at resume: an edited stage script, changed data files, a different
    torch/stepc version -> the stage script refuses with exit 2, says what differs and names the
    --allow-* flag; the flag (where tested) lets it proceed.
-2. Numerical faults: STEPC_FAULT_NONFINITE_AT_STEP=N (a fault-injection hook in train.py) makes
-   step N's loss NaN: the stage stops, keeps the last good checkpoint, records the step in
-   metrics.jsonl, and a rerun resumes from that checkpoint.
+2. Faults, in one partial run: STEPC_FAULT_NONFINITE_AT_STEP=N (a fault-injection hook in train.py)
+   makes step N's loss NaN: the stage stops, keeps the last good checkpoint, records the step in
+   metrics.jsonl; the resume meets an injected CUDA OOM (exit 2, the keys that fit), the next ones
+   changed data (item 1) and a changed block layout only the workers see; the last one finishes.
 3. Disk and permissions: an unwritable --out refuses with exit 2 and writes nothing; a disk that
    fills up during a checkpoint (a small tmpfs, root only) fails naming the checkpoint, keeps the
    previous one intact, leaves no partial checkpoint that could be picked, and a rerun resumes.
@@ -112,37 +113,6 @@ def test_edited_stage_script_is_refused_and_verify_names_it(fast_run, capsys):
     assert _preflight(run_dir, "--allow-edited-scripts").returncode == 0  # the explicit override is honoured
 
 
-def test_changed_data_at_resume_is_refused_then_allowed(fast_run, corpus, monkeypatch):
-    run_dir = fast_run()
-    stage_dir = _stage1(run_dir)
-    # A partial run: the stage stops at step 3 (injected fault) with one complete checkpoint, step 2.
-    monkeypatch.setenv(FAULT, "3")
-    assert run_stage(run_dir, 1).returncode != 0
-    monkeypatch.delenv(FAULT)
-    assert _steps(stage_dir) == ["step-00000002"] and (run_dir / "data-fingerprint.json").is_file()
-
-    edited = corpus / "train" / "tempest.txt"
-    original = edited.read_bytes()
-    with open(edited, "a") as handle:
-        handle.write("\nEnter a new scene that was not there before.\n")
-    metrics_before = (run_dir / "metrics.jsonl").read_text()
-    err = _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "--allow-data-change",
-                   str(edited), "data-fingerprint.json")
-    assert "changed size" in err
-    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # refused before anything ran
-    assert _steps(stage_dir) == ["step-00000002"]
-
-    # Same size, different content: still refused (the check hashes, it does not trust sizes).
-    flipped = bytearray(original)
-    flipped[len(original) // 2] ^= 0x20  # swap one letter's case
-    edited.write_bytes(bytes(flipped))
-    _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "changed content", "--allow-data-change")
-
-    proc = check_ok(run_stage(run_dir, 1, "--allow-data-change"))
-    _resumed_from(proc, stage_dir, 2)
-    _finished(run_dir)
-
-
 def _rewrite_manifest(run_dir: Path, edit) -> dict:
     """Edit the manifest and recompute its content hash, so only the edited field differs."""
     path = run_dir / "manifest.json"
@@ -184,11 +154,15 @@ def test_version_change_at_resume_is_refused_and_diff_reports_it(fast_run, tmp_p
     assert f'stepc_version: "{__version__}" -> "0.0.0"' in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 2. numerical faults
+# ----------------------------------------------------------------------------- 2. faults
 
-def test_nonfinite_loss_keeps_last_good_checkpoint_and_resumes(fast_run, monkeypatch):
+def test_faults_and_drift_at_resume_keep_the_last_good_checkpoint(fast_run, corpus, monkeypatch):
+    """One run through every failure of a partial stage (each launch costs ~10 s of process start-up, so
+    they share one): a non-finite loss, then a CUDA out-of-memory on the resume, then changed data and a
+    changed block layout at the next resumes; each keeps checkpoint 2 and the last resume finishes."""
     run_dir = fast_run()
     stage_dir = _stage1(run_dir)
+    # --- a non-finite loss: the stage stops, nothing at or after that step is written
     monkeypatch.setenv(FAULT, "4")  # step 4 is a checkpoint step: its checkpoint must not be written
     proc = run_stage(run_dir, 1)
     monkeypatch.delenv(FAULT)
@@ -204,21 +178,15 @@ def test_nonfinite_loss_keeps_last_good_checkpoint_and_resumes(fast_run, monkeyp
     faults = [m for m in metrics if m["event"] == "nonfinite_loss"]
     assert len(faults) == 1 and faults[0]["step"] == 4 and faults[0]["stage"] == 1, faults
     assert not [m for m in metrics if m["event"] == "train" and m["step"] >= 4]
+    assert (run_dir / "data-fingerprint.json").is_file()
 
-    again = check_ok(run_stage(run_dir, 1))
-    _resumed_from(again, stage_dir, 2)
-    assert not (stage_dir / "FAILED").exists()  # the rerun's stage script cleared the failure record
-    _finished(run_dir)
-
-
-def test_out_of_memory_exits_2_from_the_stage_script_naming_the_keys_that_fit(fast_run, monkeypatch):
-    """torchrun reports any failed worker as exit code 1; the stage script must still exit 2 (a
-    diagnosis, not a crash: the message names the fix) and the last complete checkpoint stays intact."""
-    run_dir = fast_run("oom")
-    stage_dir = _stage1(run_dir)
+    # --- out of memory in the resumed stage: torchrun reports any failed worker as exit code 1; the stage
+    # script must still exit 2 (a diagnosis: the message names the fix), the checkpoint stays intact
     monkeypatch.setenv("STEPC_FAULT_OOM_AT_STEP", "3")
     proc = run_stage(run_dir, 1)
+    monkeypatch.delenv("STEPC_FAULT_OOM_AT_STEP")
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    _resumed_from(proc, stage_dir, 2)
     assert "error: CUDA out of memory at stage 1 step 3: the plan predicted a peak of" in proc.stderr, proc.stderr[-4000:]
     for key in ("train.micro_batch_size", "train.activation_checkpointing", "train.compile"):
         assert key in proc.stderr
@@ -227,6 +195,45 @@ def test_out_of_memory_exits_2_from_the_stage_script_naming_the_keys_that_fit(fa
     assert "torchrun: worker rank 0 (local rank 0" in proc.stderr and "exited with code 2" in proc.stderr
     assert json.loads((stage_dir / "FAILED").read_text())["exit_code"] == 2
     assert _steps(stage_dir) == ["step-00000002"] and is_complete(step_dir(stage_dir, 2)) == (True, "")
+
+    # --- changed data at the next resume: refused before torchrun, then allowed
+    edited = corpus / "train" / "tempest.txt"
+    original = edited.read_bytes()
+    with open(edited, "a") as handle:
+        handle.write("\nEnter a new scene that was not there before.\n")
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    err = _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "--allow-data-change",
+                   str(edited), "data-fingerprint.json")
+    assert "changed size" in err
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # refused before anything ran
+    assert _steps(stage_dir) == ["step-00000002"]
+
+    # Same size, different content: still refused (the check hashes, it does not trust sizes).
+    flipped = bytearray(original)
+    flipped[len(original) // 2] ^= 0x20  # swap one letter's case
+    edited.write_bytes(bytes(flipped))
+    _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "changed content", "--allow-data-change")
+
+    # What only the workers see: the files as recorded, the blocks they are cut into not (model.seq_len
+    # edited in the manifest, the edit accepted with --allow-edited-manifest). The preflight, which
+    # compares the files, passes; the workers, which compare the whole fingerprint, refuse.
+    edited.write_bytes(original)
+    saved = (run_dir / "manifest.json").read_bytes()
+    _rewrite_manifest(run_dir, lambda m: m["spec"]["model"].update(seq_len=32))
+    monkeypatch.chdir(run_dir)  # where the stage script prepares from (the relative [data] cache_dir)
+    assert stepc(["data", "prepare", str(run_dir), "--quiet"]) == 0
+    assert _preflight(run_dir, "--allow-edited-manifest").returncode == 0
+    err = _refused(run_stage(run_dir, 1, "--allow-edited-manifest", timeout=120), "data fingerprint mismatch",
+                   "num_blocks, seq_len", "--allow-data-change")
+    assert "torchrun: worker rank 0" in err  # refused by a worker, after torchrun started
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before and _steps(stage_dir) == ["step-00000002"]
+    (run_dir / "manifest.json").write_bytes(saved)
+    edited.write_bytes(bytes(flipped))
+
+    proc = check_ok(run_stage(run_dir, 1, "--allow-data-change"))
+    _resumed_from(proc, stage_dir, 2)
+    assert not (stage_dir / "FAILED").exists()  # the rerun's stage script cleared the failure record
+    _finished(run_dir)
 
 
 # ----------------------------------------------------------------------------- 3. disk and permissions

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import torch
-from conftest import load_weights, read_metrics
+from conftest import first_batch_prefix, load_weights, read_metrics
 
 
 def _manifest(run_dir):
@@ -31,6 +32,30 @@ def test_every_stage_ran_and_finished(full_run):
         assert start["layers"] == info["total_layers"]
         last = [m for m in metrics if m["event"] == "train" and m["stage"] == info["index"]][-1]
         assert last["step"] == info["steps"]
+
+
+def test_each_stage_reads_on_where_the_previous_stopped(full_run, monkeypatch):
+    """Each rank's first micro-batch of each stage, as the runtime trained on it (STEPC_DUMP_FIRST_BATCH),
+    is the sampler's batch at the stage's data_step_offset, which is where the stages before it stopped:
+    stage 2 continues the data stream instead of reading stage 1's first batches again."""
+    from stepc.runtime.data.prepared import open_prepared, training_sets
+    from stepc.schema.manifest import load_manifest
+
+    manifest = load_manifest(full_run)
+    spec, stages = manifest.spec, manifest.plan.stages
+    assert [s.data_step_offset for s in stages] == [0, stages[0].steps]
+    monkeypatch.chdir(full_run)  # the stages ran from here: the relative [data] cache_dir is under it
+    prepared = open_prepared(full_run, spec.data, spec.model.seq_len)
+    world, micro = spec.launch.nproc_per_node, spec.train.micro_batch_size
+    accum = spec.train.global_batch_tokens // (spec.model.seq_len * micro * world)
+    for stage in stages:
+        sampler, _ = training_sets(prepared, spec.data.holdout_fraction, spec.experiment.seed,
+                                   spec.data.weights_at(stage.index))
+        for rank in range(world):
+            trained = np.load(f"{first_batch_prefix(full_run)}.stage{stage.index}.rank{rank}.npy")
+            assert np.array_equal(trained, sampler.batch(stage.data_step_offset, 0, rank, world, micro, accum))
+            if stage.index > 1:
+                assert not np.array_equal(trained, sampler.batch(0, 0, rank, world, micro, accum))
 
 
 def test_final_stage_heldout_ppl_beats_stage1(full_run):

@@ -139,15 +139,12 @@ def _with(spec: Spec, micro_batch: int | None = None, checkpointing: bool | None
 
 def stage_peak(spec: Spec, new: int, old: int) -> int:
     """Per-GPU peak of a stage under the device accounting of `spec` (already switched by `_with`)."""
-    from stepc.compiler.memory import costs_for, exact_costs, galore_bytes
+    from stepc.compiler.memory import costs_for, galore_stage_bytes
 
     costs = costs_for(spec)
-    if spec.method.optimizer != "galore":
-        return costs.stage_bytes(new, old)
-    # GaLore's projected moments are not AdamW's: its model states, plus what `device` adds over exact
-    # model states (activations, buffers) for the one unsharded rank GaLore runs on.
-    exact = exact_costs(spec)
-    return galore_bytes(spec, exact) + costs.stage_bytes(new, old) - exact.stage_bytes(new, old)
+    if spec.method.optimizer == "galore":  # one stage of every layer; its projected moments are not AdamW's
+        return galore_stage_bytes(spec, costs)
+    return costs.stage_bytes(new, old)
 
 
 def allowed_micro_batches(spec: Spec) -> list[int]:

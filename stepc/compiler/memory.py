@@ -188,3 +188,14 @@ def galore_bytes(spec: Spec, costs: Costs) -> int:
     projected = sum(2 * 4 * r * max(a, b) + 4 * min(a, b) * r for a, b in mats)  # moments r x max, projector min x r
     per_layer = 8 * costs.layer_params + 8 * 2 * d + projected  # + the layer norms' two fp32 moments
     return m.num_layers * per_layer + 16 * costs.fixed_params
+
+
+def galore_stage_bytes(spec: Spec, costs: Costs) -> int:
+    """GaLore's one stage (every layer trained, on one unsharded rank) under `costs`, the spec's accounting:
+    its model states (galore_bytes) and, under "device" accounting, what a training step adds on top of
+    exact model states (activations, buffers). One formula for the plan and for will-it-fit."""
+    states = galore_bytes(spec, costs)
+    if spec.memory.accounting != "device":
+        return states
+    layers = spec.model.num_layers
+    return states + costs.stage_bytes(layers, 0) - exact_costs(spec).stage_bytes(layers, 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepc.compiler.layout import Layout, layout_feasible, pinned_layout, solve_layout
-from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_bytes, vanilla_bytes
+from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_stage_bytes, vanilla_bytes
 from stepc.compiler.schedule import StageSchedule, stage_schedule, vanilla_flops
 from stepc.compiler.static_checks import plan_problems
 from stepc.errors import UserError
@@ -39,7 +39,7 @@ def make_plan(spec: Spec) -> Plan:
         stages.append(StagePlan(**{
             "index": i, "new_layers": new, "total_layers": old + new, "frozen_layers": frozen,
             "trainable_params": costs.trainable_params(trained, frozen), "frozen_params": costs.frozen_params(trained, frozen),
-            "peak_bytes": galore_bytes(spec, costs) if galore else costs.stage_bytes(trained, frozen),
+            "peak_bytes": galore_stage_bytes(spec, costs) if galore else costs.stage_bytes(trained, frozen),
             # GaLore's projected moments live in optimizer objects the runtime does not measure tensor by tensor.
             "exact_model_state_bytes": None if galore else exact.stage_bytes(trained, frozen),
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,

@@ -209,14 +209,28 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
 
 
 def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int, allow: set[str]) -> None:
-    """The first stage records the data it read; later stages and resumes must read the same."""
+    """The first stage records the data it read; later stages and resumes must read the same.
+
+    The workers' half of the check (the preflight's check_data_files compares the files): the whole
+    fingerprint, which also holds what only opening the data gives, the blocks the token stream is cut
+    into (seq_len, num_blocks), the shards' and the tokenizer's hashes and a blend's weights. It fires
+    after a passing preflight when those change and the files do not: e.g. model.seq_len edited in the
+    manifest with --allow-edited-manifest (tests/test_reliability.py), or a re-preparation between the
+    preflight and the workers."""
     path = RunDir(run_dir).data_fingerprint
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != fingerprint and "data-change" not in allow:
-            names = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+            changed = []
+            for name in sorted(set(recorded) | set(fingerprint)):
+                before, now = recorded.get(name) or {}, fingerprint.get(name) or {}
+                if not before or not now:
+                    changed.append(f"{name} ({'new' if now else 'gone'})")
+                elif before != now:
+                    keys = sorted(k for k in set(before) | set(now) if k != "sha256" and before.get(k) != now.get(k))
+                    changed.append(f"{name} ({', '.join(keys)})")
             raise RuntimeFailure(f"the data differs from what this run read before (data fingerprint mismatch: "
-                                 f"{', '.join(names)}; recorded in {path}). "
+                                 f"{'; '.join(changed)}; recorded in {path}). "
                                  "Restore the original files, or pass --allow-data-change to continue on the new data")
         return
     if rank == 0:

@@ -40,7 +40,7 @@ from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonica
 from stepc.runtime.data.prepared import current_index
 from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype
-from stepc.runtime.data.tokenizer import BPE_SAMPLE_CHARS, eos_id, load_tokenizer
+from stepc.runtime.data.tokenizer import BPE_SAMPLE_CHARS, eos_id, id_bound, load_tokenizer
 from stepc.schema.spec import Data
 
 
@@ -275,6 +275,14 @@ def _file_index(directory: Path) -> dict[str, Any] | None:
     return index
 
 
+def _unit_meta(path: Path) -> dict[str, Any] | None:
+    """A finished unit's metadata (tokens, sha256 of its shard), or None when there is none to trust."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int | None = None,
             verify: bool = False, progress: Callable[[str], None] = lambda line: None,
             seq_len: int | None = None) -> dict[str, Any]:
@@ -301,7 +309,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
 
     train_files = [f for files in datasets["train"].values() for f in files]
     tok, tok_hash = resolve_tokenizer(data, train_files, cache)
-    dtype = token_dtype(tok.get_vocab_size())
+    dtype = token_dtype(id_bound(tok))
     eos = eos_id(tok)
     chunks = txt_chunks_safe(tok)
 
@@ -318,10 +326,13 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
         pending[directory] = (f, units)
         for i, unit in enumerate(units):
             meta, shard = directory / f"{i:05d}.json", directory / f"{i:05d}.bin"
-            if meta.is_file() and shard.is_file():  # finished earlier (perhaps by an interrupted run)
-                if not verify or file_sha256_hex(shard) == json.loads(meta.read_bytes())["sha256"]:
+            recorded = _unit_meta(meta)
+            if recorded is not None and shard.is_file():  # finished earlier (perhaps by an interrupted run)
+                whole = shard.stat().st_size == recorded["tokens"] * dtype.itemsize  # a truncated shard is not finished
+                if whole and (not verify or file_sha256_hex(shard) == recorded["sha256"]):
                     continue
-                progress(f"{shard} does not match its recorded sha256: tokenising its unit again")
+                why = "does not match its recorded sha256" if whole else "is shorter or longer than its recorded tokens"
+                progress(f"{shard} {why}: tokenising its unit again")
                 (directory / "index.json").unlink(missing_ok=True)
                 meta.unlink()
             tasks.append(Task(str(f.path), unit, data.text_field, chunks, str(directory / f"{i:05d}"), dtype.name,

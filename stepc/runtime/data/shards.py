@@ -32,9 +32,9 @@ from stepc.rundir import RunDir, canonical_json
 SHARD_FORMAT = 2  # stepc 0.1's int32 .npy block cache was format 1
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (GPT-2's 50257 does), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def token_dtype(id_bound: int) -> np.dtype:
+    """uint16 when every id (all below ``id_bound``, see tokenizer.id_bound) fits (GPT-2's 50257 do), else uint32."""
+    return np.dtype(np.uint16) if id_bound <= 1 << 16 else np.dtype(np.uint32)
 
 
 @dataclass(frozen=True)

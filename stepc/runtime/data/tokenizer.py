@@ -50,6 +50,13 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
+def id_bound(tok: Tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce. Not ``get_vocab_size()``, which counts
+    tokens: a tokenizer.json may leave gaps in its ids (a WordLevel vocabulary {"a": 0, "b": 70000}
+    has 2 tokens and needs 70001 embedding rows and 32-bit shards)."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def eos_id(tok: Tokenizer, eos_token: str | None = None) -> int:
     """Id of the end-of-document token appended after every document when packing.
 

@@ -12,6 +12,10 @@ have a real SLURM time-limit warning (sent some 0-30 s late, whenever slurmctld 
 middle of a stage however fast or slow the machine is. A resumed stage does not hold again. With
 STEPC_FAULT_HOLD_FILE=<path>, a held rank writes <path>.rank<RANK> first.
 
+STEPC_DUMP_FIRST_BATCH=<prefix>: every rank saves the first micro-batch it trains on in stage I (the
+token ids, as numpy) to <prefix>.stage<I>.rank<RANK>.npy, so a test can compare what the stage really
+read with the sampler's batch at the stage's data offset.
+
 Unset (always, outside tests), every call is a no-op.
 """
 
@@ -19,8 +23,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def pause_point(name: str) -> None:
@@ -44,3 +49,20 @@ def hold_after_step(stage: int, done: int, started_at: int, stop_requested: Call
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not stop_requested() and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+def tap_first_batch(batches: Iterator[Any], stage: int) -> Iterator[Any]:
+    """`batches` unchanged; with STEPC_DUMP_FIRST_BATCH set, the first one is saved as it is handed out."""
+    prefix = os.environ.get("STEPC_DUMP_FIRST_BATCH", "")
+    if not prefix:
+        return batches
+
+    def tapped() -> Iterator[Any]:
+        import numpy as np
+
+        first = next(batches)
+        np.save(f"{prefix}.stage{stage}.rank{os.environ.get('RANK', '0')}.npy", first.cpu().numpy())
+        yield first
+        yield from batches
+
+    return tapped()

@@ -17,6 +17,7 @@ STEPC_FAULT_OOM_AT_STEP=N raises torch.OutOfMemoryError in step N, as a CUDA all
 STEPC_FAULT_HOLD_AFTER_STEP=I:N holds every rank after step N of stage I until it is told to stop (faults.py).
 STEPC_DUMP_OPTIMIZER_AT_START=FILE writes the optimizer state a fresh stage starts with (after any
 carry) to FILE, so tests can compare carried moments with the previous stage's bit for bit.
+STEPC_DUMP_FIRST_BATCH=PREFIX saves each rank's first micro-batch of each stage (faults.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from stepc.runtime.data.prepared import open_prepared, training_sets
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
 from stepc.runtime.data.evalsets import iter_eval_batches
 from stepc.runtime.model.export import write_export
-from stepc.runtime.loop.faults import hold_after_step
+from stepc.runtime.loop.faults import hold_after_step, tap_first_batch
 from stepc.runtime.loop.flops import device_peak_flops, mfu
 from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
 from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
@@ -56,6 +57,7 @@ from stepc.runtime.loop.oom import oom_failure
 from stepc.runtime.loop.precision import autocast_unsharded
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler
 from stepc.runtime.loop.syncdebug import SyncCheck
+from stepc.runtime.data.tokenizer import id_bound
 from stepc.runtime.loop.tracking import open_tracking
 from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.shapes import model_flops_per_token
@@ -180,6 +182,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     batches = device_batches(lambda step, micro: sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
                                                                   tr.micro_batch_size, st.grad_accum),
                              range(start, steps), st.grad_accum, st.device)
+    batches = tap_first_batch(batches, st.index)  # tests only (faults.py)
     window = _Window(start)  # losses (on the device) and train-only time since the last read-back
     stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
     console = Console(st.index, st.plan.stages, start, tokens_per_step, enabled=st.rank == 0)
@@ -435,8 +438,8 @@ def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler,
     check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
     prepared = open_prepared(st.run_dir, st.spec.data, st.spec.model.seq_len)
     tok = prepared.tokenizer
-    if tok.get_vocab_size() > st.spec.model.vocab_size:
-        raise RuntimeFailure(f"the tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {st.spec.model.vocab_size}")
+    if id_bound(tok) > st.spec.model.vocab_size:  # the largest id, not the token count: ids may have gaps
+        raise RuntimeFailure(f"the tokenizer's ids reach {id_bound(tok) - 1} but model.vocab_size is {st.spec.model.vocab_size}")
     st.tokenizer = tok
     check_data_fingerprint(st.run_dir, prepared.fingerprint, st.rank, allow)
     return training_sets(prepared, st.spec.data.holdout_fraction, st.spec.experiment.seed,
