@@ -5,7 +5,7 @@ A pure function of the spec; the typed `Plan` (stepc.schema.plan) goes into the 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from stepc.compiler.layout import Layout, layout_feasible, pinned_layout, solve_layout
 from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_stage_bytes, vanilla_bytes
@@ -20,6 +20,16 @@ from stepc.schema.units import format_bytes
 AUTO_STAGES_LIMIT = 64  # "auto" tries K = 1, 2, ... up to this (or L); peaks flatten long before
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One runtime stage as the method lays it out, before its memory is counted."""
+
+    new: int  # decoder layers it adds
+    old: int  # layers from earlier stages
+    schedule: StageSchedule
+    lr_offset: int = 0  # where it starts on a schedule shared with the previous phase (ReLoRA)
+
+
 def make_plan(spec: Spec) -> Plan:
     """Solve the layout and the schedule for `spec` (already normalised)."""
     costs, exact = costs_for(spec), exact_costs(spec)
@@ -29,7 +39,7 @@ def make_plan(spec: Spec) -> Plan:
     keeps_training = method.old_layers == "trained"
     stages, data_offset = [], 0
     for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
-        new, old, sched = phase["new"], phase["old"], phase["schedule"]
+        new, old, sched = phase.new, phase.old, phase.schedule
         # old layers that keep training: the stage costs what a vanilla model of old + new layers does
         trained, frozen = (new + old, 0) if keeps_training else (new, old)
         # AdamW state handed over from stage i-1 (embeddings, final norm, head; old layers too when they
@@ -43,7 +53,7 @@ def make_plan(spec: Spec) -> Plan:
             # GaLore's projected moments live in optimizer objects the runtime does not measure tensor by tensor.
             "exact_model_state_bytes": None if galore else exact.stage_bytes(trained, frozen),
             "steps": sched.steps, "nominal_steps": sched.nominal_steps, "tokens": sched.tokens, "flops": sched.flops,
-            "lr_offset": phase["lr_offset"],
+            "lr_offset": phase.lr_offset,
             "data_step_offset": data_offset,  # each stage reads on where the last stopped: no batch is seen twice
             "carried_optimizer_params": carried if spec.step.carry_optimizer_state and i > 1 else 0,
         }))
@@ -62,7 +72,7 @@ def make_plan(spec: Spec) -> Plan:
     return plan
 
 
-def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]:
+def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[Phase]:
     """The runtime stages of each method: (new layers, frozen layers, schedule, global LR offset).
 
     STEP, growth and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
@@ -77,12 +87,8 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
         lora_step = budget_flops_per_token(L * E, L * P, tr.flops_accounting) * batch
         lora_steps = (budget - 6 * L * P * warm * batch) // lora_step
         total = warm + lora_steps
-        return [
-            {"new": L, "old": 0, "lr_offset": 0,
-             "schedule": StageSchedule(warm, total, warm * batch, float(6 * L * P * warm * batch))},
-            {"new": 0, "old": L, "lr_offset": warm,
-             "schedule": StageSchedule(lora_steps, total, lora_steps * batch, float(lora_steps * lora_step))},
-        ]
+        return [Phase(L, 0, StageSchedule(warm, total, warm * batch, float(6 * L * P * warm * batch))),
+                Phase(0, L, StageSchedule(lora_steps, total, lora_steps * batch, float(lora_steps * lora_step)), warm)]
     trainable, frozen, old = [], [], 0
     for new in layers:
         if spec.method.old_layers == "trained":  # the whole grown model trains
@@ -96,7 +102,7 @@ def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[dict[str, Any]]
                               tr.flops_accounting, st.grow_at_tokens)
     phases, old = [], 0
     for new, sched in zip(layers, schedule):
-        phases.append({"new": new, "old": old, "lr_offset": 0, "schedule": sched})
+        phases.append(Phase(new, old, sched))
         old += new
     return phases
 
