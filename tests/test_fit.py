@@ -53,12 +53,12 @@ def test_boundaries_micro_batch_and_checkpointing():
     assert r.max_micro_batch == 1 and not r.fits and r.verdict == "lower micro_batch_size to 1"
     assert stage_peak(_with(spec, 1, False), new, old) <= two - 1
     # exactly micro batch 2's peak: 1 and 2 fit, and 2, the largest, is the answer (spec's 4 does not)
-    r = fit(spec, plan, two)[-1]
+    r = fit(spec, plan, two, NONE)[-1]
     assert r.max_micro_batch == 2 and not r.fits and r.verdict == "lower micro_batch_size to 2"
     # the same with activation checkpointing: exactly micro batch 2's peak with it
     two_ac = stage_peak(_with(spec, 2, True), new, old)
     assert stage_peak(_with(spec, 1, True), new, old) < two_ac < stage_peak(_with(spec, 4, True), new, old)
-    assert fit(spec, plan, two_ac)[-1].max_micro_batch_ac == 2
+    assert fit(spec, plan, two_ac, NONE)[-1].max_micro_batch_ac == 2
     # between micro batch 1 with and without checkpointing: only activation checkpointing makes it fit
     with_ac, without = stage_peak(_with(spec, 1, True), new, old), stage_peak(_with(spec, 1, False), new, old)
     assert with_ac < without
