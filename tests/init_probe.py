@@ -1,5 +1,5 @@
 """torchrun entry for test_meta_init.py: build stage 1 (fresh) and stage 2 (grown from stage 1's export)
-of a compiled run exactly as the runtime does - meta model, train._prepare (FSDP2 over the ranks,
+of a compiled run exactly as the runtime does - meta model, setup.prepare (FSDP2 over the ranks,
 to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
 
 usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR BUILD [BUILD ...]
@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor
 
 from stepc.runtime.loop import checkpoint as ckpt
 from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
-from stepc.runtime.loop.train import Stage, _prepare
+from stepc.runtime.loop.setup import Stage
+from stepc.runtime.loop.setup import prepare as _prepare
 from stepc.schema.manifest import load_manifest
 
 

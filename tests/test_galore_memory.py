@@ -19,7 +19,7 @@ def _measured_bytes(spec) -> tuple[int, dict[str, int]]:
     from galore_torch.galore_projector import GaLoreProjector
 
     from eager_reference import fresh_model
-    from stepc.runtime.loop.train import _optimizer
+    from stepc.runtime.loop.setup import make_optimizer as _optimizer
 
     torch.manual_seed(0)
     model = fresh_model(spec, spec.model.num_layers, 0)
@@ -69,7 +69,7 @@ def test_the_runtimes_measured_bytes_count_galores_projectors():
 
     from stepc.runtime.loop.metrics import model_state_bytes
     from eager_reference import fresh_model
-    from stepc.runtime.loop.train import _optimizer
+    from stepc.runtime.loop.setup import make_optimizer as _optimizer
 
     spec = parse_spec(spec_for("galore"))
     expected, _ = _measured_bytes(spec)

@@ -31,7 +31,7 @@ def meta_group():
 
 
 def _stage(run_dir):
-    from stepc.runtime.loop.train import Stage
+    from stepc.runtime.loop.setup import Stage
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
@@ -42,23 +42,25 @@ def _stage(run_dir):
 def test_step_metrics_and_eval_collectives_stay_on_the_model_device(make_run, meta_group):
     from stepc.runtime.model.materialise import meta_fresh_model
     from stepc.runtime.loop.metrics import model_state_bytes
-    from stepc.runtime.loop.train import _eval_sums, _optimizer, _prepare, _train_step
+    from stepc.runtime.loop.evaluator import eval_sums
+    from stepc.runtime.loop.setup import Trainee, make_optimizer, prepare
+    from stepc.runtime.loop.train import _train_step
 
     st = _stage(make_run.compile("rt", train={"global_batch_tokens": 256, "micro_batch_size": 2},
                                  launch={"nproc_per_node": 1}))
     model = meta_fresh_model(st.spec, st.stage.total_layers)
-    _prepare(model, st)
-    optimizer = _optimizer(model, st.spec, st.device)
+    prepare(model, st)
+    optimizer = make_optimizer(model, st.spec, st.device)
     seq = st.spec.model.seq_len
     batches = iter([torch.zeros(2, seq, dtype=torch.long, device="meta")] * st.grad_accum)
 
-    loss = _train_step(st, model, optimizer, batches)
-    assert loss.device.type == "meta" and loss.shape == ()
+    loss, grad_norm = _train_step(st, Trainee(model, optimizer), batches)
+    assert loss.device.type == "meta" and loss.shape == () and grad_norm.device.type == "meta"
     # The all-reduce goes through; only reading a meta tensor back to Python cannot (a GPU would).
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
         model_state_bytes(model, optimizer, st.device)
     blocks = np.zeros((4, seq), dtype=np.int64)
-    sums = _eval_sums(st, model, blocks, np.arange(4))
+    sums = eval_sums(st, model, blocks, np.arange(4))
     assert sums.device.type == "meta" and sums.shape == (2,)
 
 

@@ -12,7 +12,8 @@ from conftest import check_ok, load_weights, read_metrics, run_stage
 
 def test_compile_and_checkpointing_wrap_forward_only_and_keep_the_keys(make_run):
     from stepc.runtime.model.materialise import meta_fresh_model
-    from stepc.runtime.loop.train import Stage, _prepare
+    from stepc.runtime.loop.setup import Stage
+    from stepc.runtime.loop.setup import prepare as _prepare
     from stepc.schema.manifest import load_manifest
 
     def prepared(on: bool):

@@ -96,7 +96,7 @@ def test_galore_projects_exactly_the_decoder_layers_matrices():
     import galore_torch  # noqa: F401  (a test dependency: missing means failing, not skipping)
 
     from eager_reference import fresh_model
-    from stepc.runtime.loop.train import _optimizer
+    from stepc.runtime.loop.setup import make_optimizer as _optimizer
 
     spec = parse_spec(spec_for("galore"))
     model = fresh_model(spec, 4, 0)

@@ -295,6 +295,8 @@ class Launch(Section):
 
 
 class Log(Section):
+    every_steps: Steps = 10
+    """Write a train record (loss, lr, pre-clip gradient norm, tokens/s, MFU, memory) to metrics.jsonl, the console and the trackers every this many steps, and at each stage's last step; each record reads the losses back from the GPU once."""
     backends: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     """Experiment trackers fed beside the always-written metrics.jsonl, any of "tensorboard" (RUN_DIR/tensorboard), "wandb" and "mlflow"; each is an optional extra, e.g. pip install 'stepc[wandb]'. One tracked run per run directory: stages and resumes continue it."""
     project: OneLine | None = None

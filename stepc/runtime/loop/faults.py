@@ -16,7 +16,13 @@ STEPC_DUMP_FIRST_BATCH=<prefix>: every rank saves the first micro-batch it train
 token ids, as numpy) to <prefix>.stage<I>.rank<RANK>.npy, so a test can compare what the stage really
 read with the sampler's batch at the stage's data offset.
 
-Unset (always, outside tests), every call is a no-op.
+STEPC_FAULT_OOM_AT_STEP=N raises torch.OutOfMemoryError in (1-based) step N, as a CUDA allocation would;
+STEPC_FAULT_NONFINITE_AT_STEP=N treats the loss of step N as NaN, exercising the non-finite-loss stop
+without waiting for a real divergence; STEPC_DUMP_OPTIMIZER_AT_START=FILE writes the optimizer state a
+fresh stage starts with (after any carry) to FILE, so tests can compare carried moments bit for bit.
+
+The training loop sees all of them through one `Faults` object, read once from the environment.
+Unset (always, outside tests), every hook is a no-op.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +73,49 @@ def tap_first_batch(batches: Iterator[Any], stage: int) -> Iterator[Any]:
         yield from batches
 
     return tapped()
+
+
+def _step_env(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The test-only faults of one stage, read once from the environment: the loop calls these hooks
+    at fixed points and never reads the environment itself."""
+
+    stage: int
+    oom_at: int | None = None
+    nonfinite_at: int | None = None
+    optimizer_dump: str = ""
+
+    @classmethod
+    def from_env(cls, stage: int) -> Faults:
+        return cls(stage, _step_env("STEPC_FAULT_OOM_AT_STEP"), _step_env("STEPC_FAULT_NONFINITE_AT_STEP"),
+                   os.environ.get("STEPC_DUMP_OPTIMIZER_AT_START", ""))
+
+    def before_step(self, step: int) -> None:
+        if step + 1 == self.oom_at:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory (STEPC_FAULT_OOM_AT_STEP)")
+
+    def loss(self, done: int, loss: Any) -> Any:
+        if done == self.nonfinite_at:
+            import torch
+
+            return torch.full_like(loss, float("nan"))
+        return loss
+
+    def hold(self, done: int, started_at: int, stop_requested: Callable[[], bool]) -> None:
+        hold_after_step(self.stage, done, started_at, stop_requested)
+
+    def batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        return tap_first_batch(batches, self.stage)
+
+    def starting_optimizer(self, model: Any, optimizer: Any, rank: int) -> None:
+        if self.optimizer_dump:
+            from stepc.runtime.model import carry
+
+            carry.dump_state(model, optimizer, Path(self.optimizer_dump), rank)
