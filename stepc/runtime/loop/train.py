@@ -46,7 +46,8 @@ from stepc.runtime.data.evalsets import iter_eval_batches
 from stepc.runtime.model.export import write_export
 from stepc.runtime.loop.faults import hold_after_step
 from stepc.runtime.loop.flops import device_peak_flops, mfu
-from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight, previous_stage_export
+from stepc.runtime.guard import RuntimeFailure, carry_source_missing, check_data_fingerprint, preflight
+from stepc.runtime.init_from import starting_export
 from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.model.lora import LoRALinear, merge_and_reinit, reset_optimizer_state
 from stepc.runtime.loop.lr import is_merge_step, lr_at
@@ -54,6 +55,7 @@ from stepc.runtime.model.llama import wrap_decoder_layers
 from stepc.runtime.loop.metrics import MetricsWriter, loss_sums, model_state_bytes, peak_memory, reset_peak_memory
 from stepc.runtime.loop.oom import oom_failure
 from stepc.runtime.loop.precision import autocast_unsharded
+from stepc.runtime.data.instructions import InstructionSampler, open_examples
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler
 from stepc.runtime.loop.syncdebug import SyncCheck
 from stepc.runtime.loop.tracking import open_tracking
@@ -121,7 +123,7 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stage {stage_index} is already complete ({final_export}); nothing to do", flush=True)
         return 0
-    prev_export = previous_stage_export(run_dir, stage_index)
+    prev_export = starting_export(run_dir, manifest, stage_index)  # stage i-1's export, or [sft] init_from's
 
     device, backend = device_and_backend()
     set_determinism(manifest.spec.train.deterministic, device)  # before any CUDA kernel
@@ -345,11 +347,11 @@ def _train_step(st: Stage, model, optimizer, batches) -> torch.Tensor:
     tr = st.spec.train
     total = torch.zeros((), dtype=torch.float32, device=st.device)
     for micro in range(st.grad_accum):
-        batch = next(batches)  # already on the device (stages read on where the previous one stopped)
+        input_ids, labels = next(batches)  # already on the device (stages read on where the previous one stopped)
         if st.sharded:
             model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
         with autocast_unsharded(tr.precision, st.device, st.sharded):  # GaLore on a GPU: bf16 like FSDP2's policy
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=input_ids, labels=labels).loss
         (loss.float() / st.grad_accum).backward()
         total += loss.detach().float()
     if tr.grad_clip > 0:
@@ -430,9 +432,15 @@ def _predicted_state_bytes(st: Stage, model) -> int | None:
     return st.stage.exact_model_state_bytes * st.replicas + 4 * tensors * (st.world - st.replicas)
 
 
-def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler, dict[str, Any]]:
+def _load_data(st: Stage, allow: set[str]) -> tuple[BlockSampler | BlendSampler | InstructionSampler, dict[str, Any]]:
     """Memory-map the shards `stepc data prepare` wrote before torchrun (no rank tokenises or waits),
-    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
+    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets).
+    Method "sft": the prepared instruction examples, (input_ids, labels) rows, no eval sets."""
+    if st.spec.method.objective == "instructions":
+        examples = open_examples(st.run_dir, st.spec, st.plan)
+        st.tokenizer = examples.tokenizer  # init_from's, saved again beside this run's export
+        check_data_fingerprint(st.run_dir, examples.fingerprint, st.rank, allow)
+        return InstructionSampler(examples, st.spec.experiment.seed, st.spec.model.seq_len), {}
     prepared = open_prepared(st.run_dir, st.spec.data, st.spec.model.seq_len)
     tok = prepared.tokenizer
     if tok.get_vocab_size() > st.spec.model.vocab_size:
