@@ -37,16 +37,17 @@ def _starts_from_export(raw: dict[str, Any]) -> bool:
 
 
 def inherit_model(raw: dict[str, Any], file: str) -> dict[str, Any]:
-    """The raw TOML document with [model] filled from the init_from run (and an empty [memory] when
-    absent: an SFT run has one stage of the whole model). Other methods' documents pass unchanged."""
+    """The raw TOML document with [model] filled from the init_from run, and [memory] when absent (an SFT run
+    has one stage of the whole model: no layout, no budget; memory is counted with init_from's
+    memory.accounting). Other methods' documents pass unchanged."""
     if not _starts_from_export(raw):
         return raw
     sft = raw.get("sft")
     init_from = sft.get("init_from") if isinstance(sft, dict) else None
+    given = raw.get("model")
     raw = {**raw, "memory": raw.get("memory", {})}
     if not isinstance(init_from, str) or not init_from.strip():
         return raw  # validation names the missing or malformed key
-    given = raw.get("model")
     try:
         from stepc.schema.manifest import load_manifest
 
@@ -56,6 +57,8 @@ def inherit_model(raw: dict[str, Any], file: str) -> dict[str, Any]:
             return raw  # planned from the given [model]; `stepc compile` needs the run itself
         raise UserError(f"init_from {init_from!r} is not a compiled run: {err.message}", file=file, key="sft.init_from",
                         fix=f"{NOT_A_RUN_FIX} (or give its [model] table, so `stepc plan` can plan without it)") from None
+    if raw["memory"] == {}:
+        raw["memory"] = {"accounting": source.spec.memory.accounting}
     inherited = source.raw["spec"]["model"]
     if isinstance(given, dict):
         for key, value in given.items():
@@ -99,6 +102,8 @@ def _init_from(spec: Spec, file: str, strict: bool) -> InitFrom | None:
     try:
         source = load_manifest(where)
     except UserError as err:
+        if not strict:
+            return None
         raise UserError(f"init_from {where!r} is not a compiled run: {err.message}", file=file, key="sft.init_from",
                         fix=NOT_A_RUN_FIX) from None
     export = RunDir(Path(where)).export

@@ -160,13 +160,13 @@ def prepare(run_dir: Path | None, spec: Spec, plan: Plan, progress: Callable[[st
             ) -> dict[str, Any]:
     """Tokenise the instruction data (unless RUN_DIR/instructions is current) and return its index.
     Without a run directory only checks and tokenises (nothing is written)."""
-    tok, tok_sha = tokenizer_of(plan)
     paths = check_data(spec, plan)
-    key = _key(spec, plan, tok_sha)
-    if run_dir is not None:
+    key = _key(spec, plan, plan.sft.init_from.export.get("tokenizer.json"))
+    if run_dir is not None:  # current: the stage preflight then checks init_from's export itself, hashes and all
         index = _read_index(run_dir)
         if index is not None and index.get("key") == key and _arrays_present(run_dir, index):
             return index
+    tok, _ = tokenizer_of(plan)
     progress(f"tokenising {len(paths)} instruction file(s) with {plan.sft.init_from.run_dir}'s tokenizer")
     tokens, trained, offsets = tokenise(spec, paths, tok)
     arrays = {"tokens": tokens, "trained": trained, "offsets": offsets}
