@@ -260,7 +260,12 @@ def test_generate_writes_fastchat_answers_keeping_the_conversation(tuned, instru
 
     from stepc.commands.generate import generate_answers, prompt_ids
 
-    questions = instructions / "questions.jsonl"
+    # short turns, so that two of them, an answer and the next answer fit in the model's 128 tokens
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 81, "category": "writing", "turns": ["Repeat this line: Come hither.", "Reverse the words: Good night."]},
+        {"question_id": "q2", "turns": ["Write in capital letters: All is well.", "Repeat this line: Away!"]},
+        {"question_id": 3, "turns": ["Reverse the words: I am here.", "Write in capital letters: Go."]}]))
     out = tmp_path / "answers.jsonl"
     assert main(["generate", str(tuned), "--questions", str(questions), "--out", str(out), "--max-new-tokens", "12"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -270,6 +275,7 @@ def test_generate_writes_fastchat_answers_keeping_the_conversation(tuned, instru
         assert record["model_id"] == "sft" and isinstance(record["answer_id"], str)
         assert len(record["choices"]) == 1 and record["choices"][0]["index"] == 0
         assert len(record["choices"][0]["turns"]) == len(question["turns"]) == 2
+        assert all(isinstance(turn, str) for turn in record["choices"][0]["turns"])
     # turn 2 is answered with turn 1 and its answer in the prompt: an independent greedy decode agrees
     export = tuned / "export"
     tok = Tokenizer.from_file(str(export / "tokenizer.json"))
@@ -300,10 +306,12 @@ def test_generate_writes_fastchat_answers_keeping_the_conversation(tuned, instru
 
 # ------------------------------------------------------------------- bad input, before torchrun
 
-def _refused(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def _refused(proc: subprocess.CompletedProcess, *needles: str, fix_line: bool = True) -> None:
+    """Exit 2, no traceback, each needle in the output; a UserError's "fix:" line (a stage preflight's
+    refusal says what to do in its one sentence instead: give that as a needle)."""
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text
-    assert "fix:" in text and "Traceback" not in text, text
+    assert ("fix:" in text or not fix_line) and "Traceback" not in text, text
     for needle in needles:
         assert needle in text, text
 
@@ -348,9 +356,11 @@ def test_bad_instruction_data_and_init_from_exit_2_before_torchrun(pretrained, i
     from stepc.runtime.model.export_seal import seal
 
     seal(source / "export")  # as a re-export would: a consistent seal over other files
-    _refused(run_stage(run_dir, 1), "export changed since this run was compiled", "config.json", "stepc compile SPEC --force")
+    _refused(run_stage(run_dir, 1), "export changed since this run was compiled", "config.json",
+             "Restore the original export, or recompile this spec (`stepc compile SPEC --force`)", fix_line=False)
     shutil.rmtree(source / "export")
-    _refused(run_stage(run_dir, 1), "is missing or unfinished")
+    _refused(run_stage(run_dir, 1), f"init_from {source}: its export {source / 'export'} is missing or unfinished",
+             f"finish that run (`stepc run {source}`)", fix_line=False)
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints" / "stage-1").exists()
 
 
