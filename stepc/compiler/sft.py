@@ -32,7 +32,8 @@ NOT_A_RUN_FIX = ("compile and train that run first (`stepc compile SPEC` then `s
 
 def _starts_from_export(raw: dict[str, Any]) -> bool:
     experiment = raw.get("experiment")
-    method = METHODS.get(experiment.get("method")) if isinstance(experiment, dict) else None
+    name = experiment.get("method") if isinstance(experiment, dict) else None
+    method = METHODS.get(name) if isinstance(name, str) else None  # anything else: validation names it
     return method is not None and method.starts_from == "export"
 
 
