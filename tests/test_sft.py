@@ -347,6 +347,15 @@ def test_bad_instruction_data_and_init_from_exit_2_before_torchrun(pretrained, i
     _refused(run_stage(run_dir, 1), f"{long}:2", "longer than model.seq_len = 128")
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
+    # data edited after compilation (the plan counted its examples): the preparation refuses it
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join(good[:200]) + "\n")
+    run_dir = compile_sft(tmp_path, sft_tables(pretrained, edited, "edited"))
+    with edited.open("a") as handle:
+        handle.write(good[200] + "\n")
+    _refused(stepc("data", "prepare", str(run_dir)), str(edited), "changed since `stepc compile` counted its examples",
+             "stepc compile SPEC --force")
+
     # init_from's export changed (or went missing) after compilation: the stage's preflight refuses it
     source = tmp_path / "runs" / "pre-moved"
     shutil.copytree(pretrained, source, ignore=shutil.ignore_patterns("checkpoints", "logs"))
