@@ -1,6 +1,6 @@
 """Train one stage of a compiled run: the loop, top to bottom.
 
-    load + verify manifest -> data -> model on `meta` (fresh, or grown from stage i-1's export)
+    load + verify manifest -> data -> model on `meta` (fresh, or grown from stage i-1's export, or [sft] init_from's as it is)
     -> [checkpoint(compile(forward)) per layer] -> fully_shard per layer + root (HSDP: on a nodes x ranks mesh) -> each rank fills its shards (init.py)
     -> AdamW -> resume from the newest complete checkpoint
     -> steps (grad accumulation, clipping, adapter merges, eval, checkpoints) -> export
