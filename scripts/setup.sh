@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up stepc on a fresh Debian/Ubuntu machine (idempotent): GLPK, shellcheck and a one-node
 # SLURM for the tests, CPU torch pinned so pip never pulls a multi-GB CUDA build, the package
-# with its test extras, and the bundled public-domain corpus under data/corpus.
+# with its test extras, and the bundled public-domain corpus under data/corpus (and the instruction set
+# built from it under data/instructions).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SUDO=""
@@ -15,3 +16,4 @@ $SUDO bash tests/install_slurm.sh || echo "setup: SLURM not installed; tests/tes
 python3 -m pip install -q "torch==${STEPC_TORCH_VERSION:-2.13.0}"
 python3 -m pip install -q -e ".[test]"
 python3 -m stepc.commands.corpus data/corpus
+python3 -m stepc.commands.instructions data/instructions  # the instruction set of specs/tiny-cpu-sft.toml

@@ -97,6 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("generate", help="an instruction-tuned run's answers to MT-Bench-style questions, in FastChat's "
+                                        "answer format (question_id, model_id, choices[].turns)")
+    p.add_argument("run_dir", help="a finished run with method = \"sft\"")
+    p.add_argument("--questions", required=True, type=Path, help="FastChat question.jsonl: {\"question_id\", \"turns\": [...]} per line")
+    p.add_argument("--out", required=True, type=Path, help="the answer file to write (jsonl, replaced atomically)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="at most this many tokens per answer (default 1024; "
+                                                                     "never past the model's seq_len)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample at this temperature")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed (per question and turn)")
+    p.add_argument("--model-id", help="model_id in the answers (default: the run's experiment name)")
+    p.set_defaults(func=cmd_generate)
+
     from stepc.commands.data import add_parser as add_data_parser
 
     add_data_parser(sub)
@@ -280,6 +292,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stepc.commands.generate import generate_answers
+
+    records = generate_answers(Path(args.run_dir), args.questions, args.out, args.max_new_tokens, args.temperature,
+                               args.seed, args.model_id)
+    print(f"wrote {args.out}: answers to {len(records)} questions ({sum(len(r['choices'][0]['turns']) for r in records)} turns)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from stepc.commands.report import write_report
     from stepc.commands.sweep import columns, is_sweep_dir, run_dirs
@@ -352,6 +373,9 @@ def spec_reference(model, prefix: str = "") -> str:
     lines, tables = [], []  # sub-tables after the plain keys, as TOML requires
     for name, field in model.model_fields.items():
         ann = field.annotation
+        optional = [a for a in get_args(ann) if a is not type(None)]
+        if len(optional) == 1 and is_model(optional[0]) and len(get_args(ann)) == 2:  # an optional table, e.g. [sft]
+            ann = optional[0]
         if is_model(ann):
             tables += [f"\n[{prefix}{name}]  {field.description or ''}", spec_reference(ann, f"{prefix}{name}.")]
             continue

@@ -127,6 +127,7 @@ def step_dir_name(step: int) -> str:
 
 
 CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint directory, listing its files
+EXPORT_MARKER = "EXPORT_COMPLETE"  # written last into an export, listing its files' sizes and sha256s (runtime/model/export_seal.py)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -284,3 +285,15 @@ def entry_problem(run_dir: Path, name: str) -> str | None:
     if os.path.commonpath([real, root]) != root:
         return f"{name}: resolves outside the run directory ({real})"
     return None
+
+
+def export_seal_files(export: Path) -> dict[str, str] | None:
+    """{file name: sha256 hex} as an export's seal (EXPORT_MARKER, runtime/model/export_seal.py) records
+    them, or None when the seal is missing, unreadable or lists no files. Reads the record only: whether
+    the files still match it is export_seal.check's job."""
+    try:
+        record = json.loads((export / EXPORT_MARKER).read_text(encoding="utf-8"))
+        files = {name: entry["sha256"] for name, entry in record["files"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return files if files and all(isinstance(v, str) for v in files.values()) else None

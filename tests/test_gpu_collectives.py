@@ -52,7 +52,8 @@ def test_step_metrics_and_eval_collectives_stay_on_the_model_device(make_run, me
     prepare(model, st)
     optimizer = make_optimizer(model, st.spec, st.device)
     seq = st.spec.model.seq_len
-    batches = iter([torch.zeros(2, seq, dtype=torch.long, device="meta")] * st.grad_accum)
+    ids = torch.zeros(2, seq, dtype=torch.long, device="meta")
+    batches = iter([(ids, ids)] * st.grad_accum)  # (input_ids, labels), as device_batches yields them
 
     loss, grad_norm = _train_step(st, Trainee(model, optimizer), batches)
     assert loss.device.type == "meta" and loss.shape == () and grad_norm.device.type == "meta"

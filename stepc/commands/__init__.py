@@ -1,1 +1,1 @@
-"""One module per `stepc` subcommand that is more than a compiler pass (diff, verify, run, submit, eval, report, corpus, data)."""
+"""One module per `stepc` subcommand that is more than a compiler pass (diff, verify, run, submit, eval, report, corpus, data, generate, instructions)."""

@@ -52,6 +52,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         lines.append(line)
         print(line, file=sys.stderr, flush=True)
 
+    if spec.method.objective == "instructions":  # [sft] train, with init_from's tokenizer (recorded in the plan)
+        return _prepare_instructions(target, run_dir, spec, args.quiet, lines, progress, started)
+
     index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len)
     if lines or not args.quiet:
         for kind in ("train", "validation"):
@@ -60,4 +63,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                       f"{entry['tokens']} tokens ({index['dtype']})")
         where = f"; index {run_dir / 'data-index.json'}" if run_dir else ""
         print(f"data prepared in {time.monotonic() - started:.1f} s (cache {data.cache_dir}{where})")
+    return 0
+
+
+def _prepare_instructions(target: Path, run_dir: Path | None, spec, quiet: bool, lines: list[str], progress, started: float) -> int:
+    """Method "sft": check and tokenise [sft] train (RUN_DIR/instructions/ for a run directory)."""
+    from stepc.compiler import plan_spec
+    from stepc.compiler.load import read_spec_text
+    from stepc.runtime.data.instructions import prepare as prepare_instructions
+    from stepc.schema.manifest import load_manifest
+
+    # a spec is planned as `stepc compile` would, so its init_from and data are checked the same way
+    plan = load_manifest(run_dir).plan if run_dir is not None else plan_spec(read_spec_text(target), str(target), strict=True)[1]
+    index = prepare_instructions(run_dir, spec, plan, progress)
+    if lines or not quiet:
+        print(f"instructions: {index['examples']} examples, {index['tokens']} tokens ({index['response_tokens']} in "
+              f"responses), longest {index['longest']} of seq_len {spec.model.seq_len}")
+        where = f"; {run_dir / 'instructions'}" if run_dir else ""
+        print(f"data prepared in {time.monotonic() - started:.1f} s{where}")
     return 0

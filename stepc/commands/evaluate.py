@@ -37,11 +37,17 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
                         fix="pass the directory that holds your lm-eval task .yaml files")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be a positive number of documents", key="--limit", fix="pass e.g. --limit 100")
+    documents = manifest.spec.method.objective == "documents"  # method "sft" reads no [data]: no perplexity sets
+    if not documents and not tasks:
+        raise UserError(f"{manifest.spec.experiment.name} is an instruction-tuned run: it has no validation documents to "
+                        "score perplexity on", file=str(run_dir), key="--tasks",
+                        fix=f"pass lm-eval --tasks, or write its answers with `stepc generate {run_dir} --questions FILE --out FILE`")
     task_manager = _task_manager(tasks, include_path) if tasks else None
 
     from stepc.runtime.data.prepare import prepare
 
-    prepare(manifest.spec.data, Path(manifest.spec.data.cache_dir), run_dir)  # quick when the stages prepared it
+    if documents:
+        prepare(manifest.spec.data, Path(manifest.spec.data.cache_dir), run_dir)  # quick when the stages prepared it
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -55,8 +61,10 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # the runtime's eval dtype (bf16 on a GPU under precision = "bf16"), so the perplexities agree
     model = AutoModelForCausalLM.from_pretrained(export, dtype=compute_dtype(spec.train.precision, device)).to(device).eval()
-    _, sets = training_sets(open_prepared(run_dir, spec.data, spec.model.seq_len), spec.data.holdout_fraction,
-                            spec.experiment.seed)
+    sets = {}
+    if documents:
+        _, sets = training_sets(open_prepared(run_dir, spec.data, spec.model.seq_len), spec.data.holdout_fraction,
+                                spec.experiment.seed)
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name, (blocks, indices) in sets.items():
         total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices), device).tolist()

@@ -51,8 +51,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         status = f"unfinished: stage {current} of {len(stages)}, step {done.get(current, 0)} of {stages[current].steps}"
         if evals:
             status += f"; ppl at stage {evals[-1]['stage']} step {evals[-1].get('step', '?')}"
+    origin = plan.sft.init_from if plan.sft is not None else None
     return {
         "name": manifest.spec.experiment.name, "method": plan.method, "layers": plan.layers,
+        "run_dir": paths.root, "init_from": origin.run_dir if origin else None, "from": origin.experiment if origin else None,
         "peak_bytes": plan.peak_bytes, "measured_peak_bytes": max(measured) if measured else None,
         "finished": finished, "status": status,
         "steps": sum(done.values()), "planned_steps": sum(s.steps for s in stages.values()),
@@ -131,16 +133,34 @@ def read_eval_json(path: Path) -> dict[str, float]:
     return ppl
 
 
+def with_lineage(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each SFT run preceded by the run it tuned ([sft] init_from, relative to the working directory like
+    every path of a spec), when that run was not given too and its directory is there: the pre-training
+    run and its instruction-tuned descendant side by side."""
+    given = {Path(run["run_dir"]).resolve() for run in runs}
+    out = []
+    for run in runs:
+        source = Path(run["init_from"]) if run["init_from"] else None
+        if source is not None and source.resolve() not in given and (source / "manifest.json").is_file():
+            out.append(read_run(source))
+            given.add(source.resolve())
+        out.append(run)
+    return out
+
+
 def markdown_table(runs: list[dict[str, Any]], columns: dict[str, dict[str, str]] | None = None) -> str:
     """One row per run; `columns` adds cells after the run name (run name -> column -> text), e.g. a sweep's values."""
     sets = sorted({name for run in runs for name in run["perplexity"]})
     extra = list(dict.fromkeys(c for cells in (columns or {}).values() for c in cells))
-    head = ["run", *extra, "method", "layout", "status", "steps", "peak (plan)", "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
+    lineage = any(run["from"] for run in runs)  # an SFT run: the run it tuned, beside it
+    head = ["run", *extra, "method", *(["tuned from"] if lineage else []), "layout", "status", "steps", "peak (plan)",
+            "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         measured = f"{run['measured_peak_bytes'] / 1e6:.2f} MB" if run["measured_peak_bytes"] else "-"
         steps = f"{run['steps']:,}" if run["finished"] else f"{run['steps']:,} of {run['planned_steps']:,}"
-        cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"], "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
+        cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"],
+                 *([run["from"] or "-"] if lineage else []), "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
                  f"{run['peak_bytes'] / 1e6:.2f} MB", measured, f"{run['tokens']:,}", f"{run['flops']:.3e}"]
         cells += [f"{run['perplexity'][s]:.2f}" if s in run["perplexity"] else "-" for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
@@ -184,7 +204,7 @@ def write_report(run_dirs: list[Path], out: Path, columns: dict[str, dict[str, s
     """Read every run first (any problem: exit 2, nothing written), then write both files atomically."""
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise UserError(f"{out} exists and is not a directory", key="--out", fix="pass --out a directory (created if missing)")
-    runs = [read_run(d) for d in run_dirs]
+    runs = with_lineage([read_run(d) for d in run_dirs])
     table = markdown_table(runs, columns)
     note = ""
     if any(not run["finished"] for run in runs):

@@ -24,14 +24,17 @@ class Compiled:
     files: dict[str, bytes]  # every run-directory file by name, manifest.json included
 
 
-def plan_spec(text: str, file: str) -> tuple[Spec, Plan]:
-    """Parse, validate and solve; errors name `file`."""
+def plan_spec(text: str, file: str, strict: bool = False) -> tuple[Spec, Plan]:
+    """Parse, validate and solve; errors name `file`. `strict` (compile): what the plan reads outside the
+    spec (method "sft": the init_from run's export, the instruction data) must exist; otherwise
+    (`stepc plan`) the plan shows what it can without it."""
     from stepc.compiler.load import parse_spec
     from stepc.compiler.plan import make_plan
+    from stepc.compiler.sft import resolve
 
     spec = parse_spec(text, file)
     try:
-        return spec, make_plan(spec)
+        return spec, make_plan(spec, resolve(spec, file, strict))
     except UserError as err:
         err.file = err.file or file
         raise
@@ -45,7 +48,7 @@ def compile_spec(text: str, file: str, overrides: dict[str, Any] | None = None) 
     from stepc.compiler.emit import render_files
     from stepc.compiler.manifest import dumps, freeze
 
-    spec, plan = plan_spec(text, file)
+    spec, plan = plan_spec(text, file, strict=True)
     files = render_files(spec, plan, text)
     manifest = freeze(spec, plan, files, overrides)
     files["manifest.json"] = dumps(manifest).encode()

@@ -21,8 +21,27 @@ def _names(trait) -> str:
     return " or ".join(f'"{name}"' for name, m in METHODS.items() if trait(m))
 
 
+SFT_TRAIN_DEFAULTS = {
+    # Table 8 (Appendix H): AdamW betas 0.9 / 0.95, lr 1e-4, cosine, 100 warmup steps (epochs: [sft] epochs = 2)
+    "lr": 1e-4, "warmup_steps": 100, "betas": [0.9, 0.95], "schedule": "cosine",
+    # not in Table 8: Stanford Alpaca's recipe, which the paper's Alpaca tuning follows (HF Trainer's cosine
+    # decays to 0; --weight_decay 0)
+    "min_lr_ratio": 0.0, "weight_decay": 0.0,
+}
+"""[train] defaults of method "sft", for each key the spec does not set; the manifest records the result."""
+
+
 def normalize(spec: Spec, file: str) -> Spec:
     """Fill field-dependent defaults, then check every cross-field rule."""
+    for key, problem, fix in _sft_problems(spec):  # before the defaults below hide what the user set
+        raise UserError(problem, file=file, key=key, fix=fix)
+    if spec.sft is not None:  # method "sft": Table 8's values; the batch is counted in padded examples
+        train = {k: v for k, v in SFT_TRAIN_DEFAULTS.items() if k not in spec.train.model_fields_set}
+        train["global_batch_tokens"] = spec.sft.batch_size * spec.model.seq_len
+        resolved = spec.train.model_copy(update=train)
+        # still defaults, not the user's: messages about them say "(the default)" (static_checks._defaults_note)
+        object.__setattr__(resolved, "__pydantic_fields_set__", set(spec.train.model_fields_set))
+        spec = spec.model_copy(update={"train": resolved})
     model, memory = spec.model, spec.memory
     width = model.intermediate_size or round(8 / 3 * model.hidden_size)
     model = model.model_copy(update={
@@ -64,7 +83,7 @@ def _problems(spec: Spec):
         if mem.stages == "auto":
             yield "memory.stages", "stages = \"auto\" cannot be combined with pinned layers", "remove one of stages = \"auto\" and layers"
     yield from _growth_problems(spec)
-    if st.lora_rank > m.hidden_size:
+    if st.lora_rank > m.hidden_size and spec.method.old_layers == "adapted":  # no adapters, no rank to check
         yield "step.lora_rank", f"rank {st.lora_rank} exceeds hidden_size {m.hidden_size}", "use a rank below hidden_size (the paper uses 128)"
     ranks = la.nnodes * la.nproc_per_node
     per_micro = m.seq_len * tr.micro_batch_size * ranks
@@ -76,6 +95,9 @@ def _problems(spec: Spec):
         yield "step.relora_warm_start_steps", "the warm start covers the whole run", "use fewer warm-start steps than train.reference_steps"
     if not spec.method.shards and la.nnodes * la.nproc_per_node != 1:
         yield "launch.nproc_per_node", "GaLoreAdamW is not FSDP-aware; stepc runs GaLore on a single rank", "set nnodes = 1 and nproc_per_node = 1 for method = \"galore\""
+    if spec.method.objective != "documents":  # [data] is not read: the tokenizer is init_from's
+        yield from runtime_facing_problems(spec)
+        return
     if m.vocab_size < 256 and spec.data.tokenizer != "gpt2":
         yield "model.vocab_size", f"vocab_size {m.vocab_size} cannot hold a byte-level tokenizer", "use at least 256 (and at least the tokenizer's size)"
     if spec.data.tokenizer == "gpt2" and m.vocab_size < 50257:
@@ -85,6 +107,39 @@ def _problems(spec: Spec):
 
 
 STACK_OPERATORS = ("stack", "stack-middle")
+
+
+def _sft_problems(spec: Spec):
+    """[sft] goes with the methods that start from an export, and those read neither [data] nor a FLOPs budget."""
+    sft, tr = spec.sft, spec.train
+    if spec.method.starts_from != "export":
+        if sft is not None:
+            yield "sft", f"[sft] applies to method = {_names(lambda m: m.starts_from == 'export')}, not '{spec.experiment.method}'", \
+                "remove [sft], or set experiment.method = \"sft\""
+        return
+    if sft is None:
+        yield "sft.init_from", f"method '{spec.experiment.method}' tunes a finished run: [sft] init_from and train are required", \
+            'add [sft] with init_from = "runs/<name>" and train = ["data/<instructions>.jsonl"]'
+        return
+    if "data" in spec.model_fields_set:
+        yield "data", "[data] describes pre-training documents; an SFT run reads sft.train, tokenised by init_from's own tokenizer", \
+            "remove [data]"
+    if "global_batch_tokens" in tr.model_fields_set:
+        yield "train.global_batch_tokens", "an SFT run's batch is counted in examples, each padded to seq_len", \
+            "remove it and set sft.batch_size (global_batch_tokens becomes batch_size x seq_len)"
+    if "reference_steps" in tr.model_fields_set:
+        yield "train.reference_steps", "an SFT run has no FLOPs budget: its length is sft.epochs over its examples", \
+            "remove it (set sft.epochs instead)"
+    ranks = spec.launch.nnodes * spec.launch.nproc_per_node
+    if sft.batch_size % (tr.micro_batch_size * ranks):
+        yield "sft.batch_size", (f"{sft.batch_size} examples per step do not split into micro-batches of "
+                                 f"train.micro_batch_size x ranks = {tr.micro_batch_size} x {ranks}"), \
+            f"use a multiple of {tr.micro_batch_size * ranks}, or change train.micro_batch_size"
+    for i, pattern in enumerate(sft.train):
+        if pattern.strip() != pattern:
+            yield f"sft.train[{i}]", f"{pattern!r} has leading or trailing whitespace", "remove it"
+        elif not pattern.rstrip("*?]").endswith(".jsonl") and not pattern.endswith("*"):
+            yield f"sft.train[{i}]", f"{pattern!r} does not name .jsonl files", 'write e.g. "data/alpaca.jsonl" or "data/sft/*.jsonl"'
 
 
 def _growth_problems(spec: Spec):

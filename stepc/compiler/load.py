@@ -14,6 +14,7 @@ from typing import Any, get_origin
 from pydantic import BaseModel, ValidationError
 
 from stepc.compiler.checks import normalize
+from stepc.compiler.sft import inherit_model
 from stepc.errors import UserError
 from stepc.rundir import read_regular_file
 from stepc.schema.spec import Spec
@@ -51,6 +52,7 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
         raw = tomllib.loads(text.removeprefix("\ufeff"))  # editors on Windows write a BOM; TOML forbids it
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(exc, text.removeprefix("\ufeff"), file) from None
+    raw = inherit_model(raw, file)  # method "sft": [model] is the init_from run's
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:

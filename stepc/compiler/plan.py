@@ -12,7 +12,7 @@ from stepc.compiler.memory import Costs, costs_for, exact_costs, galore_stage_by
 from stepc.compiler.schedule import StageSchedule, stage_schedule, vanilla_flops
 from stepc.compiler.static_checks import plan_problems
 from stepc.errors import UserError
-from stepc.schema.plan import Plan, StagePlan
+from stepc.schema.plan import Plan, SftPlan, StagePlan
 from stepc.schema.shapes import budget_flops_per_token
 from stepc.schema.spec import Spec
 from stepc.schema.units import format_bytes
@@ -30,15 +30,16 @@ class Phase:
     lr_offset: int = 0  # where it starts on a schedule shared with the previous phase (ReLoRA)
 
 
-def make_plan(spec: Spec) -> Plan:
-    """Solve the layout and the schedule for `spec` (already normalised)."""
+def make_plan(spec: Spec, sft: SftPlan | None = None) -> Plan:
+    """Solve the layout and the schedule for `spec` (already normalised). `sft`: method "sft"'s init_from
+    and instruction data (stepc.compiler.sft.resolve); without it an SFT plan has 0 steps (unresolved)."""
     costs, exact = costs_for(spec), exact_costs(spec)
     layout = choose_layout(spec, costs)
     method = spec.method
     galore = method.optimizer == "galore"
     keeps_training = method.old_layers == "trained"
     stages, data_offset = [], 0
-    for i, phase in enumerate(_phases(spec, costs, layout.layers), start=1):
+    for i, phase in enumerate(_phases(spec, costs, layout.layers, sft), start=1):
         new, old, sched = phase.new, phase.old, phase.schedule
         # old layers that keep training: the stage costs what a vanilla model of old + new layers does
         trained, frozen = (new + old, 0) if keeps_training else (new, old)
@@ -60,27 +61,38 @@ def make_plan(spec: Spec) -> Plan:
         data_offset += sched.steps
     vanilla = vanilla_bytes(costs, spec.model.num_layers)
     peak = max(s.peak_bytes for s in stages)
+    if method.schedule == "epochs":  # no FLOPs budget to share: the budget is what the epochs cost
+        flops_budget = sum(s.flops for s in stages)
+    else:
+        flops_budget = float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps,
+                                           spec.train.global_batch_tokens))
     plan = Plan(**{
         "method": method.name, "accounting": spec.memory.accounting, "solver": layout.solver,
         "flops_accounting": spec.train.flops_accounting, "budget_bytes": spec.memory.budget,
         "vanilla_peak_bytes": vanilla, "peak_bytes": peak, "reduction": round(1 - peak / vanilla, 6),
-        "flops_budget": float(vanilla_flops(costs.layer_params, spec.model.num_layers, spec.train.reference_steps, spec.train.global_batch_tokens)),
-        "layers": layout.layers, "stages": stages,
+        "flops_budget": flops_budget, "layers": layout.layers, "stages": stages, "sft": sft,
     })
     for key, problem, fix in plan_problems(spec, plan):  # warmups and merges vs stage lengths, budget for baselines
         raise UserError(problem, key=key, fix=fix)
     return plan
 
 
-def _phases(spec: Spec, costs: Costs, layers: list[int]) -> list[Phase]:
+def _phases(spec: Spec, costs: Costs, layers: list[int], sft: SftPlan | None) -> list[Phase]:
     """The runtime stages of each method: (new layers, frozen layers, schedule, global LR offset).
 
     STEP, growth and vanilla: one per layout entry, each with its own LR schedule. ReLoRA: a full-rank warm
     start, then a phase that adds no layer and puts adapters on all of them, on one global jagged
-    cosine (so the second phase's LR continues at `lr_offset`). GaLore: one stage.
+    cosine (so the second phase's LR continues at `lr_offset`). GaLore: one stage. SFT: one stage that
+    trains every layer of the init_from model for ceil(epochs x examples / batch_size) steps, each of
+    batch_size padded rows (global_batch_tokens), at 6 N FLOPs per (padded) token.
     """
     tr, st, L = spec.train, spec.step, spec.model.num_layers
     P, E = costs.layer_params, costs.adapter_params
+    if spec.method.schedule == "epochs":
+        from stepc.compiler.sft import steps as sft_steps
+
+        steps, batch = sft_steps(spec, sft), tr.global_batch_tokens
+        return [Phase(L, 0, StageSchedule(steps, steps, steps * batch, float(6 * L * P * steps * batch)))]
     if spec.method.schedule == "relora":
         warm, batch = st.relora_warm_start_steps, tr.global_batch_tokens
         budget = vanilla_flops(P, L, tr.reference_steps, batch)

@@ -28,7 +28,22 @@ def plan_summary(plan: Plan) -> str:
             f"{format_bytes(plan.vanilla_peak_bytes)} ({100 * plan.reduction:.1f}% less)")
     if plan.budget_bytes is not None:
         text += f", budget {format_bytes(plan.budget_bytes)}"  # a plan over its budget is refused (checks)
+    if plan.sft is not None:
+        text += "\n" + sft_summary(plan)
     return text
+
+
+def sft_summary(plan: Plan) -> str:
+    """Where an SFT run starts and how its steps were counted (or why they are not known yet)."""
+    sft, steps = plan.sft, sum(s.steps for s in plan.stages)
+    origin = "init_from not finished yet"
+    if sft.init_from is not None:
+        weights = sorted(name for name in sft.init_from.export if name.endswith(".safetensors"))
+        first = f"{weights[0]} sha256 {sft.init_from.export[weights[0]][:12]}" if weights else "export"
+        origin = f"tunes {sft.init_from.run_dir} ({sft.init_from.method} run {sft.init_from.experiment!r}, {first})"
+    if sft.unresolved:
+        return f"sft: {origin}; steps unknown: {sft.unresolved}"
+    return f"sft: {origin}; {sft.examples} examples in {len(sft.data or [])} file(s) -> {steps} steps"
 
 
 def compare_plans(plans: list[tuple[str, Plan]]) -> str:

@@ -85,7 +85,7 @@ def plan_problems(spec: Spec, plan: Plan) -> Iterator[Problem]:
     else:
         runs = [(f"stage {s.index}", s.steps) for s in stages]
     for what, steps in runs:
-        if tr.warmup_steps > steps:
+        if tr.warmup_steps > steps and steps:  # 0: an SFT plan whose data or init_from is not there yet
             yield ("train.warmup_steps", f"warmup_steps = {tr.warmup_steps}{default('train', 'warmup_steps')} is longer than "
                    f"{what} ({steps} steps): the learning rate would never reach its peak",
                    f"use fewer warmup steps than {steps} (a few percent of a stage is usual)")

@@ -90,9 +90,15 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     if world is not None:
         check_world(manifest, world)
     check_multi_node(nnodes, os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("RDZV_ENDPOINT"))
-    previous_stage_export(manifest_path.parent, stage_index, hashes=data)  # refuses when stage i-1 has not finished or its export is damaged (the script's preflight hashes it; the ranks check sizes)
+    from stepc.runtime.init_from import starting_export
+
+    starting_export(manifest_path.parent, manifest, stage_index, hashes=data)  # refuses when stage i-1 (or [sft] init_from) has not finished or its export is damaged or changed (the script's preflight hashes it; the ranks check sizes)
     check_carry_source(manifest_path.parent, manifest, stage_index)
-    if data:
+    if data and manifest.spec.method.objective == "instructions":
+        from stepc.runtime.data.instructions import check_prepared
+
+        check_prepared(manifest_path.parent, manifest.spec, manifest.plan)
+    elif data:
         check_data_files(manifest_path.parent, manifest.spec.data, allow)
     return manifest, False
 

@@ -21,13 +21,20 @@ class Method:
     layer, or memory.layers pinned) and a budget is only checked against it."""
     old_layers: Literal["adapted", "trained"]
     """In a later stage, the layers earlier stages trained are frozen behind ReLoRA adapters, or keep training."""
-    schedule: Literal["flops", "relora"]
-    """How steps are split: Appendix E's FLOPs schedule over the layout's stages, each with its own LR
-    schedule; or ReLoRA's full-rank warm start then an adapter phase on one jagged cosine."""
+    schedule: Literal["flops", "relora", "epochs"]
+    """How steps are counted: Appendix E's FLOPs schedule over the layout's stages, each with its own LR
+    schedule; ReLoRA's full-rank warm start then an adapter phase on one jagged cosine; or passes over
+    a data set ([sft] epochs x the examples counted at compile time / [sft] batch_size)."""
     optimizer: Literal["adamw", "galore"]
     """AdamW, or GaLoreAdamW (rank-projected moments of the decoder layers' matrices)."""
     shards: bool
     """FSDP2 shards the model states over the ranks; False: the optimizer is not FSDP-aware, one rank."""
+    starts_from: Literal["scratch", "export"] = "scratch"
+    """Stage 1 starts from freshly initialised weights, or from a finished run's export ([sft] init_from:
+    its model, weights and tokenizer)."""
+    objective: Literal["documents", "instructions"] = "documents"
+    """What the loss is taken over: packed documents ([data], every token), or instruction examples
+    ([sft] train: one example per padded row, loss on the response tokens only)."""
 
     @property
     def stages_follow(self) -> bool:
@@ -45,9 +52,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            shards=False),
     Method("growth", grows=True, solves_layout=False, old_layers="trained", schedule="flops", optimizer="adamw",
            shards=True),
+    Method("sft", grows=False, solves_layout=False, old_layers="trained", schedule="epochs", optimizer="adamw",
+           shards=True, starts_from="export", objective="instructions"),
 )}
 
-MethodName = Literal["step", "vanilla", "relora", "galore", "growth"]
+MethodName = Literal["step", "vanilla", "relora", "galore", "growth", "sft"]
 assert set(MethodName.__args__) == set(METHODS)  # the spec's choices are the registry's entries
 
 

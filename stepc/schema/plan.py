@@ -6,7 +6,7 @@ and tests rely on: see the README's run-directory section) and read back by the 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Frozen(BaseModel):
@@ -48,6 +48,45 @@ class StagePlan(_Frozen):
     checkpoint (step.carry_optimizer_state); 0 without carry and in stage 1. Memory is the same either way."""
 
 
+class InitFrom(_Frozen):
+    """The finished run an SFT run tunes, as `stepc compile` found it."""
+
+    run_dir: str
+    """[sft] init_from as written (relative to the launch directory)."""
+    experiment: str
+    """That run's experiment.name."""
+    method: str
+    """That run's experiment.method."""
+    manifest_hash: str
+    """That run's manifest hash."""
+    export: dict[str, str]
+    """Every file of its export (RUN_DIR/export) and the sha256 its seal recorded: the weights and
+    tokenizer this run starts from. A stage refuses an export that no longer matches."""
+
+
+class InstructionData(_Frozen):
+    """One file of [sft] train as `stepc compile` read it."""
+
+    path: str
+    size: int
+    sha256: str
+    examples: int
+    """Examples (non-blank lines) in the file."""
+
+
+class SftPlan(_Frozen):
+    """What method "sft" resolved at compile time: where it starts and how many examples it learns."""
+
+    init_from: InitFrom | None
+    """None only in `stepc plan`'s view of a run whose init_from has not finished (compile refuses it)."""
+    data: list[InstructionData] | None
+    """None only in `stepc plan`'s view when the data files are missing (compile refuses it)."""
+    examples: int | None
+    """Examples over all files; steps = ceil(epochs x examples / batch_size)."""
+    unresolved: str | None = None
+    """Why the steps are unknown (stepc plan only), or None."""
+
+
 class Plan(_Frozen):
     method: str
     """experiment.method the plan was made for."""
@@ -71,3 +110,5 @@ class Plan(_Frozen):
     """n_i per stage (the layout)."""
     stages: list[StagePlan]
     """The stages in order."""
+    sft: SftPlan | None = Field(default=None, exclude_if=lambda v: v is None)  # absent from other methods' manifests
+    """Method "sft" only: the init_from run and the instruction data it was compiled against."""

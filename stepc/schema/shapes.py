@@ -36,6 +36,10 @@ LOSS_CHUNK_TOKENS = 2048
 """Tokens whose logits exist at a time in the chunked LM-head loss (stepc.runtime.loop.loss), which the
 device accounting counts: x 50257 x 4 bytes = 0.4 GB of fp32 logits, enough rows to keep a GPU busy."""
 
+IGNORE_INDEX = -100
+"""Label of a token the loss skips (transformers' convention): instruction tuning's prompt and padding
+tokens (stepc.runtime.data.instructions), which stepc.runtime.loop.loss leaves out of the mean."""
+
 FROZEN_FLOPS = {"paper": 2, "backprop": 4}
 """Budget FLOPs per token of a frozen parameter (train.flops_accounting): the paper's 2 (Appendix E),
 or 4 when counting the backward pass through the frozen layer that adapters need."""

@@ -46,7 +46,7 @@ class Experiment(Section):
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
     method: MethodName = "step"
-    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), or "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers)."""
+    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers), or "sft" (instruction tuning of a finished run's export, Section 4.2: see [sft])."""
 
 
 class Model(Section):
@@ -238,6 +238,23 @@ class Eval(Section):
     """At most this many tokens per validation set and evaluation."""
 
 
+class Sft(Section):
+    init_from: NonEmpty
+    """The finished run whose exported model is tuned: its run directory, e.g. "runs/paper-1.2b-step2", relative to the directory the stage scripts are launched from. Its model (so [model] may be left out; given, it must match), weights and tokenizer are the starting point. `stepc compile` records the sha256 of every file of its export; a stage refuses (exit 2) an export that is unfinished or changed since."""
+    train: list[NonEmpty] = Field(min_length=1)
+    """Instruction data: jsonl files or globs, relative to the directory the stage scripts are launched from, one example per line in sft.format. `stepc compile` counts the examples (and records each file's sha256): steps = ceil(epochs x examples / batch_size)."""
+    format: Literal["alpaca", "messages"] = "alpaca"
+    """"alpaca": {"instruction": ..., "input": ... (may be empty or absent), "output": ...} per line, as Stanford Alpaca's alpaca_data.json; "messages": {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}, user and assistant alternating and ending with the assistant (multi-turn chats; a first "system" message replaces the system text)."""
+    template: Literal["alpaca", "vicuna"] = "alpaca"
+    """Prompt template around the turns: "alpaca" (Stanford Alpaca's "### Instruction:" / "### Response:" prompt; later turns repeat the pair) or "vicuna" (FastChat's vicuna_v1.1, "USER: ... ASSISTANT: ..."). The tokenizer's end-of-text token follows every response; `stepc generate` prompts with the same template."""
+    system: str | None = None
+    """System text at the start of every conversation. Default: the template's own (Alpaca's "Below is an instruction that describes a task. ..."); "" for none, e.g. for a small model with a short seq_len."""
+    epochs: int = Field(default=2, gt=0, le=1000)
+    """Passes over the training examples (Table 8: 2). The last step fills its batch from the next pass's order."""
+    batch_size: int = Field(default=128, gt=0, le=2**20)
+    """Examples per optimizer step across all ranks (Stanford Alpaca's 128); a multiple of train.micro_batch_size x ranks. Each example is one row padded to model.seq_len, so train.global_batch_tokens is resolved to batch_size x seq_len."""
+
+
 class Slurm(Section):
     partition: OneLine = "gpu"
     """SLURM partition (#SBATCH --partition)."""
@@ -317,7 +334,7 @@ class Log(Section):
 
 
 class Spec(Section):
-    """A whole experiment. Only [experiment] name, [model] and [memory] are required."""
+    """A whole experiment. Only [experiment] name, [model] and [memory] are required (method "sft": [experiment] and [sft]; its [model] is init_from's)."""
 
     experiment: Experiment
     """Name, seed and method of the experiment."""
@@ -337,6 +354,8 @@ class Spec(Section):
     """torchrun and SLURM launch settings."""
     log: Log = Log()
     """Experiment tracking (TensorBoard, W&B, MLflow) beside metrics.jsonl."""
+    sft: Sft | None = Field(default=None, exclude_if=lambda v: v is None)  # absent from other methods' manifests
+    """Instruction tuning (method = "sft" only): the run it starts from, the instruction data, the template and the epochs."""
 
     @property
     def method(self) -> Method:

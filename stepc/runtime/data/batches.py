@@ -1,4 +1,4 @@
-"""Micro-batches on the device, one ahead of the step that uses them.
+"""Micro-batches (input_ids, labels) on the device, one ahead of the step that uses them.
 
 On a GPU each batch is copied from pinned host memory with non_blocking=True, and the copy of the
 next micro-batch is issued before the current one is handed out, so it overlaps the current forward
@@ -15,16 +15,25 @@ import numpy as np
 import torch
 
 
-def device_batches(make: Callable[[int, int], np.ndarray], steps: range, accum: int,
-                   device: torch.device) -> Iterator[torch.Tensor]:
-    """The `accum` micro-batches of every step in `steps`, in order; make(step, micro) -> token ids."""
+def device_batches(make: Callable[[int, int], np.ndarray | tuple[np.ndarray, np.ndarray]], steps: range, accum: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The `accum` (input_ids, labels) micro-batches of every step in `steps`, in order. make(step, micro)
+    returns token ids (language modelling: the labels are the ids themselves, copied once) or a pair
+    (instruction tuning: labels with IGNORE_INDEX where no loss is taken)."""
     pin = device.type == "cuda"
 
-    def load(step: int, micro: int) -> torch.Tensor:
-        host = torch.from_numpy(make(step, micro))
+    def move(array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
         if pin:
             host = host.pin_memory()
         return host.to(device, non_blocking=pin)
+
+    def load(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        made = make(step, micro)
+        if isinstance(made, tuple):
+            return move(made[0]), move(made[1])
+        ids = move(made)
+        return ids, ids
 
     pending = None
     for step in steps:

@@ -68,7 +68,8 @@ def tap_first_batch(batches: Iterator[Any], stage: int) -> Iterator[Any]:
         import numpy as np
 
         first = next(batches)
-        np.save(f"{prefix}.stage{stage}.rank{os.environ.get('RANK', '0')}.npy", first.cpu().numpy())
+        ids = first[0] if isinstance(first, tuple) else first  # (input_ids, labels): the ids
+        np.save(f"{prefix}.stage{stage}.rank{os.environ.get('RANK', '0')}.npy", ids.cpu().numpy())
         yield first
         yield from batches
 

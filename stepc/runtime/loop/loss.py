@@ -30,9 +30,8 @@ import functools
 
 import torch
 
-from stepc.schema.shapes import LOSS_CHUNK_TOKENS
+from stepc.schema.shapes import IGNORE_INDEX, LOSS_CHUNK_TOKENS
 
-IGNORE_INDEX = -100
 CHUNK_TOKENS = LOSS_CHUNK_TOKENS  # tokens whose logits exist at a time (the device accounting counts them)
 
 

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from stepc.rundir import RunDir
+from stepc.runtime.data.instructions import InstructionSampler, open_examples
 from stepc.runtime.data.prepared import open_prepared, training_sets
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler
 from stepc.runtime.data.tokenizer import id_bound
@@ -83,7 +84,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class StageData:
-    sampler: BlockSampler | BlendSampler
+    sampler: BlockSampler | BlendSampler | InstructionSampler
     evals: dict[str, Any]  # name -> (blocks, indices): the held-out split(s) and the named validation sets
     tokenizer: Any  # tokenizers.Tokenizer, saved beside the export
 
@@ -100,7 +101,14 @@ class Trainee:
 
 def load_data(st: Stage, allow: set[str]) -> StageData:
     """Memory-map the shards `stepc data prepare` wrote before torchrun (no rank tokenises or waits),
-    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets)."""
+    check the data fingerprint; the training sampler and the eval sets (held-out split, named sets).
+    Method "sft": the prepared instruction examples, (input_ids, labels) rows, no eval sets."""
+    if st.spec.method.objective == "instructions":
+        examples = open_examples(st.run_dir, st.spec, st.plan)
+        check_data_fingerprint(st.run_dir, examples.fingerprint, st.rank, allow)
+        # the tokenizer is init_from's, saved again beside this run's export
+        return StageData(InstructionSampler(examples, st.spec.experiment.seed, st.spec.model.seq_len), {},
+                         examples.tokenizer)
     prepared = open_prepared(st.run_dir, st.spec.data, st.spec.model.seq_len)
     tok = prepared.tokenizer
     if id_bound(tok) > st.spec.model.vocab_size:  # the largest id, not the token count: ids may have gaps

@@ -1,6 +1,7 @@
 """Train one stage of a compiled run: the loop, top to bottom.
 
-    verify the manifest -> data and model (setup.py) -> resume, or carry stage i-1's optimizer state
+    verify the manifest -> data and model (setup.py: fresh, grown from stage i-1's export, or [sft]
+    init_from's as it is) -> resume, or carry stage i-1's optimizer state
     (checkpointer.py) -> steps: grad accumulation, clipping, adapter merges, and what the components
     ask for (StepLog.should_log, Evaluator.should_eval, Checkpointer.should_save) -> export
 
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from stepc.rundir import RunDir
 from stepc.runtime.data.batches import device_batches
 from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
-from stepc.runtime.guard import preflight, previous_stage_export
+from stepc.runtime.guard import preflight
+from stepc.runtime.init_from import starting_export
 from stepc.runtime.loop import checkpoint as ckpt
 from stepc.runtime.loop import preempt
 from stepc.runtime.loop.checkpointer import Checkpointer
@@ -51,7 +53,7 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
             print(f"stage {stage_index} is already complete ({RunDir(run_dir).final_export(stage_index)}); nothing to do",
                   flush=True)
         return 0
-    prev_export = previous_stage_export(run_dir, stage_index)
+    prev_export = starting_export(run_dir, manifest, stage_index)  # stage i-1's export, or [sft] init_from's
 
     device, backend = device_and_backend()
     set_determinism(manifest.spec.train.deterministic, device)  # before any CUDA kernel
@@ -180,11 +182,11 @@ def _train_step(st: Stage, trainee: Trainee, batches) -> tuple[torch.Tensor, tor
     tr, model, optimizer = st.spec.train, trainee.model, trainee.optimizer
     total = torch.zeros((), dtype=torch.float32, device=st.device)
     for micro in range(st.grad_accum):
-        batch = next(batches)  # already on the device (stages read on where the previous one stopped)
+        input_ids, labels = next(batches)  # already on the device (stages read on where the previous one stopped)
         if st.sharded:
             model.set_requires_gradient_sync(micro == st.grad_accum - 1)  # reduce-scatter once per step
         with autocast_unsharded(tr.precision, st.device, st.sharded):  # GaLore on a GPU: bf16 like FSDP2's policy
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=input_ids, labels=labels).loss
         (loss.float() / st.grad_accum).backward()
         total += loss.detach().float()
     params = [p for p in model.parameters() if p.requires_grad]

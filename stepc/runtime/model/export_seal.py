@@ -13,9 +13,9 @@ import os
 import stat
 from pathlib import Path
 
+from stepc.rundir import EXPORT_MARKER as MARKER
 from stepc.rundir import atomic_write_json, file_sha256_hex
 
-MARKER = "EXPORT_COMPLETE"
 FORMAT = 1
 
 

@@ -147,7 +147,12 @@ def meta_grown_model(spec: Spec, previous_export: Path, stage: StagePlan
     seed = spec.experiment.seed + 1000 * stage.index
     export = _Export(previous_export)
     num_old = export.num_layers
-    sources = layer_sources(num_old, stage.new_layers, step.growth_operator, step.position, seed, step.stack_block)
+    # the layers to add: stage.new_layers for a growth stage; none when the export already has them all
+    # (ReLoRA's adapter phase, and method "sft", whose plan trains all of init_from's layers as "new")
+    grow = stage.total_layers - num_old
+    if grow < 0:
+        raise ValueError(f"{previous_export} has {num_old} layers, more than stage {stage.index}'s {stage.total_layers}")
+    sources = layer_sources(num_old, grow, step.growth_operator, step.position, seed, step.stack_block)
     model = meta_fresh_model(spec, len(sources))
     new_layers = [i for i, src in enumerate(sources) if src.new]
     old = [i for i, src in enumerate(sources) if not src.new]
