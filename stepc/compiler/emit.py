@@ -25,8 +25,6 @@ from stepc.schema.plan import Plan
 from stepc.schema.spec import Spec
 from stepc.schema.units import format_bytes
 
-RUNTIME_OUTPUTS = ("checkpoints", "logs", "metrics.jsonl", "export")  # kept by --force
-
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(

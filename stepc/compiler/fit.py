@@ -1,7 +1,7 @@
 """Will it fit: `stepc plan SPEC --gpu h100-80gb` (or `--gpu-memory 80GB`) before anything is queued.
 
 For every stage of the plan's layout, the per-GPU peak comes from the compiler's `device`
-accounting (stepc.memory.costs_for on the spec with accounting = "device"; this module never
+accounting (stepc.compiler.memory.costs_for on the spec with accounting = "device"; this module never
 restates that formula, so corrections to it reach this answer unchanged). It then searches the
 micro batch sizes the global batch allows (global_batch_tokens a multiple of seq_len x micro
 batch x ranks) for the largest that fits, without and with activation checkpointing.

@@ -37,7 +37,7 @@ def stage_schedule(
 ) -> list[StageSchedule]:
     """Steps per stage for non-embedding trainable/frozen parameter counts per stage.
 
-    grow_at_tokens (checked by stepc.checks: stages - 1 increasing counts, whole distinct steps)
+    grow_at_tokens (checked by stepc.compiler.checks: stages - 1 increasing counts, whole distinct steps)
     replaces grow_at when given.
     """
     budget = vanilla_flops(vanilla_params, 1, reference_steps, batch_tokens)

@@ -1,6 +1,6 @@
 """Spec problems that are knowable at compile time but would otherwise surface only when a stage runs.
 
-Each check yields (key, problem, fix), the form `stepc.checks` raises as a `UserError`:
+Each check yields (key, problem, fix), the form `stepc.compiler.checks` raises as a `UserError`:
 
 * `runtime_facing_problems(spec)`: data paths and globs, tokenizer names, validation-set names,
   SLURM fields, sizes no real model has; before the plan is made.
