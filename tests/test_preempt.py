@@ -8,6 +8,9 @@ was written because of a signal:
   while it runs, a second launch on the run directory is refused (exit 2, naming the holder);
 - stage 2: Ctrl-C (SIGINT to `stepc run`'s process group, as a terminal sends it) -> exit 130 with
   one line saying where it stopped; rerunning `stepc run` finishes;
+- stage 2 again under `stepc run`, which is killed with SIGKILL alone: its stage script and workers train
+  on; a rerun is refused (exit 2) naming every process still running, trains nothing, and takes the lock
+  over (with a warning) only once they are stopped;
 - the final export is bit-identical to run A's.
 """
 
@@ -67,6 +70,13 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     assert "another launch is training this run directory" in second.stderr and f"pid {proc.pid}" in second.stderr
     _wait_for_text(proc, log, r"stage 1(/\d+)? step 10/")
     tree = descendants(proc.pid)
+    # a stage script run by hand is a launch of its own: torchrun and the workers carry the lock's owner,
+    # so the lock stays held while they live even if the script itself is killed (stepc/runlock.py)
+    owner = json.loads((run_b / "LOCK").read_text())["owner"]
+    workers = [p for p in tree if b"stepc.runtime" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) >= 3, workers  # torchrun (stepc.runtime.launch) and 2 ranks
+    carried = f"\0STEPC_RUN_LOCK={owner}\0".encode()
+    assert [p for p in workers if carried not in b"\0" + Path(f"/proc/{p}/environ").read_bytes()] == [], owner
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
     deadline = time.monotonic() + 15
@@ -103,8 +113,44 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     assert lines == [expected], out.read_text()[-2000:]
     assert not (run_b / "LOCK").exists()
 
+    # --- kill -9 of `stepc run` alone: its stage script, torchrun and both workers go on training,
+    # re-parented to init. While any of them lives a rerun is refused, naming them, not a takeover
+    # (which would train stage 2 twice into one run directory). The workers hold after the first
+    # resumed step (faults.py), so the kill lands mid-stage however fast the machine is.
+    steps2 = json.loads((run_b / "manifest.json").read_text())["plan"]["stages"][1]["steps"]
+    assert stopped2 + 1 < steps2, (stopped2, steps2)
+    held = run_b / "held"
+    env = {**stage_env(), "STEPC_FAULT_HOLD_AFTER_STEP": f"2:{stopped2 + 1}", "STEPC_FAULT_HOLD_FILE": str(held)}
+    with open(run_b / "killed.out", "w") as handle:
+        killed = subprocess.Popen([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=env, cwd=run_b,
+                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not all(Path(f"{held}.rank{r}").exists() for r in (0, 1)):
+        assert killed.poll() is None and time.monotonic() < deadline, (run_b / "killed.out").read_text()[-3000:]
+        time.sleep(0.1)
+    launch = descendants(killed.pid)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    metrics_before = (run_b / "metrics.jsonl").read_bytes()
+    refused = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,
+                             capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"stepc run (pid {killed.pid} on" in refused.stderr and "is gone, but" in refused.stderr
+    assert "taking over" not in refused.stderr and "Traceback" not in refused.stderr
+    named = {int(p) for p in re.search(r"`kill ([0-9 ]+)`", refused.stderr).group(1).split()}
+    assert named == {p for p in launch if alive(p)} and len(named) >= 4, (named, launch)  # bash, torchrun, 2 workers
+    assert (run_b / "metrics.jsonl").read_bytes() == metrics_before  # the refused rerun trained nothing
+    for pid in named:  # the fix the refusal names: the held stage checkpoints its step and stops
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while any(alive(p) for p in launch) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in launch if alive(p)], "the stopped launch's processes outlived it"
+    stopped2 = json.loads((run_b / "checkpoints" / "stage-2" / "STOPPED").read_text())["step"]
+
     again = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,
                            capture_output=True, text=True, timeout=2 * STAGE_TIMEOUT)
     check_ok(again)
+    assert f"warning: taking over the stale lock {run_b}/LOCK of stepc run (pid {killed.pid}" in again.stderr
     assert f"at step {stopped2}" in again.stdout
     _same_weights(full_run / "export", run_b / "export")
