@@ -124,13 +124,13 @@ def _compile(path: str, sets: list[str] | None, emit: bool):
     """
     from stepc.compiler import compile_spec, plan_spec
     from stepc.compiler.overrides import blamed, recorded, resolve
-    from stepc.runtime.tracking import check_installed
+    from stepc.runtime.tracking import check_log
 
     text, overrides = resolve(path, sets)
     with blamed(overrides):
         result = compile_spec(text, path, recorded(overrides)) if emit else plan_spec(text, path)
     spec = result.spec if emit else result[0]
-    check_installed(spec.log.backends, path)
+    check_log(spec.log, path)
     return result
 
 
@@ -259,14 +259,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stepc.commands.evaluate import evaluate_run, render
+    from stepc.commands.evaluate import evaluate_run, render, save
 
     tasks = [t for t in args.tasks.split(",") if t]
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
-    print(render(result))
-    from stepc.rundir import manifest_path
-
-    print(f"wrote {manifest_path(args.run_dir).parent / 'eval.json'}")
+    print(render(result), flush=True)  # before saving: a run directory that cannot take eval.json loses nothing
+    print(f"wrote {save(Path(args.run_dir), result)}")
     return 0
 
 

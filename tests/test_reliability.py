@@ -15,7 +15,6 @@ Every torchrun job here runs 1 rank, stage 1 of a 6-step stage (checkpoints at s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
+from conftest import tmpfs as _tmpfs
 
 from stepc.cli import main as stepc
 from stepc.compiler.manifest import content_hash, dumps
@@ -243,22 +243,6 @@ def test_compile_into_unwritable_out_exits_2_and_writes_nothing(make_run, tmp_pa
     assert "fix: choose a writable --out directory" in err and "Traceback" not in err
     assert blocker.read_text() == "a regular file, not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    """Mount a tmpfs at `path` (root only); skip the test when mounting is not permitted; always unmount."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "stepc-test", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount is not permitted here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_compile_onto_read_only_filesystem_exits_2(make_run, tmp_path, capsys):

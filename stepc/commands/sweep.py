@@ -104,14 +104,14 @@ def point_name(base: str, values: list[Override]) -> str:
 
 def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | None) -> tuple[str, list[Point]]:
     """(base name, the compiled points); writes nothing."""
-    from stepc.runtime.tracking import check_installed
+    from stepc.runtime.tracking import check_log
 
     sets = parse_overrides(set_items)
     axes = parse_grid(grid_items, sets)
     original = read_spec_text(spec_path)
     with blamed(sets):
         base_spec, _ = plan_spec(apply_overrides(original, sets, spec_path), spec_path)
-    check_installed(base_spec.log.backends, spec_path)
+    check_log(base_spec.log, spec_path)
     base = base_spec.experiment.name
     points: list[Point] = []
     for values in itertools.product(*axes):
