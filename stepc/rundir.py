@@ -24,6 +24,7 @@ from typing import IO, Any, Callable
 from stepc.errors import UserError
 
 MANIFEST = "manifest.json"
+SWEEP_FILE = "sweep.json"  # what makes a directory a sweep directory (stepc/commands/sweep.py)
 
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -211,6 +212,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     not a regular file, not JSON, or not a manifest at all (`[]`, a string, an object without its keys)."""
     path = manifest_path(path)
     fix = "pass a run directory made by `stepc compile` or its manifest.json"
+    if not path.exists() and (path.parent / SWEEP_FILE).is_file():
+        raise sweep_dir_error(path.parent)
     data = read_regular_file(path, "manifest", fix, MAX_MANIFEST_BYTES)
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -228,6 +231,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         if not isinstance(obj[key], dict):
             raise UserError(f"{key} is {type(obj[key]).__name__}, not an object", file=str(path), key=key, fix=fix)
     return obj
+
+
+def sweep_dir_error(sweep_dir: Path) -> UserError:
+    """A sweep directory given where one run directory is needed: say so and name its runs."""
+    try:
+        names = [p["name"] for p in json.loads((sweep_dir / SWEEP_FILE).read_bytes())["points"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    shown = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    example = sweep_dir.parent / str(names[0]) if names else sweep_dir.parent / "<point>"
+    return UserError(f"this is a sweep directory ({len(names)} runs{': ' + shown if names else ''}), not a run directory",
+                     file=str(sweep_dir),
+                     fix=f"give one of its run directories (siblings of it), e.g. {example}; `stepc submit` and "
+                         f"`stepc report` take the sweep directory itself")
 
 
 # --- what may be trusted in a run directory ------------------------------------------------------

@@ -28,8 +28,9 @@ from stepc.schema.manifest import Manifest
 EXIT_REFUSED = 2
 
 
-def verify_scripts(run_dir: Path, raw: dict) -> None:
-    """The manifest is unedited and every script it records is there with the recorded bytes."""
+def verify_scripts(run_dir: Path, raw: dict, submitted: Path | None = None) -> None:
+    """The manifest is unedited and every script it records is there with the recorded bytes (also
+    `submitted`, SLURM's copy of run.sbatch, when given: run.sbatch checks itself before it runs)."""
     where = str(RunDir(run_dir).manifest)
     if raw.get("hash") != content_hash(raw):
         raise UserError("manifest.json was edited after compilation (its content hash does not match)", file=where,
@@ -44,6 +45,9 @@ def verify_scripts(run_dir: Path, raw: dict) -> None:
             raise UserError(f"{name} differs from the script the manifest records", file=str(script),
                             fix=f"recompile with `stepc compile SPEC --force` (or inspect with `stepc verify {run_dir}`); "
                                 "to run an edited script on purpose, run it directly with --allow-edited-scripts")
+    if submitted is not None and digest(Path(submitted).read_bytes()) != raw.get("files", {}).get("run.sbatch"):
+        raise UserError("the submitted run.sbatch differs from the one the manifest records (edited before sbatch)",
+                        file=str(submitted), fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
 
 
 def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
@@ -111,3 +115,24 @@ def _stopped(run_dir: Path, index: int) -> dict | None:
         return json.loads(RunDir(run_dir).stop_record(index).read_text())
     except (OSError, ValueError):
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stepc.commands.run check RUN_DIR [SUBMITTED_SCRIPT]`: run.sbatch's first step. Exit 2
+    naming the file when the manifest, a stage script or the submitted script differs from what was compiled."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3) or args[0] != "check":
+        print("usage: python -m stepc.commands.run check RUN_DIR [SUBMITTED_SCRIPT]", file=sys.stderr)
+        return 2
+    from stepc.schema.manifest import load_manifest
+
+    try:
+        verify_scripts(Path(args[1]), load_manifest(args[1]).raw, Path(args[2]) if len(args) == 3 else None)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
