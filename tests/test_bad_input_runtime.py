@@ -162,3 +162,30 @@ def test_eval_on_a_read_only_run_directory_prints_the_perplexity_then_exits_2(tr
         assert [line.split(":")[0] for line in scored] == ["perplexity heldout", "perplexity play"], proc.stdout
         assert all(float(line.split(": ")[1]) > 1 for line in scored)
         assert not (run_dir / "eval.json").exists() and err.count("error:") == 1
+
+
+# ------------------------------------------------------------------------------ manifest schema
+
+
+@pytest.mark.parametrize("schema", [2, "1"])
+def test_a_manifest_of_another_schema_is_refused_by_every_command_that_reads_it(trained, tmp_path, schema):
+    """Re-sealed (its content hash matches), so only the schema is wrong: `stepc verify` used to be the
+    only command to notice; `run --stage 2` trained it."""
+    from stepc.compiler.manifest import dumps
+    from stepc.rundir import content_hash
+
+    run_dir = tmp_path / "other-schema"
+    shutil.copytree(trained, run_dir, symlinks=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["schema"] = schema
+    manifest["hash"] = content_hash(manifest)
+    (run_dir / "manifest.json").write_text(dumps(manifest))
+    before = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*"))
+    said = f"schema is {json.dumps(schema)}, but this stepc reads manifest schema 1"
+    for args in (["run", str(run_dir), "--stage", "2"], ["eval", str(run_dir)],
+                 ["report", str(run_dir), "--out", str(tmp_path / "report")], ["data", "prepare", str(run_dir)]):
+        refused(stepc(*args, cwd=run_dir), f"{run_dir / 'manifest.json'}: [schema]: {said}", "recompile the run's spec")
+    err = refused(run_stage(run_dir, 2, timeout=120), said)  # the stage script, before torchrun
+    assert "torchrun" not in err
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == before
+    assert not (tmp_path / "report").exists()
