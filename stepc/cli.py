@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="validate a spec, solve the stage layout, write runs/<name>/")
     p.add_argument("spec", help="the TOML spec")
-    p.add_argument("--out", default="runs", help="output root; the run directory is OUT/<experiment.name> (default: runs)")
+    p.add_argument("--out", default="runs", type=_nonblank, help="output root; the run directory is OUT/<experiment.name> (default: runs)")
     p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
     _add_set(p)
     p.set_defaults(func=cmd_compile)
@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
     _add_set(p)
     gpu = p.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
+    gpu.add_argument("--gpu", type=_nonblank, help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
                                    "rtx4090-24gb (exit 1 when a stage does not fit)")
-    gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
+    gpu.add_argument("--gpu-memory", type=_nonblank, help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 (repeatable: the points are the product)")
     _add_set(p)
-    p.add_argument("--out", default="runs", help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
+    p.add_argument("--out", default="runs", type=_nonblank, help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
     p.add_argument("--force", action="store_true", help="recompile existing run directories (checkpoints and logs are kept)")
     p.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sbatch --array=...%%N)")
     p.set_defaults(func=cmd_sweep)
@@ -82,14 +82,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a run's exported model (and lm-evaluation-harness tasks)")
     p.add_argument("run_dir")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
-    p.add_argument("--include-path", type=Path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
+    p.add_argument("--tasks", type=_nonblank, help="comma-separated lm-eval task names (needs the lm-eval extra)")
+    p.add_argument("--include-path", type=_nonblank_path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
     p.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per task (a positive integer)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
     p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its runs, with the swept values as columns)")
-    p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
+    p.add_argument("--out", type=_nonblank_path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     from stepc.commands.data import add_parser as add_data_parser
@@ -110,6 +110,18 @@ def _positive_int(text: str) -> int:
 
 
 _positive_int.__name__ = "positive integer"  # argparse names the type in its message
+
+
+def _nonblank(text: str) -> str:
+    """argparse type: an option given an empty or blank value is a mistake (`--gpu ""` used to skip the fit
+    table silently), reported like any other bad value: exit 2 naming the option."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a value or leave the option out")
+    return text
+
+
+def _nonblank_path(text: str) -> Path:
+    return Path(_nonblank(text))
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -166,7 +178,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans, fits = [], True
     capacity = None
-    if args.gpu or args.gpu_memory:
+    if args.gpu is not None or args.gpu_memory is not None:  # "" is a mistake to report, not "no --gpu"
         from stepc.compiler.fit import fit, fit_table, gpu_capacity
 
         label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
@@ -261,7 +273,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from stepc.commands.evaluate import evaluate_run, render, save
 
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
     print(render(result), flush=True)  # before saving: a run directory that cannot take eval.json loses nothing
     print(f"wrote {save(Path(args.run_dir), result)}")
