@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a compiled run directory's stage scripts locally, in order")
     p.add_argument("run_dir")
     p.add_argument("--stage", type=int, help="run only this stage")
+    # the stage refusals that name these flags reach the user through stepc run, so it takes them too
+    for what in ("data-change", "version-change"):
+        p.add_argument(f"--allow-{what}", action="store_true",
+                       help=f"passed to every stage script: proceed despite a {what.replace('-', ' ')}")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit a compiled run directory (or a sweep directory, as one job array) to SLURM "
@@ -232,7 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         indices = [args.stage]
     from stepc.commands.run import run_stages
 
-    code = run_stages(run_dir, manifest, indices)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
+    allow = [f"--allow-{what}" for what in ("data-change", "version-change") if getattr(args, f"allow_{what.replace('-', '_')}")]
+    code = run_stages(run_dir, manifest, indices, allow)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
     if code:
         return code
     paths = RunDir(run_dir)

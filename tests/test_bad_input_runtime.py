@@ -189,3 +189,33 @@ def test_a_manifest_of_another_schema_is_refused_by_every_command_that_reads_it(
     assert "torchrun" not in err
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == before
     assert not (tmp_path / "report").exists()
+
+
+# ------------------------------------------------------------------------------ data preparation
+
+
+def test_data_prepare_on_a_read_only_run_directory_is_refused_before_tokenising(trained, tmp_path):
+    with tmpfs(tmp_path / "ro", "size=64m") as disk:
+        run_dir = disk / trained.name
+        shutil.copytree(trained, run_dir, symlinks=True)
+        (run_dir / "data-index.json").unlink()  # so the index must be written again
+        shutil.rmtree(run_dir / ".cache")  # and the data tokenised again: it must not start
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = stepc("data", "prepare", str(run_dir), cwd=tmp_path)
+        err = refused(proc, f"{run_dir / 'data-index.json'}: cannot write the run directory's data index: Read-only file system",
+                      "make the run directory writable")
+        assert "units tokenised" not in err and "preparing" not in err
+
+
+@pytest.mark.parametrize("size, where", [("8k", "cache: "), ("96k", "cache/shards/")])
+def test_data_prepare_with_a_full_cache_disk_names_it_and_leaves_no_partial_shard(make_run, tmp_path, size, where):
+    """8k: the disk fills while the tokenizer and file hashes are saved (this process); 96k: while the
+    shards are written (the tokeniser workers, or this process with one worker)."""
+    with tmpfs(tmp_path / "full", f"size={size}") as disk:
+        spec = make_run.spec("full", data={"train": [str(make_run.corpus / "train" / "*.txt")], "tokenizer": "bpe-512",
+                                           "cache_dir": str(disk / "cache")})
+        for workers in ("1", "2"):
+            err = refused(stepc("data", "prepare", str(spec), "--workers", workers, cwd=tmp_path),
+                          "[data.cache_dir]: the disk holding the shard cache is full", "set data.cache_dir to a disk with room")
+            assert err.count("error:") == 1 and f"error: {disk}/{where}" in err, err
+            assert [p.name for p in disk.rglob("*.tmp")] == []

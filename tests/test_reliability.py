@@ -138,7 +138,10 @@ def test_changed_data_at_resume_is_refused_then_allowed(fast_run, corpus, monkey
     edited.write_bytes(bytes(flipped))
     _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "changed content", "--allow-data-change")
 
-    proc = check_ok(run_stage(run_dir, 1, "--allow-data-change"))
+    # the flag the refusal names, given to `stepc run` (it passes it to the stage script)
+    proc = check_ok(subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir), "--stage", "1",
+                                    "--allow-data-change"], env=stage_env(), cwd=run_dir, capture_output=True,
+                                   text=True, timeout=STAGE_TIMEOUT))
     _resumed_from(proc, stage_dir, 2)
     _finished(run_dir)
 

@@ -50,7 +50,8 @@ def verify_scripts(run_dir: Path, raw: dict, submitted: Path | None = None) -> N
                         file=str(submitted), fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
 
 
-def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
+def run_stages(run_dir: Path, manifest: Manifest, indices: list[int], stage_args: list[str] | None = None) -> int:
+    """`stage_args` (--allow-data-change, --allow-version-change) are passed to every stage script."""
     verify_scripts(run_dir, manifest.raw)
     lock = acquire(run_dir, command="stepc run")
     try:
@@ -62,16 +63,16 @@ def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
         if code:
             print(f"data preparation failed with exit code {code}", file=sys.stderr)
             return code
-        return _run(run_dir, manifest.num_stages, indices, env)
+        return _run(run_dir, manifest.num_stages, indices, env, stage_args or [])
     finally:
         if lock is not None:
             release(run_dir)
 
 
-def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> int:
+def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str], stage_args: list[str]) -> int:
     for index in indices:
         print(f"== stage {index} of {total}", flush=True)
-        code, interrupted = _call_stage(RunDir(run_dir).stage_script(index), env)
+        code, interrupted = _call_stage(RunDir(run_dir).stage_script(index), env, stage_args)
         if interrupted or code == EXIT_STOPPED:
             stopped = _stopped(run_dir, index)
             where = (f"stage {index} stopped after step {stopped['step']} (checkpoint written)" if stopped
@@ -86,9 +87,9 @@ def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> 
     return 0
 
 
-def _call_stage(script: Path, env: dict[str, str]) -> tuple[int, bool]:
+def _call_stage(script: Path, env: dict[str, str], args: list[str]) -> tuple[int, bool]:
     """Run one stage script; Ctrl-C / SIGTERM are passed to it and waited out (the stage checkpoints)."""
-    proc = subprocess.Popen(["bash", str(script)], env=env)
+    proc = subprocess.Popen(["bash", str(script), *args], env=env)
     interrupted = []
 
     def forward(signum, frame):

@@ -18,12 +18,14 @@ parquet corpus, and neither it nor litdata keeps stepc 0.1's exact packing order
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -159,11 +161,30 @@ class Task:
 
 
 def encode_unit(task: Task) -> dict[str, Any]:
-    """:func:`_encode_unit`, with a UserError returned as its fields (it does not pickle)."""
+    """:func:`_encode_unit`, with a UserError (a full or read-only cache disk too) returned as its fields
+    (it does not pickle)."""
     try:
         return _encode_unit(task)
     except UserError as err:
         return {"error": [err.message, err.file, err.key, err.fix]}
+    except OSError as exc:
+        err = write_error(exc, Path(task.out).parent)
+        return {"error": [err.message, err.file, err.key, err.fix]}
+
+
+def write_error(exc: OSError, where: Path, run_dir: Path | None = None) -> UserError:
+    """A failed write (or read of our own files) under the shard cache or the run directory, as the
+    UserError that names the path and the fix: a full disk, a read-only one, missing permissions."""
+    path = Path(exc.filename) if exc.filename else where
+    if run_dir is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(run_dir)):
+        return UserError(f"cannot write the run directory's data index: {exc.strerror}", file=str(path),
+                         fix="make the run directory writable (or free space on its disk) and rerun `stepc data prepare`")
+    if exc.errno == errno.ENOSPC:
+        what, fix = "the disk holding the shard cache is full", "free space on it, or set data.cache_dir to a disk with room"
+    else:
+        what, fix = f"cannot write the shard cache ({exc.strerror})", "make it writable, or set data.cache_dir to a writable directory"
+    return UserError(f"{what}: {path}", file=str(path), key="data.cache_dir",
+                     fix=f"{fix}; rerun `stepc data prepare` (finished shards are kept)")
 
 
 def _encode_unit(task: Task) -> dict[str, Any]:
@@ -281,7 +302,9 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
     """Tokenise whatever is missing from the cache and return the data index (written to
     ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
     file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
-    With ``seq_len``, a dataset shorter than one block is an error."""
+    With ``seq_len``, a dataset shorter than one block is an error. A write that fails (a full or
+    read-only disk) is a UserError naming the path; a run directory that cannot take the index is
+    found before any tokenising."""
     cache = Path(cache)
     workers = workers or default_workers()
     if run_dir is not None and not verify:
@@ -289,6 +312,21 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
             return current_index(Path(run_dir), data)
         except UserError:
             pass
+    if run_dir is not None:
+        try:
+            with tempfile.TemporaryFile(dir=run_dir):  # the index is written last: know now that it can be
+                pass
+        except OSError as exc:
+            exc.filename = str(RunDir(run_dir).data_index)
+            raise write_error(exc, cache, run_dir) from None
+    try:
+        return _prepare(data, cache, run_dir, workers, verify, progress, seq_len)
+    except OSError as exc:
+        raise write_error(exc, cache, run_dir) from None
+
+
+def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify: bool,
+             progress: Callable[[str], None], seq_len: int | None) -> dict[str, Any]:
     datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
     patterns: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
     for name, source in data.training_sources().items():
