@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -161,14 +162,63 @@ def content_hash(manifest: dict[str, Any]) -> str:
 
 # --- atomic writes -------------------------------------------------------------------------------
 
+_HOST = socket.gethostname()
+_TEMPORARY = re.compile(r"\.(?P<name>[^~/]+)~(?P<host>[^~/]+)~(?P<pid>[0-9]+)~[^~/]*\.tmp")
+_OLD_SHARD_TEMPORARY = re.compile(r"\.[0-9]+\.(?P<pid>[0-9]+)\.tmp")  # stepc <= 0.3's shard temporaries
+
+
+def temporary_prefix(path: Path) -> str:
+    """The start of a temporary file's name for writing `path`: `.NAME~HOST~PID~`, so that a later run can
+    tell a writer that was killed (this host, its PID gone) from one still writing, also on another
+    node sharing the directory (`remove_orphaned_temporaries`)."""
+    return f".{path.name}~{_HOST}~{os.getpid()}~"
+
+
+def remove_orphaned_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files in `directory` whose writer was a process of this host that is gone
+    (a killed `stepc data prepare` leaves them); a live writer's, and another host's, are kept. The
+    removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is not None and match["host"] != _HOST:
+            continue
+        match = match or _OLD_SHARD_TEMPORARY.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited child its parent has not reaped yet writes nothing more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> None:
     """Call `write(fh)` on a unique temporary file beside `path`, fsync, chmod, then rename it into place.
 
     The unique name lets concurrent writers (ranks, runs sharing a cache) race safely: the last
-    rename wins and every reader sees one whole file.
+    rename wins and every reader sees one whole file. It starts with `temporary_prefix`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

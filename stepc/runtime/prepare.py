@@ -38,7 +38,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.rundir import (RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex,
+                          remove_orphaned_temporaries, temporary_prefix)
 from stepc.runtime.data import current_index
 from stepc.runtime.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.shards import SHARD_FORMAT, token_dtype
@@ -128,12 +129,14 @@ def resolve_tokenizer(data: Data, train_files: list[DataFile], cache: Path) -> t
 
 
 def txt_chunks_safe(tok: Tokenizer) -> bool:
-    """Whether a txt file may be encoded in chunks (cut at lone newlines) with the same ids as a
-    whole: true for byte-level BPE with GPT-2's regex and no normalizer (gpt2, bpe-N)."""
+    """Whether a document may be encoded in pieces (cut at documents._CUT) with the same ids as a
+    whole: true for byte-level BPE with GPT-2's regex, no normalizer and no added token holding
+    whitespace (gpt2, bpe-N)."""
     conf = json.loads(tok.to_str())
     pre = conf.get("pre_tokenizer") or {}
     return (conf.get("normalizer") is None and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+            and not any(any(ch.isspace() for ch in t.get("content", "")) for t in conf.get("added_tokens") or []))
 
 
 # --------------------------------------------------------------------------------- workers
@@ -196,7 +199,7 @@ def _encode_unit(task: Task) -> dict[str, Any]:
     eos = np.array([task.eos], dtype=dtype)
     digest = hashlib.sha256()
     tokens = documents = 0
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f"{temporary_prefix(out)}.tmp")
     try:
         with open(tmp, "wb") as fh:
             for batch in read_unit(path, task.unit, task.text_field, task.txt_chunks):
@@ -224,19 +227,6 @@ def _encode_unit(task: Task) -> dict[str, Any]:
             "documents": documents, "sha256": digest.hexdigest()}
     atomic_write_json(out.with_suffix(".json"), meta)
     return meta
-
-
-def _remove_orphaned_temporaries(directory: Path) -> None:
-    """Delete `.<shard>.<pid>.tmp` files whose writer is gone (a killed preparation leaves them; a
-    live concurrent preparation's are kept: its pid still exists)."""
-    for tmp in directory.glob(".*.tmp"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            continue
 
 
 def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
@@ -366,10 +356,12 @@ def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify
                               eos, f.size, f.mtime_ns))
     if tasks:
         progress(f"preparing {len(pending)} file(s): {len(tasks)} unit(s) on {min(workers, len(tasks))} worker(s)")
-    directories = {Path(t.out).parent for t in tasks}
-    for directory in directories:
+    # a killed preparation's temporaries, wherever it was writing (a file finished since by another
+    # preparation too); a live writer's are kept
+    for directory in (*unique, cache / "hashes", cache / "tokenizers", *([run_dir] if run_dir is not None else [])):
+        remove_orphaned_temporaries(directory)
+    for directory in {Path(t.out).parent for t in tasks}:
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_orphaned_temporaries(directory)
     try:
         _run_tasks(tasks, tok, workers, progress)
     except UserError as err:
