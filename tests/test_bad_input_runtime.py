@@ -4,7 +4,8 @@ Tracker targets (a file, a read-only disk, an MLflow store this MLflow cannot us
 answers), the run directory's own outputs (a symlink loop), `stepc eval` on a read-only run directory
 (the numbers are printed before the save fails). Each case runs the real command or stage script and
 asserts: exit 2, the path, a fix, no traceback. The stage-script refusals come from the preflight,
-before torchrun, so they cost no training; one real stage 1 (one gloo rank) provides an export.
+before torchrun, so they cost no training; the session's finished run (conftest.full_run) provides an
+export.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RunFactory, check_ok, run_stage, stage_env, tmpfs
+from conftest import run_stage, stage_env, tmpfs
 
 from stepc.cli import main
 from stepc.errors import UserError
@@ -45,12 +46,10 @@ def stepc(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus) -> Path:
-    """A run whose stage 1 finished, its export copied to RUN_DIR/export (what `stepc eval` scores)."""
-    run_dir = RunFactory(tmp_path_factory.mktemp("trained"), small_corpus).compile("ro", **ONE_RANK)
-    check_ok(run_stage(run_dir, 1))
-    shutil.copytree(run_dir / "checkpoints" / "stage-1" / "final", run_dir / "export")
-    return run_dir
+def trained(full_run) -> Path:
+    """The session's finished run (conftest.full_run, built once for many test files): its export is what
+    `stepc eval` scores. Read-only: tests copy it."""
+    return full_run
 
 
 # ------------------------------------------------------------------------------------- trackers

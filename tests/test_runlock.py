@@ -148,26 +148,24 @@ def test_the_lock_is_held_while_any_process_of_its_launch_lives(make_run, capsys
     assert f"process {taker.pid} on {socket.gethostname()} is gone" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["empty", "corrupt", "not a record", "dangling symlink", "directory"])
-def test_a_lock_file_stepc_never_writes_is_refused_saying_what_it_is(make_run, kind):
+def test_a_lock_file_stepc_never_writes_is_refused_saying_what_it_is(make_run):
+    """Empty, corrupt, not a record, a dangling symlink, a directory: never waited for ("retry"), never removed."""
     run_dir = make_run.compile("lk")
     lock = run_dir / "LOCK"
-    if kind == "empty":
-        lock.write_text("")
-    elif kind == "corrupt":
-        lock.write_text('{"owner": "vm:1')
-    elif kind == "not a record":
-        lock.write_text("[1, 2]")
-    elif kind == "dangling symlink":
-        lock.symlink_to(run_dir / "nowhere")
-    else:
-        lock.mkdir()
-    said = {"empty": "is empty", "corrupt": "is not a lock record (", "not a record": "is not a lock record (it needs",
-            "dangling symlink": f"is a symbolic link to '{run_dir / 'nowhere'}', which does not exist",
-            "directory": "is a directory"}[kind]
-    proc = _stepc_run(run_dir)
-    assert proc.returncode == 2, proc.stderr
-    assert f"{lock}: the run directory's lock file {said}" in proc.stderr, proc.stderr
-    assert f"then remove it: rm -r {lock}" in proc.stderr
-    assert "retry" not in proc.stderr and "Traceback" not in proc.stderr and "== stage" not in proc.stdout
-    assert os.path.lexists(lock)  # never removed for the user: a launch might be writing it
+    kinds = {
+        "empty": (lambda: lock.write_text(""), "is empty"),
+        "corrupt": (lambda: lock.write_text('{"owner": "vm:1'), "is not a lock record ("),
+        "not a record": (lambda: lock.write_text("[1, 2]"), "is not a lock record (it needs"),
+        "dangling symlink": (lambda: lock.symlink_to(run_dir / "nowhere"),
+                             f"is a symbolic link to '{run_dir / 'nowhere'}', which does not exist"),
+        "directory": (lambda: lock.mkdir(), "is a directory"),
+    }
+    for kind, (make, said) in kinds.items():
+        make()
+        proc = _stepc_run(run_dir)
+        assert proc.returncode == 2, (kind, proc.stderr)
+        assert f"{lock}: the run directory's lock file {said}" in proc.stderr, (kind, proc.stderr)
+        assert f"then remove it: rm -r {lock}" in proc.stderr, proc.stderr
+        assert "retry" not in proc.stderr and "Traceback" not in proc.stderr and "== stage" not in proc.stdout
+        assert os.path.lexists(lock), kind  # never removed for the user: a launch might be writing it
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
