@@ -489,7 +489,7 @@ def rundir_mutations(draw, run_dir: Path, outside: Path) -> str:
             del parent[target[-1]]
         else:
             parent[target[-1]] = draw(JSON_VALUES)
-        if draw(st.booleans()):
+        if draw(st.booleans()) and isinstance(manifest, dict):  # an earlier mutation may have left a list
             manifest["hash"] = content_hash(manifest)  # re-sealed: only the shape check can tell
         path.write_text(dumps(manifest))
     elif kind == "file":
