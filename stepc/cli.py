@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="validate a spec, solve the stage layout, write runs/<name>/")
     p.add_argument("spec", help="the TOML spec")
-    p.add_argument("--out", default="runs", help="output root; the run directory is OUT/<experiment.name> (default: runs)")
+    p.add_argument("--out", default="runs", type=_nonblank, help="output root; the run directory is OUT/<experiment.name> (default: runs)")
     p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
     _add_set(p)
     p.set_defaults(func=cmd_compile)
@@ -47,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
     _add_set(p, recorded=False)
     gpu = p.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
+    gpu.add_argument("--gpu", type=_nonblank, help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
                                    "rtx4090-24gb (exit 1 when a stage does not fit)")
-    gpu.add_argument("--gpu-memory", help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
+    gpu.add_argument("--gpu-memory", type=_nonblank, help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.add_argument("--headroom", help="with --gpu: allocator slack added to the estimate, e.g. 12%% (default: the measured 12%%)")
     p.add_argument("--overhead", help="with --gpu: memory outside the allocator (CUDA context, NCCL), e.g. 1.5GB (default)")
     p.add_argument("--explain", action="store_true", help="with --gpu: each stage's per-GPU estimate term by term")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 (repeatable: the points are the product)")
     _add_set(p)
-    p.add_argument("--out", default="runs", help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
+    p.add_argument("--out", default="runs", type=_nonblank, help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
     p.add_argument("--force", action="store_true", help="recompile existing run directories (checkpoints and logs are kept)")
     p.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sbatch --array=...%%N)")
     p.set_defaults(func=cmd_sweep)
@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a compiled run directory's stage scripts locally, in order")
     p.add_argument("run_dir")
     p.add_argument("--stage", type=int, help="run only this stage")
+    # the stage refusals that name these flags reach the user through stepc run, so it takes them too
+    for what in ("data-change", "version-change"):
+        p.add_argument(f"--allow-{what}", action="store_true",
+                       help=f"passed to every stage script: proceed despite a {what.replace('-', ' ')}")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit a compiled run directory (or a sweep directory, as one job array) to SLURM "
@@ -87,14 +91,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a run's exported model (and lm-evaluation-harness tasks)")
     p.add_argument("run_dir")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (needs the lm-eval extra)")
-    p.add_argument("--include-path", type=Path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
+    p.add_argument("--tasks", type=_nonblank, help="comma-separated lm-eval task names (needs the lm-eval extra)")
+    p.add_argument("--include-path", type=_nonblank_path, help="directory of extra lm-eval task YAML files (e.g. local tasks)")
     p.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per task (a positive integer)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
     p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its runs, with the swept values as columns)")
-    p.add_argument("--out", type=Path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
+    p.add_argument("--out", type=_nonblank_path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="an instruction-tuned run's answers to MT-Bench-style questions, in FastChat's "
@@ -130,6 +134,18 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "positive integer"  # argparse names the type in its message
 
 
+def _nonblank(text: str) -> str:
+    """argparse type: an option given an empty or blank value is a mistake (`--gpu ""` used to skip the fit
+    table silently), reported like any other bad value: exit 2 naming the option."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a value or leave the option out")
+    return text
+
+
+def _nonblank_path(text: str) -> Path:
+    return Path(_nonblank(text))
+
+
 def _add_set(p: argparse.ArgumentParser, recorded: bool = True) -> None:
     where = "recorded in the run directory's spec.toml and manifest" if recorded else "nothing is written"
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -143,13 +159,13 @@ def _compile(path: str, sets: list[str] | None, emit: bool):
     """
     from stepc.compiler import compile_spec, plan_spec
     from stepc.compiler.overrides import blamed, recorded, resolve
-    from stepc.runtime.loop.tracking import check_installed
+    from stepc.runtime.loop.tracking import check_log
 
     text, overrides = resolve(path, sets)
     with blamed(overrides):
         result = compile_spec(text, path, recorded(overrides)) if emit else plan_spec(text, path)
     spec = result.spec if emit else result[0]
-    check_installed(spec.log.backends, path)
+    check_log(spec.log, path)
     return result
 
 
@@ -185,7 +201,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans, fits = [], True
     capacity = None
-    if args.gpu or args.gpu_memory:
+    if args.gpu is not None or args.gpu_memory is not None:  # "" is a mistake to report, not "no --gpu"
         from stepc.compiler.fit import explain, fit, fit_table, gpu_capacity, parse_headroom
 
         label, capacity = gpu_capacity(args.gpu, args.gpu_memory)
@@ -242,7 +258,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         indices = [args.stage]
     from stepc.commands.run import run_stages
 
-    code = run_stages(run_dir, manifest, indices)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
+    allow = [f"--allow-{what}" for what in ("data-change", "version-change") if getattr(args, f"allow_{what.replace('-', '_')}")]
+    code = run_stages(run_dir, manifest, indices, allow)  # lock, script hashes, Ctrl-C -> 130, refusals -> 2
     if code:
         return code
     paths = RunDir(run_dir)
@@ -281,14 +298,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stepc.commands.evaluate import evaluate_run, render
+    from stepc.commands.evaluate import evaluate_run, render, save
 
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     result = evaluate_run(Path(args.run_dir), tasks, args.include_path, args.limit)
-    print(render(result))
-    from stepc.rundir import manifest_path
-
-    print(f"wrote {manifest_path(args.run_dir).parent / 'eval.json'}")
+    print(render(result), flush=True)  # before saving: a run directory that cannot take eval.json loses nothing
+    print(f"wrote {save(Path(args.run_dir), result)}")
     return 0
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import IO, Any, Callable
 from stepc.errors import UserError
 
 MANIFEST = "manifest.json"
+SWEEP_FILE = "sweep.json"  # what makes a directory a sweep directory (stepc/commands/sweep.py)
 
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -161,14 +163,63 @@ def content_hash(manifest: dict[str, Any]) -> str:
 
 # --- atomic writes -------------------------------------------------------------------------------
 
+_HOST = socket.gethostname()
+_TEMPORARY = re.compile(r"\.(?P<name>[^~/]+)~(?P<host>[^~/]+)~(?P<pid>[0-9]+)~[^~/]*\.tmp")
+_OLD_SHARD_TEMPORARY = re.compile(r"\.[0-9]+\.(?P<pid>[0-9]+)\.tmp")  # stepc <= 0.3's shard temporaries
+
+
+def temporary_prefix(path: Path) -> str:
+    """The start of a temporary file's name for writing `path`: `.NAME~HOST~PID~`, so that a later run can
+    tell a writer that was killed (this host, its PID gone) from one still writing, also on another
+    node sharing the directory (`remove_orphaned_temporaries`)."""
+    return f".{path.name}~{_HOST}~{os.getpid()}~"
+
+
+def remove_orphaned_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files in `directory` whose writer was a process of this host that is gone
+    (a killed `stepc data prepare` leaves them); a live writer's, and another host's, are kept. The
+    removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is not None and match["host"] != _HOST:
+            continue
+        match = match or _OLD_SHARD_TEMPORARY.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited child its parent has not reaped yet writes nothing more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> None:
     """Call `write(fh)` on a unique temporary file beside `path`, fsync, chmod, then rename it into place.
 
     The unique name lets concurrent writers (ranks, runs sharing a cache) race safely: the last
-    rename wins and every reader sees one whole file.
+    rename wins and every reader sees one whole file. It starts with `temporary_prefix`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -212,6 +263,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     not a regular file, not JSON, or not a manifest at all (`[]`, a string, an object without its keys)."""
     path = manifest_path(path)
     fix = "pass a run directory made by `stepc compile` or its manifest.json"
+    if not path.exists() and (path.parent / SWEEP_FILE).is_file():
+        raise sweep_dir_error(path.parent)
     data = read_regular_file(path, "manifest", fix, MAX_MANIFEST_BYTES)
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -229,6 +282,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         if not isinstance(obj[key], dict):
             raise UserError(f"{key} is {type(obj[key]).__name__}, not an object", file=str(path), key=key, fix=fix)
     return obj
+
+
+def sweep_dir_error(sweep_dir: Path) -> UserError:
+    """A sweep directory given where one run directory is needed: say so and name its runs."""
+    try:
+        names = [p["name"] for p in json.loads((sweep_dir / SWEEP_FILE).read_bytes())["points"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    shown = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    example = sweep_dir.parent / str(names[0]) if names else sweep_dir.parent / "<point>"
+    return UserError(f"this is a sweep directory ({len(names)} runs{': ' + shown if names else ''}), not a run directory",
+                     file=str(sweep_dir),
+                     fix=f"give one of its run directories (siblings of it), e.g. {example}; `stepc submit` and "
+                         f"`stepc report` take the sweep directory itself")
 
 
 # --- what may be trusted in a run directory ------------------------------------------------------

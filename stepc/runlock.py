@@ -7,12 +7,17 @@ every other launch exits 2 naming the holder (host, PID, SLURM job, command, sin
 - Works across nodes on a shared filesystem: the record is written to a private temp file and
   published with link(2), which is atomic and fails when LOCK exists, also on NFS (where O_EXCL
   creation was historically not atomic); LOCK is never seen half-written.
-- One holder, many processes: the taker exports STEPC_RUN_LOCK=<owner> to its children (`stepc run`
-  -> stage scripts), and in a SLURM job the owner is the job id, so every node and rank of that job
-  (and the job's requeued incarnations) are the same holder.
-- A stale lock is taken over with a warning: its holder ran on this host and that PID is gone (or is
-  another process now: the recorded start time differs), or it was a SLURM job that `squeue` no
-  longer lists as running.
+- One holder, many processes: every process of a launch carries STEPC_RUN_LOCK=<owner> in its
+  environment (`stepc run` exports it to the stage scripts, a stage script run by hand exports its own
+  before the preflight, torchrun passes it to the workers), and in a SLURM job the owner is the job id,
+  so every node and rank of that job (and the job's requeued incarnations) are the same holder.
+- The lock is held while anything of its launch runs, not only its taker: `kill -9` of `stepc run`
+  leaves its stage script, torchrun and the workers training (re-parented to init), so on this host a
+  launch is gone only when the recorded PID is gone (or is another process now: the start time
+  differs; or an unreaped zombie) AND no live process carries its owner. Then the lock is taken over
+  with a warning. A SLURM job's lock is stale when `squeue` no longer lists the job as running.
+- A LOCK stepc did not write (empty, not a record, a symlink, a directory) is never taken over or
+  waited for: the refusal says what it is and how to clear it.
 
 Not rundir.atomic_write: its rename replaces an existing file, a lock must fail when one exists.
 Hand-written: filelock/fcntl locks are per host (flock does not cross NFS clients reliably) and
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -41,12 +48,20 @@ class LockHeld(UserError):
     """Another launch holds the run directory (exit code 2)."""
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None without /proc or process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22): tells a
-    recycled PID from the original holder. None when the process does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    recycled PID from the original holder. None when the process does not exist or is a zombie
+    (it exited; only its parent has not collected its exit status yet)."""
+    fields = _stat(pid)
+    if fields is None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -54,14 +69,41 @@ def _start_time(pid: int) -> str | None:
         except PermissionError:
             return ""
         return ""  # alive, start time unknown (no /proc)
-    fields = stat.rsplit(")", 1)[1].split()
     if fields[0] in ("Z", "X"):
         return None
     return fields[19]
 
 
 def owner_key(job_id: str | None, host: str, pid: int) -> str:
-    return f"slurm-job-{job_id}" if job_id else f"{host}:{pid}"
+    """The launch's name: its SLURM job, else STEPC_RUN_LOCK when this process was started inside a
+    launch (a stage script run by hand exports its own before the preflight), else host:pid:start
+    (the start time, so a recycled PID is never the same launch)."""
+    if job_id:
+        return f"slurm-job-{job_id}"
+    return os.environ.get(ENV) or f"{host}:{pid}:{_start_time(pid) or ''}"
+
+
+def _members(owner: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process on this host that carries STEPC_RUN_LOCK=owner: the
+    parts of that launch still running, whoever took the lock. Processes of other users cannot be read
+    and do not count (a run directory is trained by one user). Empty without /proc."""
+    needle = f"\0{ENV}={owner}\0".encode()
+    found = []
+    try:
+        entries = [e for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        pid = int(entry.name)
+        try:
+            environ = Path(entry.path, "environ").read_bytes()  # a zombie's is empty
+            if needle not in b"\0" + environ or pid == os.getpid() or _start_time(pid) is None:
+                continue
+            command = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        found.append((pid, command[:80] + ("..." if len(command) > 80 else "")))
+    return found
 
 
 def describe(holder: dict) -> str:
@@ -71,22 +113,64 @@ def describe(holder: dict) -> str:
 
 
 def read(run_dir: Path) -> dict | None:
+    """The lock record, or None when there is none (or it is not one: see `inspect`)."""
+    found = inspect(RunDir(Path(run_dir)).lock)
+    return found if isinstance(found, dict) else None
+
+
+_RECORD = {"owner": str, "host": str, "pid": int}
+
+
+def inspect(path: Path) -> dict | str | None:
+    """The record at `path`; None when there is no LOCK; a sentence saying what it is when it is not a
+    record stepc writes (empty, not JSON, not a record, a symlink, a directory). A record is published
+    whole by link(2), so such a file never turns into a record by itself: it is refused, not waited for."""
     try:
-        return json.loads(RunDir(Path(run_dir)).lock.read_text())
-    except (OSError, ValueError):
+        info = os.lstat(path)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        target = os.readlink(path)
+        return f"is a symbolic link to {target!r}{'' if path.exists() else ', which does not exist'}"
+    if not stat.S_ISREG(info.st_mode):
+        return "is a directory" if stat.S_ISDIR(info.st_mode) else "is not a regular file"
+    if info.st_size == 0:
+        return "is empty"
+    try:
+        record = json.loads(path.read_bytes()[:65536])
+    except FileNotFoundError:
+        return None  # released between lstat and read
+    except (OSError, ValueError) as exc:
+        return f"is not a lock record ({exc})"
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in _RECORD.items()):
+        return "is not a lock record (it needs owner, host and pid)"
+    return record
 
 
-def _stale(holder: dict) -> str | None:
-    """Why the holder is gone, or None while it may still be running."""
+def _stale(holder: dict, path: Path) -> str | None:
+    """Why the holder is gone, or None while it may still be running. Raises LockHeld when the process
+    that took the lock is gone but other processes of its launch still run."""
     host, pid = holder.get("host"), holder.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
         now = _start_time(pid)
         if now is None:
-            return f"process {pid} on {host} is gone"
-        if holder.get("start") and now and now != holder["start"]:
-            return f"PID {pid} on {host} is another process now"
-        return None
+            reason = f"process {pid} on {host} {'exited (an unreaped zombie)' if _stat(pid) else 'is gone'}"
+        elif holder.get("start") and now and now != holder["start"]:
+            reason = f"PID {pid} on {host} is another process now"
+        else:
+            return None
+        survivors = _members(str(holder.get("owner")))
+        if survivors:
+            pids = " ".join(str(p) for p, _ in survivors)
+            raise LockHeld(f"another launch is training this run directory: {describe(holder)} is gone, but "
+                           f"{len(survivors)} of its processes still run: "
+                           + "; ".join(f"pid {p}: {cmd}" for p, cmd in survivors),
+                           file=str(path),
+                           fix=f"wait for them to finish, or stop them with `kill {pids}` (the stage checkpoints the "
+                               "step in flight); the lock is taken over once nothing of that launch runs")
+        return reason
     job = holder.get("job_id")
     if job:
         try:
@@ -116,11 +200,13 @@ def acquire(run_dir: Path, pid: int | None = None, command: str = "") -> dict | 
     inherited = os.environ.get(ENV)
     tmp = run_dir / f".{LOCK}.{host}.{os.getpid()}"
     for _ in range(50):
-        holder = read(run_dir)
+        holder = inspect(path)
+        if isinstance(holder, str):
+            holder = _settled(path, holder)
         if holder is not None and (holder.get("owner") in (inherited, record["owner"])):
             return None  # our own launch (parent process, another node or a requeue of this job)
         if holder is not None:
-            reason = _stale(holder)
+            reason = _stale(holder, path)
             if reason is None:
                 raise LockHeld(f"another launch is training this run directory: {describe(holder)}",
                                file=str(path),
@@ -150,7 +236,21 @@ def acquire(run_dir: Path, pid: int | None = None, command: str = "") -> dict | 
             raise UserError(f"cannot create the lock file {path}: {exc}", file=str(run_dir),
                             fix="make the run directory writable") from None
         return record  # the caller exports ENV=record["owner"] to its children (they are this launch)
-    raise LockHeld(f"could not take {path}: it keeps changing hands", file=str(path), fix="retry")
+    raise LockHeld(f"could not take {path}: other launches took and released it 50 times in a row", file=str(path),
+                   fix="start one launch per run directory at a time (`stepc run` or its stage scripts, or one SLURM job)")
+
+
+def _settled(path: Path, problem: str) -> dict | None:
+    """A LOCK that is not a record: looked at again a moment later (a takeover may have just moved it),
+    then refused with what it is and how to clear it."""
+    time.sleep(0.2)
+    again = inspect(path)
+    if not isinstance(again, str):
+        return again
+    raise LockHeld(f"the run directory's lock file {again}: stepc never writes one like it, so it cannot tell "
+                   "whether a launch is training this run directory", file=str(path),
+                   fix=f"make sure no `stepc run`, stage script or SLURM job of this run directory is running "
+                       f"(ps, squeue), then remove it: rm -r {shlex.quote(str(path))}")
 
 
 def read_file(path: Path) -> dict | None:

@@ -6,6 +6,7 @@ finish in seconds: a ~0.5 MB corpus, a 4-layer hidden-64 LLaMA, 24 reference ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -206,3 +207,19 @@ def full_run(tmp_path_factory, small_corpus) -> Path:
     check_ok(proc)
     (run_dir / "stepc-run.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
     return run_dir
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """Mount a tmpfs at `path` (root only); skip the test when mounting is not permitted; always unmount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "stepc-test", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mount is not permitted here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -362,3 +362,135 @@ def test_case_count():
     print(f"\nbad-input cases: {len(RUNTIME_FACING)} runtime-facing, {len(BOUNDS)} bounds, {len(BUDGETS)} budgets/units, "
           f"{len(WRONG_KEY)} wrong-key, {len(CASES)} parametrized in all")
     assert len(CASES) >= 60
+
+
+# ------------------------------------------------------ third pass (issue 26): the command line itself
+
+BLANK_OPTIONS = [
+    (["plan", "{spec}", "--gpu", ""], "--gpu"),
+    (["plan", "{spec}", "--gpu", "  "], "--gpu"),
+    (["plan", "{spec}", "--gpu-memory", ""], "--gpu-memory"),
+    (["compile", "{spec}", "--out", ""], "--out"),
+    (["sweep", "{spec}", "--grid", "train.lr=1e-3,3e-4", "--out", " "], "--out"),
+    (["eval", "{spec}", "--tasks", ""], "--tasks"),
+    (["eval", "{spec}", "--include-path", ""], "--include-path"),
+    (["report", "{spec}", "--out", ""], "--out"),
+]
+
+
+@pytest.mark.parametrize("args, option", BLANK_OPTIONS, ids=[" ".join(a[2:]).strip() + f"-{a[0]}" for a, _ in BLANK_OPTIONS])
+def test_an_empty_or_blank_option_value_is_an_error_not_a_default(tmp_path, capsys, monkeypatch, args, option):
+    """`--gpu ""` used to skip the fit table with exit 0: a blank value is refused like an unknown one."""
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(spec_text(), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.replace("{spec}", str(spec)) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}: " in err and "is empty" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+# ------------------------------------------------------ third pass (issue 26): errors name the key that is wrong
+
+SOURCE = {"files": ["data/corpus/train/*.txt"], "weight": 1.0}
+WRONG_KEY_THIRD = [
+    ("source-weight-zero", {"data__train": DELETE, "data__sources": {"web": {**SOURCE, "weight": 0}}},
+     "data.sources.web.weight", "greater than 0", "Relative share of training samples"),
+    ("source-weight-negative", {"data__train": DELETE, "data__sources": {"web": {**SOURCE, "weight": -0.5}}},
+     "data.sources.web.weight", "greater than 0", "Relative share of training samples"),
+    ("source-stage-weight-zero", {"data__train": DELETE, "data__sources": {"web": {**SOURCE, "stage_weights": [1.0, 0.0]}}},
+     "data.sources.web.stage_weights[1]", "greater than 0", "this source's weight in stage 1, 2"),
+    ("source-without-files", {"data__train": DELETE, "data__sources": {"web": {"weight": 0.5}}},
+     "data.sources.web.files", "is required but missing", "Files of this source"),
+    ("source-key-misspelt", {"data__train": DELETE, "data__sources": {"web": {**SOURCE, "wieght": 0.5}}},
+     "data.sources.web.wieght", "did you mean 'data.sources.web.weight'", "remove the key or correct its spelling"),
+    ("train-default-beside-sources", {"data__train": ["data/corpus/train/*.txt"], "data__sources": {"web": SOURCE}},
+     "data.train", "the blend replaces data.train", "remove data.train"),
+    *[(f"extra-{name}", {"launch__slurm__extra": ["--mem=0", line]}, "launch.slurm.extra[1]", said, "its own key")
+      for name, line, said in [
+          ("nodes", "--nodes=2", "sets --nodes, which stepc controls: launch.nnodes"),
+          ("nodes-short", "-N2", "sets -N, which stepc controls: launch.nnodes"),
+          ("partition", "--partition=gpu", "launch.slurm.partition"),
+          ("partition-abbreviated", "--part=gpu", "sets --partition"),
+          ("wrap", "--wrap=hostname", "sets --wrap"),
+          ("array", "--array=0-3", "sets --array"),
+          ("output", "-o /tmp/x.out", "sets -o"),
+          ("bare-word", "exclusive", "is not an sbatch option")]],
+]
+
+
+@pytest.mark.parametrize("changes, key, expected, fix", [c[1:] for c in WRONG_KEY_THIRD], ids=[c[0] for c in WRONG_KEY_THIRD])
+def test_the_error_names_the_key_that_is_wrong(tmp_path, capsys, changes, key, expected, fix):
+    code, err, spec, out = compile_text(tmp_path, spec_text(**changes), capsys)
+    assert_refused(code, err, spec, out, key, expected)
+    assert f"[{key}]:" in err.splitlines()[0] and fix in err.split("fix:", 1)[1], err
+
+
+def test_sbatch_options_stepc_does_not_write_are_accepted_as_extra(tmp_path, capsys):
+    extra = ["--mem=0", "--exclusive", "--gpus=2", "--constraint=a100", "-C a100", "--mail-type=END"]
+    code, err, _, out = compile_text(tmp_path, spec_text(launch__slurm__extra=extra), capsys)
+    assert code == 0, err
+    assert [line for line in (out / "bad-input" / "run.sbatch").read_text().splitlines() if line.startswith("#SBATCH -")][-6:] == \
+        [f"#SBATCH {line}" for line in extra]
+
+
+def test_a_set_naming_only_a_sources_weight_blames_the_missing_files(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(spec_text(data__train=DELETE), encoding="utf-8")
+    assert main(["plan", str(spec), "--set", "data.sources.web.weight=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: [data.sources.web.files]: is required but missing" in err and "Files of this source" in err, err
+
+
+NO_EFFECT = [  # (changes, key): a [step] value the method or operator never reads
+    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__stack_block": 2}, "step.stack_block"),
+    ({"experiment__method": "galore", "memory__stages": 1, "memory__budget": DELETE, "launch__nproc_per_node": 1,
+      "train__micro_batch_size": 8, "step__growth_operator": "stack"}, "step.growth_operator"),
+    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__galore_rank": 64}, "step.galore_rank"),
+    ({"experiment__method": "relora", "memory__stages": 1, "memory__budget": DELETE, "step__relora_warm_start_steps": 10,
+      "step__fpi": True}, "step.fpi"),
+    ({"step__prune_ratio": 0.5}, "step.prune_ratio"),  # optimizer_reset = "zero" never prunes
+    ({"step__growth_operator": "stack-middle", "step__position": "spread"}, "step.position"),
+]
+
+
+@pytest.mark.parametrize("changes, key", NO_EFFECT, ids=[key for _, key in NO_EFFECT])
+def test_a_key_the_method_or_operator_never_reads_is_a_warning(tmp_path, capsys, changes, key):
+    code, err, spec, _ = compile_text(tmp_path, spec_text(**changes), capsys)
+    assert code == 0, err
+    assert f"warning: {spec}: [{key}] " in err and "has no effect here" in err and "remove it" in err, err
+
+
+def test_shipped_specs_restating_defaults_of_other_methods_get_no_such_warning(capsys):
+    """The paper's specs keep one [step] table for every method, at its defaults: no noise for them."""
+    for spec in sorted((REPO / "specs").glob("*.toml")):
+        assert main(["plan", str(spec)]) == 0, spec
+        assert "has no effect here" not in capsys.readouterr().err, spec
+
+
+@pytest.mark.parametrize("item", ['train."lr"=1e-3', "'train'.lr=1e-3", 'train . "lr" = 1e-3'])
+def test_quoted_keys_in_set_are_read_as_toml_reads_them(tmp_path, capsys, item):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(spec_text(), encoding="utf-8")
+    assert main(["compile", str(spec), "--set", item, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "bad-input" / "manifest.json").read_text())
+    assert manifest["spec"]["train"]["lr"] == 1e-3 and manifest["overrides"] == {"train.lr": 1e-3}
+
+
+@pytest.mark.parametrize("flag, item", [
+    ("--set", 'train.lr=3e-4\n[log]\nproject = "smuggled" #'),
+    ("--set", "train.lr=3e-4\r"),
+    ("--set", "log.project=a\tb"),
+    ("--set", "train.\x1blr=1"),
+    ("--grid", "train.lr=1e-3,3e-4\n[log]"),
+])
+def test_control_characters_in_set_and_grid_are_refused(tmp_path, capsys, flag, item):
+    """A newline ended the `v = VALUE` line the value is parsed from: extra keys reached spec.toml unrecorded."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(spec_text(), encoding="utf-8")
+    command = ["compile", str(spec), "--set", item] if flag == "--set" else ["sweep", str(spec), "--grid", item]
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: stepc: {flag} '") and "holds the control character" in err and "fix:" in err, err
+    assert not (tmp_path / "out").exists()

@@ -153,6 +153,62 @@ def test_killed_preparation_resumes_and_gives_identical_bytes(tmp_path):
     assert not list(cache.rglob("*.tmp"))
 
 
+def test_a_killed_writers_temporaries_are_removed_wherever_it_was_writing(tmp_path):
+    """Temporaries of a writer of this host whose process is gone go, in every directory a preparation
+    writes (also a file's shard directory that another preparation has finished since, and the old
+    `.<unit>.<pid>.tmp` form); a live writer's and another node's stay."""
+    import socket
+
+    files = mixed_corpus(tmp_path / "d")
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    run_dir.mkdir()
+    data = Data(train=files, tokenizer="bpe-512", cache_dir=str(cache))
+    prepare(data, cache, None, workers=1)  # finished: every file has its index.json
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host, shard_dir = socket.gethostname(), next((cache / "shards").rglob("index.json")).parent
+    dead = [shard_dir / f".00000~{host}~{gone.pid}~.tmp", shard_dir / f".00001.{gone.pid}.tmp",
+            cache / "hashes" / f".ab.json~{host}~{gone.pid}~x1y2.tmp", cache / "tokenizers" / f".t.json~{host}~{gone.pid}~q.tmp",
+            run_dir / f".data-index.json~{host}~{gone.pid}~z.tmp"]
+    kept = [shard_dir / f".00000~{host}~{os.getpid()}~.tmp", shard_dir / f".00000~other-node~{gone.pid}~.tmp"]
+    for path in dead + kept:
+        path.write_bytes(b"partial")
+    # and what real writers leave when SIGKILLed mid-write: a shard and an atomically written record
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for kind, target in (("shard", shard_dir / "00000"), ("atomic", cache / "hashes" / "x.json")):
+        before = set(target.parent.iterdir())
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, kind, str(target), files[2]], env=env, timeout=60)
+        assert killed.returncode == -signal.SIGKILL
+        left = set(target.parent.iterdir()) - before
+        assert len(left) == 1 and left.pop().name.endswith(".tmp")
+        dead += list(set(target.parent.iterdir()) - before)
+    prepare(data, cache, run_dir, workers=1)
+    assert [p for p in dead if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+kind, target, text_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if kind == "atomic":
+    from stepc.rundir import atomic_write
+    atomic_write(target, lambda fh: (fh.write(b"partial"), fh.flush(), die()))
+else:
+    from stepc.runtime.data import prepare as P
+    from stepc.runtime.data.documents import Unit
+    from stepc.runtime.data.tokenizer import load_tokenizer
+    P._TOKENIZER = load_tokenizer("gpt2", [], lambda: iter(()), target.parent, "text")[0]
+    def one_batch_then_die(*args):
+        yield [("some text", False)]
+        die()
+    P.read_unit = one_batch_then_die
+    st = text_file.stat()
+    P._encode_unit(P.Task(str(text_file), Unit(0, 0), "text", True, str(target), "uint16", 0, st.st_size, st.st_mtime_ns))
+"""
+
+
 def test_adding_a_file_tokenises_only_that_file(tmp_path):
     files = mixed_corpus(tmp_path / "d")
     cache = tmp_path / "cache"
@@ -316,3 +372,88 @@ def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):
     assert len(read) == 2 and all(4000 <= n < 4000 + 5000 for n in read)  # the budget plus at most one document
     assert {p.name for p in (tmp_path / "c1" / "tokenizers").glob("tokenizer-*")} != \
            {p.name for p in (tmp_path / "c0" / "tokenizers").glob("tokenizer-*")}
+
+
+def _long_line(chars: int) -> str:
+    """One line of varied text: words, runs of spaces and tabs, contractions, digits, punctuation, letters
+    outside ASCII, and the EOS token's own spelling, so cuts land next to every kind of pre-token."""
+    words = ["the", "It's", "we'll", "naïve", "café", "Straße", "12345", "6.75", "--", "(x)", "<|endoftext|>",
+             "\t", "  ", "end.", "ÅÄÖ", "日本語", "a", "'s"]
+    out, i, size = [], 0, 0
+    while size < chars:
+        out.append(words[(i * 7) % len(words)] + ("" if i % 5 else "   "))
+        size += len(out[-1]) + 1
+        i += 1
+    return " ".join(out)[:chars]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe-512"])
+def test_a_long_document_is_encoded_in_bounded_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch, fmt, tokenizer):
+    """No encode call gets more than MAX_ENCODE_CHARS characters (a 30 MB line took 4.5 GB), and the shard
+    holds exactly the ids of the whole document encoded at once; a bpe-N tokenizer trained on the pieces
+    is the one trained on the whole."""
+    from tokenizers import Tokenizer
+
+    from stepc.runtime.data import prepare as prep
+    from stepc.runtime.data.tokenizer import train_bpe
+
+    line = _long_line(60_000)
+    path = tmp_path / f"long.{fmt}"
+    if fmt == "txt":
+        path.write_text(line, encoding="utf-8")
+    elif fmt == "jsonl":
+        path.write_text(json.dumps({"text": "a short one"}) + "\n" + json.dumps({"text": line}) + "\n", encoding="utf-8")
+    else:
+        pq.write_table(pa.table({"text": ["a short one", line]}), path)
+    limit, sizes = 4096, []
+
+    class Spy:  # the workers' tokenizer, recording how much text each encode call gets
+        def __init__(self, tok):
+            self.tok = tok
+
+        def encode_batch_fast(self, texts, **kwargs):
+            sizes.append(sum(map(len, texts)))
+            return self.tok.encode_batch_fast(texts, **kwargs)
+
+    monkeypatch.setattr(documents, "MAX_ENCODE_CHARS", limit)
+    monkeypatch.setattr(prep, "_init_worker", lambda tok_json: setattr(prep, "_TOKENIZER", Spy(Tokenizer.from_str(tok_json))))
+    data = Data(train=[str(path)], tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"))
+    index = prepare(data, tmp_path / "cache", None, workers=1)
+    assert sizes and max(sizes) <= limit and sum(sizes) >= len(line), sizes[:5]
+
+    tok = Tokenizer.from_file(str(tmp_path / "cache" / index["tokenizer"]["file"]))
+    eos = index["eos"]
+    docs = [line] if fmt == "txt" else ["a short one", line]
+    expected = [i for doc in docs for i in [*tok.encode(doc, add_special_tokens=False).ids, eos]]
+    shard = index["train"]["train"]["files"][0]["shards"]
+    got = np.concatenate([np.fromfile(tmp_path / "cache" / s["path"], dtype=index["dtype"]) for s in shard])
+    assert got.tolist() == expected
+    if tokenizer.startswith("bpe-"):
+        monkeypatch.setattr(documents, "MAX_ENCODE_CHARS", 10**9)  # no cut: the whole document at once
+        assert train_bpe(512, docs).to_str() == tok.to_str()
+
+
+MEMORY_PROBE = """
+import resource, subprocess, sys
+proc = subprocess.run([sys.executable, "-m", "stepc.cli", "data", "prepare", sys.argv[1], "--workers", "1"],
+                      capture_output=True, text=True)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, proc.stderr[-2000:])
+"""
+
+
+def test_a_single_long_line_prepares_within_the_memory_bound(tmp_path):
+    """README: < 500 MB per tokeniser worker. An 8 MB single-line jsonl document took ~1.1 GB before it
+    was cut (the tokenizer holds ~125 bytes per character); one worker in the process itself here."""
+    line = _long_line(8_000_000)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": line}) + "\n", encoding="utf-8")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""[experiment]\nname = "long"\n[model]\nhidden_size = 64\nnum_layers = 2\nnum_attention_heads = 4
+vocab_size = 50257\nseq_len = 64\n[memory]\nlayers = [1, 1]\n[step]\nlora_rank = 4\n[data]
+train = ["{tmp_path / 'long.jsonl'}"]\ntokenizer = "gpt2"\ncache_dir = "{tmp_path / 'cache'}"\n""")
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(spec)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    code, peak_mb, err = out.split(" ", 2)
+    assert code == "0", err
+    assert int(peak_mb) < 500, f"peak RSS {peak_mb} MB"
+    print(f"peak RSS {peak_mb} MB")

@@ -44,15 +44,25 @@ def test_whole_block_layout_reaches_the_manifest(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("tables,key,words", [
-    ({"step": {"growth_operator": "stack", "position": "upper"}}, "step.position", "places the copied block itself"),
-    ({"step": {"stack_block": 2}}, "step.stack_block", "only applies to the stacking operators"),
+    ({"step": {"growth_operator": "stack", "position": "lower"}}, "step.position", "a stacking operator places its block itself"),
+    ({"step": {"stack_block": 2}}, "step.stack_block", 'it applies to growth_operator = "stack" or "stack-middle"'),
+    ({"experiment": {"method": "vanilla"}, "memory": {"stages": None}, "step": {"carry_optimizer_state": True}},
+     "step.carry_optimizer_state", "it carries state into the next stage; this method has one"),
+])
+def test_growth_keys_the_method_or_operator_ignores_are_a_warning(tmp_path, capsys, tables, key, words):
+    """Consistent with every other [step] key a method never reads (tests/test_bad_input.py): a warning, and
+    the run compiles; a stacking operator's own block check and the layout rules below stay errors."""
+    code, err, run_dir = compile_doc(tmp_path, with_(**tables), capsys)
+    assert code == 0, err
+    assert f"warning: {tmp_path / 'g.toml'}: [{key}]" in err and words in err, err
+
+
+@pytest.mark.parametrize("tables,key,words", [
     ({"step": {"growth_operator": "stack", "stack_block": 4}, "memory": {"stages": 2}}, "step.stack_block", "at least 8 layers"),
     ({"step": {"growth_operator": "stack", "stack_block": 2}, "memory": {"layers": [3, 3], "stages": None}},
      "memory.layers", "whole 2-layer blocks"),
     ({"step": {"growth_operator": "stack", "stack_block": 4}, "memory": {"layers": [2, 4], "stages": None}},
      "memory.layers", "whole 4-layer blocks"),
-    ({"experiment": {"method": "vanilla"}, "memory": {"stages": None}, "step": {"carry_optimizer_state": True}},
-     "step.carry_optimizer_state", "no next stage"),
 ])
 def test_growth_misuse_is_a_user_error(tmp_path, capsys, tables, key, words):
     code, err, run_dir = compile_doc(tmp_path, with_(**tables), capsys)

@@ -6,6 +6,9 @@ was written because of a signal:
 - stage 1: SIGTERM to the stage script's process group mid-stage -> exit 75, STOPPED names the step,
   the only checkpoint is at that step, and it is the step in flight when the signal arrived + 1;
   while it runs, a second launch on the run directory is refused (exit 2, naming the holder);
+- stage 1 resumed under `stepc run --stage 1`, which is killed with SIGKILL alone: its stage script and
+  workers train on; a rerun is refused (exit 2) naming every process still running and trains nothing;
+  the orphaned stage finishes stage 1 bit-identically, and the next launch takes the lock over (warning);
 - stage 2: Ctrl-C (SIGINT to `stepc run`'s process group, as a terminal sends it) -> exit 130 with
   one line saying where it stopped; rerunning `stepc run` finishes;
 - the final export is bit-identical to run A's.
@@ -67,6 +70,13 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     assert "another launch is training this run directory" in second.stderr and f"pid {proc.pid}" in second.stderr
     _wait_for_text(proc, log, r"stage 1(/\d+)? step 10/")
     tree = descendants(proc.pid)
+    # a stage script run by hand is a launch of its own: torchrun and the workers carry the lock's owner,
+    # so the lock stays held while they live even if the script itself is killed (stepc/runlock.py)
+    owner = json.loads((run_b / "LOCK").read_text())["owner"]
+    workers = [p for p in tree if b"stepc.runtime" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) >= 3, workers  # torchrun (stepc.runtime.launch) and 2 ranks
+    carried = f"\0STEPC_RUN_LOCK={owner}\0".encode()
+    assert [p for p in workers if carried not in b"\0" + Path(f"/proc/{p}/environ").read_bytes()] == [], owner
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
     deadline = time.monotonic() + 15
@@ -84,8 +94,45 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     assert not (run_b / "LOCK").exists()
     assert [m["step"] for m in read_metrics(run_b) if m["event"] == "stopped"] == [stopped_at]
 
-    resumed = check_ok(run_stage(run_b, 1))
-    assert f"resumed stage 1 from {stage1}/step-{stopped_at:08d} at step {stopped_at}" in resumed.stdout
+    # --- stage 1 resumed under `stepc run --stage 1`, then kill -9 of `stepc run` alone: its stage script,
+    # torchrun and both workers go on training, re-parented to init. While any of them lives a rerun is
+    # refused, naming them, and trains nothing (a takeover would train stage 1 twice into one run directory).
+    # The ranks hold after the first resumed step (faults.py), so the kill lands mid-stage however fast the
+    # machine is; then they are let go and finish the stage on their own.
+    assert stopped_at + 1 < steps1, (stopped_at, steps1)
+    held, release, resumed_log = run_b / "held", run_b / "release", run_b / "resumed.out"
+    env = {**stage_env(), "STEPC_FAULT_HOLD_AFTER_STEP": f"1:{stopped_at + 1}", "STEPC_FAULT_HOLD_FILE": str(held),
+           "STEPC_FAULT_HOLD_RELEASE": str(release)}
+    with open(resumed_log, "w") as handle:
+        killed = subprocess.Popen([sys.executable, "-m", "stepc.cli", "run", str(run_b), "--stage", "1"], env=env,
+                                  cwd=run_b, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not all(Path(f"{held}.rank{r}").exists() for r in (0, 1)):
+        assert killed.poll() is None and time.monotonic() < deadline, resumed_log.read_text()[-3000:]
+        time.sleep(0.1)
+    launch = descendants(killed.pid)
+    try:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        metrics_before = (run_b / "metrics.jsonl").read_bytes()
+        refused = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,
+                                 capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"stepc run (pid {killed.pid} on" in refused.stderr and "is gone, but" in refused.stderr
+        assert "taking over" not in refused.stderr and "Traceback" not in refused.stderr
+        named = {int(p) for p in re.search(r"`kill ([0-9 ]+)`", refused.stderr).group(1).split()}
+        assert named == {p for p in launch if alive(p)} and len(named) >= 4, (named, launch)  # bash, torchrun, 2 workers
+        assert (run_b / "metrics.jsonl").read_bytes() == metrics_before  # the refused rerun trained nothing
+        release.touch()
+        deadline = time.monotonic() + STAGE_TIMEOUT
+        while any(alive(p) for p in launch) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in launch if alive(p)], resumed_log.read_text()[-3000:]
+    finally:  # a failure above must not leave the held ranks training for HOLD_LIMIT_S
+        for pid in launch:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert f"resumed stage 1 from {stage1}/step-{stopped_at:08d} at step {stopped_at}" in resumed_log.read_text()
     assert not (stage1 / "STOPPED").exists()
     _same_weights(full_run / "checkpoints" / "stage-1" / "final", stage1 / "final")
 
@@ -101,6 +148,7 @@ def test_signal_checkpoints_the_step_in_flight_and_resumes_bit_exactly(full_run,
     lines = [line for line in out.read_text().splitlines() if line.startswith("interrupted")]
     expected = f"interrupted: stage 2 stopped after step {stopped2} (checkpoint written); rerun `stepc run {run_b}` to resume"
     assert lines == [expected], out.read_text()[-2000:]
+    assert f"warning: taking over the stale lock {run_b}/LOCK of stepc run (pid {killed.pid}" in out.read_text()
     assert not (run_b / "LOCK").exists()
 
     again = subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_b)], env=stage_env(), cwd=run_b,

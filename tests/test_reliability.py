@@ -16,7 +16,6 @@ Every torchrun job here runs 1 rank, stage 1 of a 6-step stage (checkpoints at s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import STAGE_TIMEOUT, check_ok, read_metrics, run_stage, stage_env
+from conftest import tmpfs as _tmpfs
 
 from stepc.cli import main as stepc
 from stepc.compiler.manifest import content_hash, dumps
@@ -230,7 +230,10 @@ def test_faults_and_drift_at_resume_keep_the_last_good_checkpoint(fast_run, corp
     (run_dir / "manifest.json").write_bytes(saved)
     edited.write_bytes(bytes(flipped))
 
-    proc = check_ok(run_stage(run_dir, 1, "--allow-data-change"))
+    # the flag the refusal names, given to `stepc run` (it passes it to the stage script)
+    proc = check_ok(subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(run_dir), "--stage", "1",
+                                    "--allow-data-change"], env=stage_env(), cwd=run_dir, capture_output=True,
+                                   text=True, timeout=STAGE_TIMEOUT))
     _resumed_from(proc, stage_dir, 2)
     assert not (stage_dir / "FAILED").exists()  # the rerun's stage script cleared the failure record
     _finished(run_dir)
@@ -250,22 +253,6 @@ def test_compile_into_unwritable_out_exits_2_and_writes_nothing(make_run, tmp_pa
     assert "fix: choose a writable --out directory" in err and "Traceback" not in err
     assert blocker.read_text() == "a regular file, not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    """Mount a tmpfs at `path` (root only); skip the test when mounting is not permitted; always unmount."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "stepc-test", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount is not permitted here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_compile_onto_read_only_filesystem_exits_2(make_run, tmp_path, capsys):

@@ -15,6 +15,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import run_stage, stage_env
@@ -103,3 +105,67 @@ def test_a_refused_stage_passes_exit_2_and_its_message_through(make_run):
     assert "stage 2 needs stage 1 to finish first" in proc.stderr
     assert "failed with exit code" not in proc.stderr and "rerun" not in proc.stderr.split("needs stage 1")[0]
     assert not (run_dir / "LOCK").exists()
+
+
+def test_a_zombie_holder_is_taken_over_with_a_warning(make_run, capsys):
+    run_dir = make_run.compile("lk")
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        assert runlock.acquire(run_dir, child.pid, "stepc run") is not None
+        child.kill()  # exited, but not reaped (no wait yet): /proc still lists it, as state Z
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert runlock.acquire(run_dir, None, "stepc run") is not None
+        assert re.search(f"warning: taking over .* process {child.pid} on .* exited \\(an unreaped zombie\\)",
+                         capsys.readouterr().err)
+    finally:
+        child.wait()
+
+
+def test_the_lock_is_held_while_any_process_of_its_launch_lives(make_run, capsys):
+    """The taker (stepc run) is gone but a process it started (a stage, a worker) still carries its owner."""
+    run_dir = make_run.compile("lk")
+    taker = subprocess.Popen(["sleep", "300"])
+    record = runlock.acquire(run_dir, taker.pid, "stepc run")
+    worker = subprocess.Popen(["sleep", "300"], env={**os.environ, runlock.ENV: record["owner"]})
+    taker.kill()
+    taker.wait()
+    try:
+        for proc in (_stepc_run(run_dir), run_stage(run_dir, 1, timeout=60)):
+            assert proc.returncode == 2, proc.stderr
+            assert f"stepc run (pid {taker.pid} on {socket.gethostname()}" in proc.stderr and "is gone, but" in proc.stderr
+            assert f"pid {worker.pid}: sleep 300" in proc.stderr and f"`kill {worker.pid}`" in proc.stderr
+            assert "taking over" not in proc.stderr and "Traceback" not in proc.stderr
+        assert _written(run_dir) == ["LOCK"] and runlock.read(run_dir)["pid"] == taker.pid
+    finally:
+        worker.kill()
+        worker.wait()
+    capsys.readouterr()
+    assert runlock.acquire(run_dir, None, "stepc run") is not None  # nothing of that launch is left
+    assert f"process {taker.pid} on {socket.gethostname()} is gone" in capsys.readouterr().err
+
+
+def test_a_lock_file_stepc_never_writes_is_refused_saying_what_it_is(make_run):
+    """Empty, corrupt, not a record, a dangling symlink, a directory: never waited for ("retry"), never removed."""
+    run_dir = make_run.compile("lk")
+    lock = run_dir / "LOCK"
+    kinds = {
+        "empty": (lambda: lock.write_text(""), "is empty"),
+        "corrupt": (lambda: lock.write_text('{"owner": "vm:1'), "is not a lock record ("),
+        "not a record": (lambda: lock.write_text("[1, 2]"), "is not a lock record (it needs"),
+        "dangling symlink": (lambda: lock.symlink_to(run_dir / "nowhere"),
+                             f"is a symbolic link to '{run_dir / 'nowhere'}', which does not exist"),
+        "directory": (lambda: lock.mkdir(), "is a directory"),
+    }
+    for kind, (make, said) in kinds.items():
+        make()
+        proc = _stepc_run(run_dir)
+        assert proc.returncode == 2, (kind, proc.stderr)
+        assert f"{lock}: the run directory's lock file {said}" in proc.stderr, (kind, proc.stderr)
+        assert f"then remove it: rm -r {lock}" in proc.stderr, proc.stderr
+        assert "retry" not in proc.stderr and "Traceback" not in proc.stderr and "== stage" not in proc.stdout
+        assert os.path.lexists(lock), kind  # never removed for the user: a launch might be writing it
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()

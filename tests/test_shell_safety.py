@@ -188,8 +188,10 @@ def _check_execution(tmp_path: Path, run_dir: Path) -> None:
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     locks = [argv for argv in calls if argv[:2] == ["-m", "stepc.runlock"]]  # run.sbatch takes the run-dir lock
     assert [argv[2:4] for argv in locks] == [["acquire", str(run_dir.resolve())]], locks
+    checks = [argv for argv in calls if argv[:2] == ["-m", "stepc.commands.run"]]  # run.sbatch checks what it runs
+    assert checks == [["-m", "stepc.commands.run", "check", str(run_dir.resolve()), str(run_dir / "run.sbatch")]], checks
     for argv in calls:  # every other interpreter call gets the real manifest path (or run directory) as one argument
-        if argv in locks:
+        if argv in locks or argv in checks:
             continue
         if argv[:4] == ["-m", "stepc.cli", "data", "prepare"]:
             assert argv[4] == str(run_dir.resolve()), argv
@@ -239,6 +241,55 @@ def test_newlines_in_a_multiline_toml_string(tmp_path, capsys, monkeypatch):
     _check_scripts_static(run_dir)
     _check_sbatch(run_dir, BASE)
     _check_execution(tmp_path, run_dir)
+
+
+def _sweep(tmp_path: Path, out: Path, capsys) -> int:
+    spec = tmp_path / "sweep spec.toml"
+    spec.write_text(to_toml(BASE), encoding="utf-8")
+    code = main(["sweep", str(spec), "--grid", "train.lr=1e-3,3e-4", "--out", str(out)])
+    capsys.readouterr()
+    return code
+
+
+@pytest.mark.parametrize("payload_id", ["everything", "unicode"])  # "everything": every kind of character of the others
+def test_hostile_out_paths_stay_data_in_sweep_sbatch(tmp_path, capsys, monkeypatch, payload_id):
+    """The sweep directory's path is written into sweep.sbatch: it must stay one quoted word wherever it
+    appears, in the script outside a job array (its message) and inside one (task 0 runs its point)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / f"out {PAYLOADS[payload_id]}"
+    assert _sweep(tmp_path, out, capsys) == 0
+    sweep_dir = out / f"{BASE['experiment']['name']}.sweep"
+    script = sweep_dir / "sweep.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line for line in _sbatch_header(script.read_text()) if line.startswith("#SBATCH --output=")] == [
+        "#SBATCH --output=" + shlex.quote(f"{sweep_dir}/logs/slurm-%x-%A_%a.out")]
+    bin_dir, fake_python = _stubs(tmp_path)
+    log = tmp_path / "argv.jsonl"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "PYTHON": str(fake_python),
+           "ARGV_LOG": str(log)}
+    outside = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 2 and f"submit it with: stepc submit {sweep_dir}\n" in outside.stderr, outside.stderr
+    task = {**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "43", "STEPC_SWEEP_DIR": str(sweep_dir.resolve()),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}
+    _run(["bash", str(script)], tmp_path, task)
+    point = (out / json.loads((sweep_dir / "sweep.json").read_text())["points"][1]["name"]).resolve()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert ["-m", "stepc.commands.run", "check", str(point), str(point / "run.sbatch")] in calls, calls
+    assert not list(tmp_path.rglob("PWNED")), "command injection"  # the out directory's own name holds the text
+
+
+def test_a_control_character_in_the_sweep_out_path_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / f"out\n{PWN}"
+    spec = tmp_path / "sweep spec.toml"
+    spec.write_text(to_toml(BASE), encoding="utf-8")
+    assert main(["sweep", str(spec), "--grid", "train.lr=1e-3,3e-4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "[--out]" in err and "control character" in err and "fix:" in err, err
+    assert not out.exists()
+    _no_pwned(tmp_path)
 
 
 REJECTED = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,79 @@ def test_bad_sweeps_are_user_errors_and_write_nothing(tmp_path, capsys, args, wo
     for word in words:
         assert word in err, err
     assert not out.exists()
+
+
+def test_values_that_make_the_same_run_name_are_refused_before_anything_is_compiled(tmp_path, capsys, monkeypatch):
+    """Names keep lower-case letters, digits, '.', '_' and '-': GPU and gpu would share one run directory."""
+    import stepc.commands.sweep as sweep
+
+    compiled = []
+    monkeypatch.setattr(sweep, "compile_spec", lambda *a, **k: compiled.append(a) or pytest.fail("compiled a point"))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(TINY), "--grid", "launch.slurm.partition=GPU,gpu", "--grid", "train.lr=1e-3,3e-4",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {TINY}: [launch.slurm.partition]: two grid points get the same run name 'tiny-cpu-partitiongpu-lr1e-3' " \
+           "(launch.slurm.partition = GPU and gpu)" in err and "fix:" in err, err
+    assert not out.exists() and not compiled
+
+
+def test_grid_keys_with_the_same_last_component_are_named_by_their_whole_key(tmp_path, capsys):
+    spec = tmp_path / "blend.toml"
+    spec.write_text(TINY.read_text().replace('train = ["data/corpus/train/*.txt"]\n', "")
+                    + '[data.sources.plays]\nfiles = ["data/corpus/train/*.txt"]\n'
+                    + '[data.sources.more]\nfiles = ["data/corpus/validation/*.txt"]\n')
+    out = tmp_path / "runs"
+    assert main(["sweep", str(spec), "--grid", "data.sources.plays.weight=1,2", "--grid", "data.sources.more.weight=1,3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    names = [p["name"] for p in json.loads((out / "tiny-cpu.sweep" / "sweep.json").read_text())["points"]]
+    assert names == ["tiny-cpu-data.sources.plays.weight1-data.sources.more.weight1",
+                     "tiny-cpu-data.sources.plays.weight1-data.sources.more.weight3",
+                     "tiny-cpu-data.sources.plays.weight2-data.sources.more.weight1",
+                     "tiny-cpu-data.sources.plays.weight2-data.sources.more.weight3"]
+
+
+@pytest.mark.parametrize("taken", ["sweep-dir-exists", "sweep-dir-is-a-file", "point-is-a-foreign-dir"])
+def test_a_taken_target_leaves_nothing_written(tmp_path, capsys, taken):
+    """The sweep directory or a point's directory taken (even under --force): nothing at all is written."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    force = []
+    if taken == "sweep-dir-exists":
+        (out / "tiny-cpu.sweep").mkdir()
+        (out / "tiny-cpu.sweep" / "mine.txt").write_text("x")
+    elif taken == "sweep-dir-is-a-file":
+        (out / "tiny-cpu.sweep").write_text("x")
+        force = ["--force"]
+    else:
+        (out / "tiny-cpu-lr3e-4").mkdir()
+        (out / "tiny-cpu-lr3e-4" / "notes.txt").write_text("x")
+        force = ["--force"]
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert main(["sweep", str(TINY), "--grid", "train.lr=1e-3,3e-4", "--out", str(out), *force]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "fix:" in err, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_commands_given_a_sweep_directory_say_so(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["sweep", str(TINY), "--grid", "train.lr=1e-3,3e-4", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    sweep_dir = out / "tiny-cpu.sweep"
+    for args in (["verify", str(sweep_dir)], ["diff", str(sweep_dir), str(out / "tiny-cpu-lr1e-3")], ["eval", str(sweep_dir)],
+                 ["run", str(sweep_dir)], ["data", "prepare", str(sweep_dir)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {sweep_dir}: this is a sweep directory (2 runs: tiny-cpu-lr1e-3, tiny-cpu-lr3e-4), "
+                              "not a run directory") and f"e.g. {out / 'tiny-cpu-lr1e-3'}" in err, (args, err)
+    # the plan table's tokens: the runs' own totals, not a rounded 0.00B
+    for name in ("tiny-cpu-lr1e-3", "tiny-cpu-lr3e-4"):
+        total = sum(s["tokens"] for s in json.loads((out / name / "manifest.json").read_text())["plan"]["stages"])
+        row = next(line for line in table.splitlines() if line.startswith(name + " "))
+        (shown,) = [cell for cell in row.split() if re.fullmatch(r"[0-9.]+[BM]", cell)]
+        value = float(shown[:-1]) * {"B": 1e9, "M": 1e6}[shown[-1]]
+        assert abs(value - total) <= 0.001 * total, (shown, total)
 
 
 SPEC = """\

@@ -1,7 +1,8 @@
 """`stepc eval RUN_DIR`: perplexity of the exported model on the spec's validation sets, and
 optionally lm-evaluation-harness tasks (the paper's Appendix G) on the same export.
 
-Runs in one process on the best local device; writes RUN_DIR/eval.json atomically.
+Runs in one process on the best local device; `save` writes RUN_DIR/eval.json atomically (the CLI
+prints the numbers first, so a run directory that cannot take the file loses nothing).
 """
 
 from __future__ import annotations
@@ -71,8 +72,20 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
         result["perplexity"][name] = math.exp(total / count)
     if tasks:
         result["tasks"] = _lm_eval(model, export, tasks, task_manager, limit, batch_size, device)
-    atomic_write_json(RunDir(run_dir).eval_result, result)
     return result
+
+
+def save(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Write RUN_DIR/eval.json; a run directory that cannot take it (read-only, full) is a UserError
+    naming it, raised after the caller has shown the numbers, so the computation is not lost."""
+    path = RunDir(manifest_path(run_dir).parent).eval_result
+    try:
+        atomic_write_json(path, result)
+    except OSError as exc:
+        raise UserError(f"the results above could not be saved: {exc.strerror}", file=str(path),
+                        fix="make the run directory writable (or free space) and rerun `stepc eval`, "
+                            "or copy the numbers above") from None
+    return path
 
 
 _MANAGERS: dict[str | None, Any] = {}

@@ -28,8 +28,9 @@ from stepc.schema.manifest import Manifest
 EXIT_REFUSED = 2
 
 
-def verify_scripts(run_dir: Path, raw: dict) -> None:
-    """The manifest is unedited and every script it records is there with the recorded bytes."""
+def verify_scripts(run_dir: Path, raw: dict, submitted: Path | None = None) -> None:
+    """The manifest is unedited and every script it records is there with the recorded bytes (also
+    `submitted`, SLURM's copy of run.sbatch, when given: run.sbatch checks itself before it runs)."""
     where = str(RunDir(run_dir).manifest)
     if raw.get("hash") != content_hash(raw):
         raise UserError("manifest.json was edited after compilation (its content hash does not match)", file=where,
@@ -44,9 +45,13 @@ def verify_scripts(run_dir: Path, raw: dict) -> None:
             raise UserError(f"{name} differs from the script the manifest records", file=str(script),
                             fix=f"recompile with `stepc compile SPEC --force` (or inspect with `stepc verify {run_dir}`); "
                                 "to run an edited script on purpose, run it directly with --allow-edited-scripts")
+    if submitted is not None and digest(Path(submitted).read_bytes()) != raw.get("files", {}).get("run.sbatch"):
+        raise UserError("the submitted run.sbatch differs from the one the manifest records (edited before sbatch)",
+                        file=str(submitted), fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
 
 
-def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
+def run_stages(run_dir: Path, manifest: Manifest, indices: list[int], stage_args: list[str] | None = None) -> int:
+    """`stage_args` (--allow-data-change, --allow-version-change) are passed to every stage script."""
     verify_scripts(run_dir, manifest.raw)
     lock = acquire(run_dir, command="stepc run")
     try:
@@ -58,16 +63,16 @@ def run_stages(run_dir: Path, manifest: Manifest, indices: list[int]) -> int:
         if code:
             print(f"data preparation failed with exit code {code}", file=sys.stderr)
             return code
-        return _run(run_dir, manifest.num_stages, indices, env)
+        return _run(run_dir, manifest.num_stages, indices, env, stage_args or [])
     finally:
         if lock is not None:
             release(run_dir)
 
 
-def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> int:
+def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str], stage_args: list[str]) -> int:
     for index in indices:
         print(f"== stage {index} of {total}", flush=True)
-        code, interrupted = _call_stage(RunDir(run_dir).stage_script(index), env)
+        code, interrupted = _call_stage(RunDir(run_dir).stage_script(index), env, stage_args)
         if interrupted or code == EXIT_STOPPED:
             stopped = _stopped(run_dir, index)
             where = (f"stage {index} stopped after step {stopped['step']} (checkpoint written)" if stopped
@@ -82,9 +87,9 @@ def _run(run_dir: Path, total: int, indices: list[int], env: dict[str, str]) -> 
     return 0
 
 
-def _call_stage(script: Path, env: dict[str, str]) -> tuple[int, bool]:
+def _call_stage(script: Path, env: dict[str, str], args: list[str]) -> tuple[int, bool]:
     """Run one stage script; Ctrl-C / SIGTERM are passed to it and waited out (the stage checkpoints)."""
-    proc = subprocess.Popen(["bash", str(script)], env=env)
+    proc = subprocess.Popen(["bash", str(script), *args], env=env)
     interrupted = []
 
     def forward(signum, frame):
@@ -111,3 +116,24 @@ def _stopped(run_dir: Path, index: int) -> dict | None:
         return json.loads(RunDir(run_dir).stop_record(index).read_text())
     except (OSError, ValueError):
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stepc.commands.run check RUN_DIR [SUBMITTED_SCRIPT]`: run.sbatch's first step. Exit 2
+    naming the file when the manifest, a stage script or the submitted script differs from what was compiled."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3) or args[0] != "check":
+        print("usage: python -m stepc.commands.run check RUN_DIR [SUBMITTED_SCRIPT]", file=sys.stderr)
+        return 2
+    from stepc.schema.manifest import load_manifest
+
+    try:
+        verify_scripts(Path(args[1]), load_manifest(args[1]).raw, Path(args[2]) if len(args) == 3 else None)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

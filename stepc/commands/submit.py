@@ -1,5 +1,8 @@
 """`stepc submit RUN_DIR [--chain]`: hand a compiled run directory to SLURM.
 
+Nothing is submitted unless the manifest, run.sbatch and every stage script are what was compiled
+(`verified_stages`); run.sbatch checks them again when the job starts.
+
 Without `chain`: one job, `sbatch RUN_DIR/run.sbatch`, that runs every stage in order.
 With `chain`: one job per stage, each `--dependency=afterok:<previous job>` (and cancelled at once
 when the previous stage fails), so every stage gets the full `launch.slurm.time` and its own
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from stepc.commands.run import verify_scripts
 from stepc.errors import UserError
 from stepc.rundir import RunDir
 from stepc.schema.manifest import load_manifest
@@ -25,11 +29,15 @@ from stepc.schema.manifest import load_manifest
 _JOB_ID = re.compile(r"^\s*(\d+)(;\S+)?\s*$")
 
 
-def _stages(run_dir: Path) -> list[int]:
+def verified_stages(run_dir: Path) -> list[int]:
+    """The run's stage indices, once its manifest, run.sbatch and stage scripts are what was compiled
+    (as `stepc run` checks before it runs anything): a job must never queue a script that was edited."""
     if not RunDir(run_dir).manifest.is_file():
         raise UserError(f"{run_dir} is not a compiled run directory (no manifest.json)", file=str(run_dir),
                         fix="pass the directory `stepc compile` wrote, e.g. runs/<experiment.name>")
-    return [stage.index for stage in load_manifest(run_dir).plan.stages]
+    manifest = load_manifest(run_dir)
+    verify_scripts(run_dir, manifest.raw)
+    return [stage.index for stage in manifest.plan.stages]
 
 
 def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:
@@ -52,11 +60,8 @@ def submit(run_dir: Path, chain: bool) -> list[str]:
     if shutil.which("sbatch") is None:
         raise UserError("SLURM not found: `sbatch` is not on PATH",
                         fix="run this on a SLURM login node (or load the slurm module), or run the stages locally with `stepc run RUN_DIR`")
-    script = run_dir / "run.sbatch"
-    stages = _stages(run_dir)
-    if not script.is_file():
-        raise UserError(f"{script} is missing", file=str(run_dir), fix="recompile the spec with `stepc compile SPEC --force`")
-    script = script.resolve()
+    stages = verified_stages(run_dir)  # run.sbatch among them
+    script = (run_dir / "run.sbatch").resolve()
     env = {k: v for k, v in os.environ.items() if k != "STEPC_STAGES"}
     env["STEPC_RUN_DIR"] = str(run_dir.resolve())
     logs = run_dir.resolve() / "logs"

@@ -8,8 +8,9 @@ run.sbatch's port is launch.rdzv_port + job id mod launch.rdzv_ports. (An extra 
 offset would collide exactly: task i with job id j+1 and task i+1 with job id j.)
 All points are compiled before anything is written; a point that fails names itself and the
 --grid/--set value. The sweep directory OUT/<base>.sweep/ holds sweep.json (the points and their
-manifest hashes), plan.md (the plans side by side) and sweep.sbatch (a job array whose task i
-runs point i's run.sbatch). One array has one resource request, so points must agree on every
+manifest hashes, the hashes of its other files and its own content hash: stepc.schema.sweep),
+plan.md (the plans side by side) and sweep.sbatch (a job array whose task i runs point i's
+run.sbatch). `stepc submit` verifies all of it, and every point's scripts, before queueing. One array has one resource request, so points must agree on every
 #SBATCH line. `stepc submit` and `stepc report` accept the sweep directory.
 """
 
@@ -27,10 +28,12 @@ from stepc import __version__
 from stepc.compiler import Compiled, compile_spec, plan_spec
 from stepc.compiler.load import read_spec_text
 from stepc.compiler.overrides import Override, apply_overrides, blamed, check_distinct, parse_override, parse_overrides, recorded
-from stepc.errors import UserError
-from stepc.rundir import canonical_json
+from pydantic import ValidationError
 
-SWEEP_FILE = "sweep.json"
+from stepc.errors import UserError
+from stepc.rundir import MANIFEST, SWEEP_FILE, canonical_json, content_hash, digest, entry_problem, files_entry_problem, read_regular_file
+from stepc.schema.sweep import SweepRecord
+
 MAX_NAME = 100  # experiment.name's limit
 
 
@@ -104,18 +107,19 @@ def point_name(base: str, values: list[Override]) -> str:
 
 def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | None) -> tuple[str, list[Point]]:
     """(base name, the compiled points); writes nothing."""
-    from stepc.runtime.loop.tracking import check_installed
+    from stepc.runtime.loop.tracking import check_log
 
     sets = parse_overrides(set_items)
     axes = parse_grid(grid_items, sets)
     original = read_spec_text(spec_path)
     with blamed(sets):
         base_spec, _ = plan_spec(apply_overrides(original, sets, spec_path), spec_path)
-    check_installed(base_spec.log.backends, spec_path)
+    check_log(base_spec.log, spec_path)
     base = base_spec.experiment.name
+    combos = [list(values) for values in itertools.product(*axes)]
+    _check_distinct_names(base, combos, spec_path)  # before compiling anything: the names depend on the values alone
     points: list[Point] = []
-    for values in itertools.product(*axes):
-        values = list(values)
+    for values in combos:
         name = point_name(base, values)
         own = [Override("experiment.name", name, f"experiment.name={json.dumps(name)}", json.dumps(name), "stepc sweep")]
         overrides = [*sets, *values, *own]
@@ -126,12 +130,24 @@ def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | 
             err.message = f"sweep point {name}: {err.message}"
             raise
         points.append(Point(name, values, compiled))
-    names = [p.name for p in points]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise UserError(f"two grid points get the same run name {dup!r}", fix="write the values so that they differ as text")
     _check_one_resource_request(points)
     return base, points
+
+
+def _check_distinct_names(base: str, combos: list[list[Override]], file: str) -> None:
+    """Two points must never share a run directory: names keep only lower-case letters, digits, '.', '_'
+    and '-', so values that differ in case or punctuation alone (GPU and gpu, "a b" and "a-b") collide."""
+    seen: dict[str, list[Override]] = {}
+    for values in combos:
+        name = point_name(base, values)
+        if name in seen:
+            other = seen[name]
+            differ = [(a, b) for a, b in zip(other, values) if a.value != b.value]
+            shown = "; ".join(f"{a.key} = {a.raw} and {b.raw}" for a, b in differ)
+            raise UserError(f"two grid points get the same run name {name!r} ({shown}): a run name keeps only lower-case "
+                            "letters, digits, '.', '_' and '-' of the values", file=file, key=", ".join(a.key for a, _ in differ),
+                            fix="sweep values that differ in those characters, or sweep the others in a separate --out")
+        seen[name] = values
 
 
 def _sbatch_header(compiled: Compiled) -> list[str]:
@@ -157,64 +173,111 @@ def render_sweep(base: str, points: list[Point], sweep_dir: Path, max_parallel: 
     from stepc.compiler.plan_table import compare_plans
 
     keys = [o.key for o in points[0].values]
-    record = {
+    table = compare_plans([(p.name, p.compiled.plan) for p in points])
+    script = _environment().get_template("sweep.sbatch.j2").render(
+        name=f"{base}-sweep", base=base, runs=[p.name for p in points], header=_sbatch_header(points[0].compiled),
+        max_parallel=max_parallel, version=__version__, sweep_dir=str(sweep_dir))
+    files = {"plan.md": f"# sweep {base}: {len(points)} runs\n\n```\n{table}\n```\n".encode(),
+             "sweep.sbatch": script.encode()}
+    record: dict[str, Any] = {
         "name": base,
         "grid": {k: [] for k in keys},
         "points": [{"name": p.name, "values": {o.key: o.value for o in p.values},
                     "manifest_hash": p.compiled.manifest["hash"]} for p in points],
+        "files": {name: digest(data) for name, data in sorted(files.items())},
     }
     for p in points:
         for o in p.values:
             if o.value not in record["grid"][o.key]:
                 record["grid"][o.key].append(o.value)
-    table = compare_plans([(p.name, p.compiled.plan) for p in points])
-    script = _environment().get_template("sweep.sbatch.j2").render(
-        name=f"{base}-sweep", base=base, runs=[p.name for p in points], header=_sbatch_header(points[0].compiled),
-        max_parallel=max_parallel, version=__version__, sweep_dir=str(sweep_dir))
-    return {
-        SWEEP_FILE: (json.dumps(record, indent=1, sort_keys=True) + "\n").encode(),
-        "plan.md": f"# sweep {base}: {len(points)} runs\n\n```\n{table}\n```\n".encode(),
-        "sweep.sbatch": script.encode(),
-    }
+    record["hash"] = content_hash(record)
+    return {SWEEP_FILE: (json.dumps(record, indent=1, sort_keys=True) + "\n").encode(), **files}
 
 
 def write_sweep(out: Path, base: str, points: list[Point], force: bool, max_parallel: int | None = None) -> Path:
     """Every run directory, then the sweep directory (its files vouch for the runs, so they go last)."""
-    from stepc.compiler.emit import write_run_dir
+    from stepc.compiler.emit import check_target, write_run_dir
 
+    sweep_dir = sweep_dir_for(out, base)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in str(sweep_dir)):  # it is written into sweep.sbatch's comments
+        raise UserError(f"the output root {str(out)!r} holds a control character (a newline would end a comment line "
+                        "of sweep.sbatch and start a command)", key="--out", fix="pass an --out path without control characters")
     if not force:
         existing = [p.name for p in points if (out / p.name).exists()]
         if existing:
             raise UserError(f"run directories already exist: {', '.join(existing)}", key="experiment.name",
                             fix="pass --force to recompile them (checkpoints, logs and metrics are kept), or use another --out")
+    for point in points:  # every target first: a taken one (a file, a foreign directory) must leave nothing written
+        check_target(out / point.name, force)
+    check_target(sweep_dir, force, marker=SWEEP_FILE)
     for point in points:
         write_run_dir(out / point.name, point.compiled.files, force)
-    sweep_dir = sweep_dir_for(out, base)
     write_run_dir(sweep_dir, render_sweep(base, points, sweep_dir, max_parallel), force, marker="sweep.json")
     return sweep_dir
 
 
-def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+MAX_SWEEP_BYTES = 16 << 20
+
+
+def read_sweep(sweep_dir: Path) -> SweepRecord:
+    """The typed sweep.json; a UserError naming the file (and the key) when it is not one stepc wrote."""
     path = Path(sweep_dir) / SWEEP_FILE
+    fix = "pass the directory `stepc sweep` wrote, or recompile the sweep with `stepc sweep ... --force`"
+    data = read_regular_file(path, "sweep record", fix, MAX_SWEEP_BYTES)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}", file=str(sweep_dir), fix="pass the directory `stepc sweep` wrote") from None
+        return SweepRecord.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"]) or None
+        what = "not JSON" if first["type"] == "json_invalid" else first["msg"]
+        raise UserError(f"not a sweep record stepc wrote: {what}", file=str(path), key=key, fix=fix) from None
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
     """The sweep's run directories (siblings of the sweep directory), in array order."""
-    return [Path(sweep_dir).parent / p["name"] for p in read_sweep(sweep_dir)["points"]]
+    return [Path(sweep_dir).parent / p.name for p in read_sweep(sweep_dir).points]
 
 
 def columns(sweep_dir: Path) -> dict[str, dict[str, str]]:
     """Run name -> grid key -> value as text, for the report table."""
-    return {p["name"]: {k: json.dumps(v) if not isinstance(v, str) else v for k, v in p["values"].items()}
-            for p in read_sweep(sweep_dir)["points"]}
+    return {p.name: {k: json.dumps(v) if not isinstance(v, str) else v for k, v in p.values.items()}
+            for p in read_sweep(sweep_dir).points}
+
+
+def verify_sweep(sweep_dir: Path) -> SweepRecord:
+    """Before a job array is queued: sweep.json unedited, sweep.sbatch the script it records, and every
+    point's run directory the one compiled with it (its manifest hash), with its scripts intact."""
+    from stepc.commands.run import verify_scripts
+    from stepc.schema.manifest import load_manifest
+
+    sweep_dir = Path(sweep_dir)
+    record = read_sweep(sweep_dir)
+    path = sweep_dir / SWEEP_FILE
+    recompile = "recompile the sweep with `stepc sweep ... --force` (checkpoints are kept)"
+    if record.hash != content_hash(record.model_dump(mode="json")):
+        raise UserError("sweep.json was edited after `stepc sweep` wrote it (its content hash does not match)",
+                        file=str(path), fix=recompile)
+    for name, want in sorted(record.files.items()):
+        problem = entry_problem(sweep_dir, name) if files_entry_problem(name, want) is None else f"{name}: bad entry"
+        if problem is None and digest((sweep_dir / name).read_bytes()) != want:
+            problem = f"{name} differs from the file sweep.json records"
+        if problem:
+            raise UserError(problem, file=str(sweep_dir / name), fix=recompile)
+    for point in record.points:
+        run_dir = sweep_dir.parent / point.name
+        if not (run_dir / MANIFEST).is_file():
+            raise UserError(f"the sweep's run directory {point.name} is missing (no manifest.json)", file=str(run_dir),
+                            fix=recompile)
+        manifest = load_manifest(run_dir)
+        if manifest.raw["hash"] != point.manifest_hash:
+            raise UserError(f"{point.name} was recompiled after the sweep (its manifest hash is not the one sweep.json "
+                            "records)", file=str(run_dir / MANIFEST), fix=recompile)
+        verify_scripts(run_dir, manifest.raw)
+    return record
 
 
 def submit_sweep(sweep_dir: Path) -> str:
-    """sbatch the job array; the array's job id."""
+    """sbatch the job array, once `verify_sweep` passes; the array's job id."""
     import os
     import shutil
 
@@ -224,10 +287,7 @@ def submit_sweep(sweep_dir: Path) -> str:
     if shutil.which("sbatch") is None:
         raise UserError("SLURM not found: `sbatch` is not on PATH",
                         fix="run this on a SLURM login node, or run the points locally with `stepc run RUN_DIR`")
-    missing = [str(d) for d in run_dirs(sweep_dir) if not (d / "manifest.json").is_file()]
-    if missing:
-        raise UserError(f"the sweep's run directories are missing: {', '.join(missing)}", file=str(sweep_dir),
-                        fix="recompile the sweep with `stepc sweep ... --force`")
+    verify_sweep(sweep_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("STEPC_STAGES", "STEPC_RUN_DIR")}
     env["STEPC_SWEEP_DIR"] = str(sweep_dir.resolve())
     logs = sweep_dir.resolve() / "logs"

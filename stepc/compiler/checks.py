@@ -12,13 +12,8 @@ from itertools import pairwise
 from stepc.compiler.layout import layout_allowed
 from stepc.compiler.static_checks import runtime_facing_problems
 from stepc.errors import UserError
-from stepc.schema.methods import METHODS
+from stepc.schema.methods import names_with as _names
 from stepc.schema.spec import Spec
-
-
-def _names(trait) -> str:
-    """The methods that have a trait, for messages: '"step" or "growth"'."""
-    return " or ".join(f'"{name}"' for name, m in METHODS.items() if trait(m))
 
 
 SFT_TRAIN_DEFAULTS = {
@@ -82,8 +77,10 @@ def _problems(spec: Spec):
             yield "memory.stages", f"stages = {mem.stages} but layers pins {len(mem.layers)} stages", "remove stages or make it match len(layers)"
         if mem.stages == "auto":
             yield "memory.stages", "stages = \"auto\" cannot be combined with pinned layers", "remove one of stages = \"auto\" and layers"
+    if spec.data.sources and "train" in spec.data.model_fields_set:  # presence: its value may equal the default
+        yield "data.train", "data.train and [data.sources] are both set: the blend replaces data.train, which would be ignored", "remove data.train (or the [data.sources] tables)"
     yield from _growth_problems(spec)
-    if st.lora_rank > m.hidden_size and spec.method.old_layers == "adapted":  # no adapters, no rank to check
+    if st.lora_rank > m.hidden_size and spec.method.adapters:  # no adapters, no rank to check
         yield "step.lora_rank", f"rank {st.lora_rank} exceeds hidden_size {m.hidden_size}", "use a rank below hidden_size (the paper uses 128)"
     ranks = la.nnodes * la.nproc_per_node
     per_micro = m.seq_len * tr.micro_batch_size * ranks
@@ -143,20 +140,15 @@ def _sft_problems(spec: Spec):
 
 
 def _growth_problems(spec: Spec):
-    """Growth-operator rules: stacking places its own layers, and a fixed block must fit every growth."""
+    """Growth-operator rules: a fixed block must fit every growth. (A key the method or operator ignores,
+    such as position under a stacking operator, is a warning: static_checks.no_effect_keys.)"""
     st, mem, L = spec.step, spec.memory, spec.model.num_layers
     stacking = st.growth_operator in STACK_OPERATORS
-    if stacking and "position" in st.model_fields_set:
-        yield "step.position", f"growth_operator = \"{st.growth_operator}\" places the copied block itself; position = \"{st.position}\" would be ignored", "remove position (or use an interpolation operator)"
     yield from _grow_at_tokens_problems(spec)
-    if st.carry_optimizer_state and not spec.method.stages_follow:
-        yield "step.carry_optimizer_state", f"method '{spec.experiment.method}' trains one stage: there is no next stage to carry optimizer state into", f"remove carry_optimizer_state (it applies to method = {_names(lambda m: m.stages_follow)})"
-    if st.stack_block is None or not spec.method.grows:
+    if st.stack_block is None or not spec.method.grows or not stacking:
         return
     b = st.stack_block
-    if not stacking:
-        yield "step.stack_block", f"stack_block only applies to the stacking operators, not growth_operator = \"{st.growth_operator}\"", "remove stack_block, or set growth_operator = \"stack\" or \"stack-middle\""
-    elif mem.layers is not None and not layout_allowed(mem.layers, b):
+    if mem.layers is not None and not layout_allowed(mem.layers, b):
         yield "memory.layers", f"pinned layers {mem.layers} do not grow by whole {b}-layer blocks (stage 1 needs >= {b} layers, every later stage a multiple of {b})", f"pin multiples of {b}, or change step.stack_block"
     elif isinstance(mem.stages, int) and mem.stages > 1 and L < b * mem.stages:
         yield "step.stack_block", f"{mem.stages} stages of whole {b}-layer blocks need at least {b * mem.stages} layers; the model has {L}", f"use a block of at most {L // mem.stages} layers, or fewer stages"
@@ -166,10 +158,7 @@ def _grow_at_tokens_problems(spec: Spec):
     """grow_at_tokens: instead of grow_at, one strictly increasing count per growth, each a whole step."""
     st, mem, tr = spec.step, spec.memory, spec.train
     tokens = st.grow_at_tokens
-    if tokens is None:
-        return
-    if not spec.method.grows:
-        yield "step.grow_at_tokens", f"method '{spec.experiment.method}' does not grow", f"remove grow_at_tokens (it applies to method = {_names(lambda m: m.grows)})"
+    if tokens is None or not spec.method.grows:  # ignored otherwise (a warning)
         return
     if "grow_at" in st.model_fields_set:
         yield "step.grow_at_tokens", "grow_at and grow_at_tokens both set the growth times", "keep one of them"

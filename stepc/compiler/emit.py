@@ -62,21 +62,7 @@ def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool, marker: s
 
     `marker` is the file that makes an existing directory one of ours (a sweep directory's is sweep.json):
     --force never writes into a non-empty directory without it."""
-    if run_dir.parent.exists() and not run_dir.parent.is_dir():
-        raise UserError(f"the output root {run_dir.parent} is a file, not a directory", key="--out",
-                        fix="pass --out a directory (it is created if missing)")
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise UserError(f"{run_dir} exists and is {'a symlink' if run_dir.is_symlink() else 'not a directory'}, so it cannot "
-                        "be a run directory (--force replaces compiled files inside a run directory, never other files)",
-                        key="experiment.name", fix=f"move {run_dir} away, or choose another experiment.name or --out")
-    if run_dir.exists() and not force:
-        raise UserError(f"run directory {run_dir} already exists", key="experiment.name",
-                        fix="compile elsewhere (--out DIR) or under another name (--set experiment.name=NEW), or pass "
-                            "--force to recompile it in place (its checkpoints, logs and metrics are kept)")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / marker).is_file():
-        raise UserError(f"{run_dir} is a non-empty directory without {marker}: not one stepc wrote, and --force "
-                        "would write stage scripts into it", key="experiment.name",
-                        fix=f"move {run_dir} away, or choose another experiment.name or --out")
+    check_target(run_dir, force, marker)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
@@ -102,3 +88,24 @@ def write_run_dir(run_dir: Path, files: dict[str, bytes], force: bool, marker: s
         raise UserError(f"cannot write the run directory {run_dir}: {exc}", fix="check permissions and free disk space") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_target(run_dir: Path, force: bool, marker: str = "manifest.json") -> None:
+    """Raise the UserError `write_run_dir` would raise for `run_dir` before it writes anything, so a
+    command that writes several directories (stepc sweep) can check them all first and write none
+    when one is taken."""
+    if run_dir.parent.exists() and not run_dir.parent.is_dir():
+        raise UserError(f"the output root {run_dir.parent} is a file, not a directory", key="--out",
+                        fix="pass --out a directory (it is created if missing)")
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UserError(f"{run_dir} exists and is {'a symlink' if run_dir.is_symlink() else 'not a directory'}, so it cannot "
+                        "be a run directory (--force replaces compiled files inside a run directory, never other files)",
+                        key="experiment.name", fix=f"move {run_dir} away, or choose another experiment.name or --out")
+    if run_dir.exists() and not force:
+        raise UserError(f"run directory {run_dir} already exists", key="experiment.name",
+                        fix="compile elsewhere (--out DIR) or under another name (--set experiment.name=NEW), or pass "
+                            "--force to recompile it in place (its checkpoints, logs and metrics are kept)")
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / marker).is_file():
+        raise UserError(f"{run_dir} is a non-empty directory without {marker}: not one stepc wrote, and --force "
+                        "would write stage scripts into it", key="experiment.name",
+                        fix=f"move {run_dir} away, or choose another experiment.name or --out")

@@ -9,7 +9,7 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -125,7 +125,7 @@ def _key_path(loc: tuple[Any, ...], indices: bool = False) -> tuple[str, Any]:
     Tables and keys are kept, as is the user's own key inside a dict-valued field (data.validation.<name>);
     union-member tags are dropped, list indices too unless `indices` (then shown as `[i]`).
     """
-    path, model, field, dict_key_open = "", Spec, None, False
+    path, model, field, entry, dict_key_open = "", Spec, None, None, False
     for part in loc:
         if model is not None:  # inside a table: the part is a field name or an unknown key
             path = f"{path}.{part}" if path else str(part)
@@ -133,15 +133,22 @@ def _key_path(loc: tuple[Any, ...], indices: bool = False) -> tuple[str, Any]:
             if field is None:
                 break
             annotation = field.annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            model = annotation if _is_model(annotation) else None
             dict_key_open = model is None and get_origin(annotation) is dict
+            entry = get_args(annotation)[1] if dict_key_open else None
         elif isinstance(part, int):
             if indices:
                 path += f"[{part}]"
         elif dict_key_open:
             path, dict_key_open = f"{path}.{part}", False
+            if _is_model(entry):  # [data.sources.NAME] is a table of its own: its keys are named, not the table
+                model = entry
         # any other string after a leaf field names a union member: not a key the user wrote
     return path or "(top level)", field
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _key_and_fix(err: dict[str, Any]) -> tuple[str, str]:
@@ -172,12 +179,19 @@ def _describe(key: str, errs: list[dict[str, Any]]) -> str:
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the table at `loc`, or None for dicts/lists."""
+    """The pydantic model class that owns the table at `loc` (a [data.sources.NAME] entry included), or None."""
     model: type[BaseModel] = Spec
+    entry = None
     for part in loc:
+        if entry is not None:  # the user's own name of a dict entry
+            model, entry = entry, None
+            continue
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if get_origin(annotation) is dict and _is_model(get_args(annotation)[1]):
+            entry = get_args(annotation)[1]
+            continue
+        if not _is_model(annotation):
             return None
         model = annotation
-    return model
+    return None if entry is not None else model

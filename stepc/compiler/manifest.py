@@ -16,10 +16,9 @@ from typing import Any
 
 from stepc import __version__
 from stepc.rundir import content_hash, digest
+from stepc.schema.manifest import SCHEMA
 from stepc.schema.plan import Plan
 from stepc.schema.spec import Spec
-
-SCHEMA = 1
 
 
 def freeze(spec: Spec, plan: Plan, files: dict[str, bytes], overrides: dict[str, Any] | None = None) -> dict[str, Any]:

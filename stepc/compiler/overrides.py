@@ -10,7 +10,6 @@ comments kept, by tomlkit) is what goes into the run directory's spec.toml, so `
 
 from __future__ import annotations
 
-import re
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stepc.errors import UserError
-
-_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 @dataclass(frozen=True)
@@ -29,10 +26,11 @@ class Override:
     text: str  # as the user wrote it (KEY=VALUE), for messages
     raw: str = ""  # the value as written, kept in the resolved spec.toml (3e-4 stays 3e-4)
     source: str = "--set"  # where it came from, for messages: --set, --grid, stepc sweep
+    path: tuple[str, ...] = ()  # the key's parts as TOML reads them (a quoted part may hold a dot)
 
     @property
     def parts(self) -> list[str]:
-        return self.key.split(".")
+        return list(self.path) if self.path else self.key.split(".")
 
 
 def parse_value(raw: str) -> Any:
@@ -44,13 +42,38 @@ def parse_value(raw: str) -> Any:
 
 
 def parse_override(item: str, flag: str = "--set") -> Override:
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not _KEY.match(key):
-        raise UserError(f"{flag} {item!r} is not KEY=VALUE with a dotted TOML key",
-                        fix=f"write e.g. {flag} train.lr=3e-4 (`stepc help-spec` lists every key)")
-    raw = raw.strip()
-    return Override(key, parse_value(raw), f"{key}={raw}", raw, flag)
+    """KEY=VALUE, the key in TOML's own key syntax (bare or quoted parts: train.lr, train."lr").
+
+    A control character anywhere is refused: a newline in the value would end the `v = VALUE` line this
+    is parsed from and smuggle further keys and tables into the run's spec.toml, unrecorded."""
+    bad = next((ch for ch in item if ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:
+        raise UserError(f"{flag} {item!r} holds the control character {bad!r}; a value is one line of TOML",
+                        fix=f"write the value on one line; inside a TOML string use an escape such as \\n, e.g. "
+                            f"{flag} 'log.project=\"a\\nb\"'")
+    for at in (i for i, ch in enumerate(item) if ch == "="):  # the first '=' that ends a valid key ('=' may be quoted)
+        parts = _key_parts(item[:at])
+        if parts is not None:
+            raw = item[at + 1:].strip()
+            key = ".".join(parts)
+            return Override(key, parse_value(raw), f"{key}={raw}", raw, flag, tuple(parts))
+    raise UserError(f"{flag} {item!r} is not KEY=VALUE with a dotted TOML key",
+                    fix=f"write e.g. {flag} train.lr=3e-4 (`stepc help-spec` lists every key)")
+
+
+def _key_parts(text: str) -> list[str] | None:
+    """The parts of a TOML key (`a.b`, `a."b"`, `'a'.b`), or None when `text` is not one."""
+    if not text.strip():
+        return None
+    try:
+        doc = tomllib.loads(f"{text.strip()} = 0")
+    except tomllib.TOMLDecodeError:
+        return None
+    parts: list[str] = []
+    while isinstance(doc, dict) and len(doc) == 1:
+        (name, doc), = doc.items()
+        parts.append(name)
+    return parts if doc == 0 and parts else None
 
 
 def parse_overrides(items: list[str] | None, flag: str = "--set") -> list[Override]:

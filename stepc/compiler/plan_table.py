@@ -8,6 +8,11 @@ from stepc.schema.units import format_bytes
 COLUMNS = ("stage", "layers", "new", "trainable", "frozen", "peak", "steps", "tokens", "FLOPs")
 
 
+def format_tokens(tokens: int) -> str:
+    """Billions from 1e8 up, millions below (a CPU-sized run's 5,120 tokens are 0.005M, not 0.00B)."""
+    return f"{tokens / 1e9:.3f}B" if tokens >= 1e8 else f"{tokens / 1e6:.3f}M"
+
+
 def plan_table(plan: Plan) -> str:
     rows = [COLUMNS]
     rows.append(("vanilla", str(sum(plan.layers)), "", "", "", format_bytes(plan.vanilla_peak_bytes), "", "", f"{plan.flops_budget:.3e}"))
@@ -15,7 +20,7 @@ def plan_table(plan: Plan) -> str:
         rows.append((
             str(s.index), str(s.total_layers), str(s.new_layers), f"{s.trainable_params / 1e6:.2f}M",
             f"{s.frozen_params / 1e6:.2f}M", format_bytes(s.peak_bytes), str(s.steps),
-            f"{s.tokens / 1e9:.3f}B" if s.tokens >= 1e8 else f"{s.tokens / 1e6:.3f}M", f"{s.flops:.3e}",
+            format_tokens(s.tokens), f"{s.flops:.3e}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -53,7 +58,7 @@ def compare_plans(plans: list[tuple[str, Plan]]) -> str:
         stages = plan.stages
         rows.append((name, plan.method, "+".join(str(s.new_layers) for s in stages), format_bytes(plan.peak_bytes),
                      f"-{100 * plan.reduction:.1f}%", str(sum(s.steps for s in stages)),
-                     f"{sum(s.tokens for s in stages) / 1e9:.2f}B", f"{sum(s.flops for s in stages):.3e}"))
+                     format_tokens(sum(s.tokens for s in stages)), f"{sum(s.flops for s in stages):.3e}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -19,8 +19,9 @@ import glob
 import os
 from collections.abc import Iterator
 
+from stepc.schema.methods import names_with
 from stepc.schema.plan import Plan
-from stepc.schema.rules import bpe_size, data_suffix_problem, validation_name_problem
+from stepc.schema.rules import bpe_size, data_suffix_problem, sbatch_extra_problem, validation_name_problem
 from stepc.schema.spec import Spec
 from stepc.schema.units import format_bytes
 
@@ -55,6 +56,11 @@ def runtime_facing_problems(spec: Spec) -> Iterator[Problem]:
         problem = _path_problem(pattern)
         if problem:
             yield (f"data.validation.{name}", problem, "write a parquet, jsonl or txt path or glob, e.g. \"data/val.parquet\"")
+    for i, line in enumerate(spec.launch.slurm.extra):
+        problem = sbatch_extra_problem(line)
+        if problem:
+            yield (f"launch.slurm.extra[{i}]", problem,
+                   "set it through its own key (or leave it to stepc), and keep extra for other sbatch options, e.g. \"--mem=0\"")
     tokenizer = data.tokenizer
     if tokenizer.strip() != tokenizer or not tokenizer.strip():
         yield "data.tokenizer", f"{tokenizer!r} has leading or trailing whitespace", "write e.g. tokenizer = \"bpe-4096\""
@@ -110,8 +116,48 @@ def _defaults_note(spec: Spec):
     return note
 
 
+STACKING = ("stack", "stack-middle")
+GROWS = names_with(lambda m: m.grows)
+ADAPTERS = names_with(lambda m: m.adapters)
+# [step] keys that only some methods (or growth operators) read: (applies?, where it applies). Others are ignored.
+_APPLIES = {
+    "growth_operator": (lambda s: s.method.grows, f"methods {GROWS}"),
+    "position": (lambda s: s.method.grows and s.step.growth_operator not in STACKING,
+                 f"the interpolation operators of methods {GROWS} (a stacking operator places its block itself)"),
+    "stack_block": (lambda s: s.method.grows and s.step.growth_operator in STACKING,
+                    f'growth_operator = "stack" or "stack-middle" of methods {GROWS}'),
+    "fpi": (lambda s: s.method.grows, f"methods {GROWS}"),
+    "grow_at": (lambda s: s.method.grows, f"methods {GROWS}"),
+    "grow_at_tokens": (lambda s: s.method.grows, f"methods {GROWS}"),
+    "carry_optimizer_state": (lambda s: s.method.grows,
+                              f"methods {GROWS} (it carries state into the next stage; this method has one)"),
+    **{key: (lambda s: s.method.adapters, f"methods {ADAPTERS} (their ReLoRA adapters)")
+       for key in ("lora_rank", "lora_alpha", "relora_reset_every", "restart_warmup_steps", "optimizer_reset")},
+    "prune_ratio": (lambda s: s.method.adapters and s.step.optimizer_reset == "magnitude",
+                    f'optimizer_reset = "magnitude" of methods {ADAPTERS}'),
+    "relora_warm_start_steps": (lambda s: s.method.schedule == "relora", f"methods {names_with(lambda m: m.schedule == 'relora')}"),
+    **{key: (lambda s: s.method.optimizer == "galore", f"methods {names_with(lambda m: m.optimizer == 'galore')}")
+       for key in ("galore_rank", "galore_update_gap", "galore_scale")},
+}
+
+
+def no_effect_keys(spec: Spec) -> Iterator[tuple[str, str]]:
+    """(key, message) for every [step] key given a value other than its default that the chosen method or
+    growth operator never reads. A warning, not an error, and only for non-default values: the paper's specs
+    share one [step] table across methods on purpose (defaults restated), and a spec is often switched to a
+    baseline with --set experiment.method=... without removing its STEP keys."""
+    from stepc.schema.spec import Step
+
+    for key, (applies, where) in _APPLIES.items():
+        value = getattr(spec.step, key)
+        if value != Step.model_fields[key].default and not applies(spec):
+            yield (f"step.{key}", f"{key} = {value!r} has no effect here (method \"{spec.experiment.method}\", "
+                   f"growth_operator \"{spec.step.growth_operator}\"): it applies to {where}; remove it")
+
+
 def warnings(spec: Spec, plan: Plan) -> Iterator[tuple[str, str]]:
     """(key, message) for things that compile but are probably mistakes."""
+    yield from no_effect_keys(spec)
     st = spec.step
     adapter_stages = [s for s in plan.stages if s.frozen_layers > 0]
     if adapter_stages:

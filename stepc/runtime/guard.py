@@ -5,8 +5,10 @@ Each refusal says what differs and how to proceed; `--allow-<what>` overrides on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,7 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     manifest = load_verified_manifest(manifest_path, allow)
     if not 1 <= stage_index <= manifest.num_stages:
         raise RuntimeFailure(f"stage {stage_index} does not exist; this run has stages 1..{manifest.num_stages}")
+    check_outputs(manifest_path.parent)  # before the first write (checkpoints/EXPERIMENT)
     if "edited-manifest" not in allow:  # who accepts an edited manifest accepts the checkpoints made before the edit
         check_experiment_identity(manifest_path.parent, manifest)
     if is_exported(RunDir(manifest_path.parent).final_export(stage_index)):
@@ -100,7 +103,33 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
         check_prepared(manifest_path.parent, manifest.spec, manifest.plan)
     elif data:
         check_data_files(manifest_path.parent, manifest.spec.data, allow)
+    if data:
+        from stepc.runtime.loop.tracking import check_targets  # once, in the stage script's preflight, not per rank
+
+        check_targets(manifest_path.parent, manifest.spec.log, str(manifest_path))
     return manifest, False
+
+
+def check_outputs(run_dir: Path) -> None:
+    """What the stage writes into is what it must be, or absent: a directory (a symlink to one is fine:
+    checkpoints on another disk) or a regular file. A symlink loop, a dangling symlink or a file where a
+    directory goes would otherwise fail deep inside the ranks with a traceback each."""
+    paths = RunDir(run_dir)
+    for path, want in ((paths.checkpoints, "a directory"), (paths.logs, "a directory"), (paths.export, "a directory"),
+                       (paths.metrics, "a regular file")):
+        if not os.path.lexists(path):
+            continue
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            what = ("a symbolic link loop" if exc.errno == errno.ELOOP else
+                    f"a symbolic link to {os.readlink(path)!r}, which does not exist" if exc.errno == errno.ENOENT else
+                    f"unreadable ({exc.strerror})")
+            raise UserError(f"{path.name} is {what}", file=str(path),
+                            fix=f"remove {path} or point it at {want} (a symlink to a directory on another disk is fine)") from None
+        ok = stat.S_ISDIR(info.st_mode) if want == "a directory" else stat.S_ISREG(info.st_mode)
+        if not ok:
+            raise UserError(f"{path.name} is not {want}", file=str(path), fix=f"move {path} away; the stage creates it")
 
 
 def check_carry_source(run_dir: Path, manifest: Manifest, stage_index: int) -> None:

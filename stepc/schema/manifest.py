@@ -20,6 +20,10 @@ from stepc.schema.plan import Plan, StagePlan
 from stepc.schema.spec import Spec
 
 
+SCHEMA = 1
+"""The manifest layout this stepc writes and reads; another value means another stepc wrote it."""
+
+
 class ManifestError(ValueError):
     """The manifest's spec or plan does not have the shape this stepc writes; `key` is the manifest key path."""
 
@@ -38,6 +42,9 @@ class Manifest:
     def from_json(cls, raw: Any) -> Manifest:
         if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict) or not isinstance(raw.get("plan"), dict):
             raise ManifestError("not a stepc manifest (it needs \"spec\" and \"plan\" objects)")
+        if raw.get("schema") != SCHEMA or isinstance(raw.get("schema"), bool):  # before the spec: its keys may differ
+            raise ManifestError(f"schema is {json.dumps(raw.get('schema'))}, but this stepc reads manifest schema {SCHEMA} "
+                                f"(written by stepc {raw.get('stepc_version', 'of another version')})", key="schema")
         try:
             # JSON mode: strict fields accept JSON arrays for tuples (train.betas) as when read from TOML.
             spec = Spec.model_validate_json(json.dumps(raw["spec"]))
@@ -92,6 +99,9 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         manifest = Manifest.from_json(raw)
     except ManifestError as exc:
+        if exc.key == "schema":
+            fix = ("recompile the run's spec with this stepc (`stepc compile RUN_DIR/spec.toml --force` keeps the "
+                   "checkpoints), or use the stepc that wrote it")
         raise UserError(str(exc), file=str(manifest_path(path)), key=exc.key, fix=fix) from None
     for name, recorded in raw["files"].items():
         problem = files_entry_problem(name, recorded)

@@ -41,6 +41,11 @@ class Method:
         """More than one runtime stage: a later one can carry the optimizer state of an earlier one."""
         return self.grows or self.schedule == "relora"
 
+    @property
+    def adapters(self) -> bool:
+        """Some stage trains ReLoRA adapters on frozen layers (lora_rank, merges and their optimizer reset apply)."""
+        return self.old_layers == "adapted" and self.stages_follow
+
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("step", grows=True, solves_layout=True, old_layers="adapted", schedule="flops", optimizer="adamw", shards=True),
@@ -60,3 +65,8 @@ MethodName = Literal["step", "vanilla", "relora", "galore", "growth", "sft"]
 assert set(MethodName.__args__) == set(METHODS)  # the spec's choices are the registry's entries
 
 
+
+
+def names_with(trait) -> str:
+    """The methods that have a trait, for messages: '"step" or "growth"'."""
+    return " or ".join(f'"{name}"' for name, m in METHODS.items() if trait(m))

@@ -99,3 +99,49 @@ def slurm_time_minutes(value: str) -> float | None:
     if "h" in g:
         return g["h"] * 60 + g["m"] + g["s"] / 60
     return g["mm"] + g.get("ms", 0) / 60
+
+
+# sbatch options run.sbatch (and sweep.sbatch) set themselves, or that change what or where the job runs:
+# launch.slurm.extra must not restate them (sbatch would take one of two values, or run something else).
+SBATCH_OWNED = {
+    "--job-name": "experiment.name", "-J": "experiment.name",
+    "--nodes": "launch.nnodes", "-N": "launch.nnodes",
+    "--ntasks-per-node": "run.sbatch (one task per node)", "--ntasks": "run.sbatch (one task per node)",
+    "-n": "run.sbatch (one task per node)",
+    "--partition": "launch.slurm.partition", "-p": "launch.slurm.partition",
+    "--time": "launch.slurm.time", "-t": "launch.slurm.time",
+    "--account": "launch.slurm.account", "-A": "launch.slurm.account",
+    "--qos": "launch.slurm.qos", "-q": "launch.slurm.qos",
+    "--gpus-per-node": "launch.slurm.gpus_per_node",
+    "--cpus-per-task": "launch.slurm.cpus_per_task", "-c": "launch.slurm.cpus_per_task",
+    "--requeue": "run.sbatch (it requeues itself)", "--no-requeue": "run.sbatch (it requeues itself)",
+    "--signal": "run.sbatch (its time-limit warning)", "--open-mode": "run.sbatch (its log)",
+    "--output": "run.sbatch (RUN_DIR/logs)", "-o": "run.sbatch (RUN_DIR/logs)",
+    "--array": "stepc sweep (the job array)", "-a": "stepc sweep (the job array)",
+    "--wrap": "run.sbatch (the script is the job)",
+    "--chdir": "the submit directory (data paths are relative to it)", "-D": "the submit directory (data paths are relative to it)",
+}
+
+
+def sbatch_extra_problem(line: str) -> str | None:
+    """Why `line` cannot be an extra #SBATCH line (launch.slurm.extra), or None.
+
+    It must be one sbatch option ("--mem=0", "--exclusive", "--constraint=a100"), not a bare word (sbatch
+    would stop reading #SBATCH lines or fail), and not one stepc writes itself. Long options are matched as
+    sbatch's getopt does: an unambiguous prefix ("--part=gpu") is the option."""
+    option = line.strip().split("=", 1)[0].split(None, 1)[0] if line.strip() else ""
+    if not option.startswith("-") or option in ("-", "--"):
+        return f"{line!r} is not an sbatch option (it must start with '-', e.g. \"--mem=0\")"
+    if option in SBATCH_OWNED:
+        owned = [option]
+    elif option.startswith("--"):
+        owned = [] if option in SBATCH_OTHER else [
+            name for name in SBATCH_OWNED if name.startswith("--") and len(option) > 3 and name.startswith(option)]
+    else:  # a short option, its value perhaps attached (-pgpu, -N2)
+        owned = [name for name in SBATCH_OWNED if not name.startswith("--") and option.startswith(name)]
+    if owned:
+        return f"{line!r} sets {owned[0]}, which stepc controls: {SBATCH_OWNED[owned[0]]}"
+    return None
+
+
+SBATCH_OTHER = ("--gpus",)  # sbatch options of their own that are prefixes of an owned one (--gpus-per-node)

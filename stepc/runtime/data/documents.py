@@ -6,9 +6,9 @@ on the file's bytes, so the worker count never changes them, and each holds a bo
 text in memory at a time (one row-group batch, a few MB of lines, or one txt chunk).
 
 Every reader yields *pieces* ``(text, ends_document)``: parquet and jsonl pieces are whole
-documents; a large txt file (one document) arrives in chunks cut where the byte-level BPE
-pre-tokenizer would split anyway (see :func:`txt_split_point`), so chunked and whole-file encoding
-give the same ids. Every bad input is a :class:`stepc.errors.UserError` naming the file, the byte
+documents; a large txt file (one document), and any document longer than TXT_CHUNK_BYTES, arrives
+in pieces cut where the byte-level BPE pre-tokenizer would split anyway (see `_CUT`), so cut and
+whole encoding give the same ids and memory stays bounded however long a line is. Every bad input is a :class:`stepc.errors.UserError` naming the file, the byte
 offset where it helps, and the fix. Hand-written because no library streams these three formats
 with that error reporting.
 """
@@ -31,7 +31,11 @@ SUFFIXES = DATA_SUFFIXES  # one list for the compiler and the runtime (stepc/sch
 TARGET_UNIT_BYTES = 64 << 20  # text per unit: ~20M GPT-2 tokens, 40 MB of uint16 shard
 BATCH_DOCUMENTS = 1024  # documents per encode_batch call: bounds memory, keeps Rust busy
 BATCH_BYTES = 8 << 20
-TXT_CHUNK_BYTES = 4 << 20
+MAX_ENCODE_CHARS = 1 << 20
+"""The most text one encode call gets: a batch over it is split, a longer document cut (where the tokenizer
+allows, see `_CUT`). The tokenizer holds ~120 bytes per character while it encodes (gpt2: 500 MB for one
+4 MB line), so this keeps a worker within a few hundred MB whatever the documents' sizes."""
+TXT_CHUNK_BYTES = MAX_ENCODE_CHARS
 
 Piece = tuple[str, bool]  # (text, this piece ends a document)
 
@@ -117,15 +121,40 @@ def plan_units(path: Path, text_field: str) -> list[Unit]:
 
 def read_unit(path: Path, unit: Unit, text_field: str, txt_chunks: bool) -> Iterator[list[Piece]]:
     """Batches of pieces of one unit (see the module docstring). Empty and null documents are
-    skipped: they would only add stray EOS tokens."""
+    skipped: they would only add stray EOS tokens. No batch holds more than MAX_ENCODE_CHARS characters;
+    with `txt_chunks` (the tokenizer gives the same ids for a text cut at `_CUT`) a txt file is read in
+    chunks and a longer document of any format is cut into pieces: a 30 MB single-line document took
+    gigabytes in one encode."""
     if path.suffix == ".parquet":
-        yield from _read_parquet(path, unit, text_field)
+        batches = _read_parquet(path, unit, text_field)
     elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path, unit, text_field)
+        batches = _read_jsonl(path, unit, text_field)
     elif path.suffix == ".txt":
-        yield from _read_txt(path, TXT_CHUNK_BYTES if txt_chunks else None)
+        batches = _read_txt(path, TXT_CHUNK_BYTES if txt_chunks else None)
     else:
         raise _fail(path, f"unsupported data file type {path.suffix!r}", f"use {', '.join(SUFFIXES)} files")
+    yield from _bounded(batches, MAX_ENCODE_CHARS, txt_chunks)
+
+
+def _bounded(batches: Iterator[list[Piece]], limit: int, cut: bool) -> Iterator[list[Piece]]:
+    """The same text in the same order in batches of at most `limit` characters; with `cut`, a longer
+    document is cut (`cut_document`) into pieces, else it stays one batch of its own. The ids do not
+    change: every piece is encoded on its own whatever batch it is in."""
+    for batch in batches:
+        if sum(len(text) for text, _ in batch) <= limit:
+            yield batch
+            continue
+        out: list[Piece] = []
+        size = 0
+        for text, ends in batch:
+            for piece in cut_document(text, ends, limit) if cut and len(text) > limit else [(text, ends)]:
+                if out and size + len(piece[0]) > limit:
+                    yield out
+                    out, size = [], 0
+                out.append(piece)
+                size += len(piece[0])
+        if out:
+            yield out
 
 
 def iter_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -200,6 +229,7 @@ def _read_jsonl(path: Path, unit: Unit, text_field: str) -> Iterator[list[Piece]
             if doc:
                 batch.append((doc, True))
                 size += len(raw)
+            raw = line = record = None  # a long line held three times over while the batch is encoded
             if len(batch) >= BATCH_DOCUMENTS or size >= BATCH_BYTES:
                 yield batch
                 batch, size = [], 0
@@ -209,34 +239,59 @@ def _read_jsonl(path: Path, unit: Unit, text_field: str) -> Iterator[list[Piece]
 
 # ----------------------------------------------------------------------------------- txt
 
-# A lone newline between two characters that every regex engine agrees are not whitespace.
-_SPLIT = re.compile(r"(?<=[\w.,;:!?'\")\]]\n)(?=\w)")
+# Where byte-level BPE's pre-tokenizer (GPT-2's regex, `'s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`)
+# always ends a pre-token, whatever follows, and starts the next one exactly where encoding the rest on its own
+# would: encoding the text cut there gives the ids of the whole (merges never cross a pre-token).
+# 1. after a lone newline between word characters (or closing punctuation) and a word character;
+# 2. before a space, tab or newline that follows a non-space character: no pattern takes a space after
+#    a non-space character into the same pre-token (the optional space only opens one), and a run of
+#    whitespace begins right there in the whole text as in the piece. Python's \S is a subset of the
+#    Rust regex's non-space (Python also counts U+001C..U+001F as space), so the cut is never inside a
+#    whitespace run. No cut falls inside an added token such as <|endoftext|> (txt_chunks_safe requires
+#    added tokens without whitespace).
+_CUT = re.compile(r"(?<=[\w.,;:!?'\")\]]\n)(?=\w)|(?<=\S)(?=[ \t\n])")
+_WINDOW = 1 << 16
 
 
-def txt_split_point(text: str) -> int:
-    """Last index ``i > 0`` with ``text[i-2]`` a word character or closing punctuation,
-    ``text[i-1] == "\\n"`` and ``text[i]`` a word character; 0 when there is none.
-
-    Byte-level BPE's pre-tokenizer (GPT-2's regex) always ends a pre-token after such a lone
-    newline and starts a new one at the next character, whether or not the text continues, so
-    encoding the two halves separately gives exactly the ids of the whole (tests check this on
-    the bundled corpus with tiny chunks).
-    """
-    tail = max(0, len(text) - (1 << 16))
-    while True:
+def last_cut(text: str, lo: int, hi: int) -> int:
+    """The last cut point p with lo <= p < hi and p > 0 (see `_CUT`), or 0 when there is none; searched
+    from the end in growing windows, so a text with cut points costs one small window."""
+    lo, start, size = max(lo, 1), hi, _WINDOW
+    while start > lo:
+        start = max(lo, hi - size)
         last = 0
-        for match in _SPLIT.finditer(text, tail):
+        for match in _CUT.finditer(text, start, hi):
             last = match.start()
-        if last or tail == 0:
+        if last:
             return last
-        tail = max(0, tail - (1 << 20))
+        size *= 4
+    return 0
+
+
+def cut_document(text: str, ends: bool, limit: int) -> Iterator[Piece]:
+    """`text` as pieces of at most `limit` characters where a cut point allows (the last one before the
+    limit, else the first one after it; one piece when there is none), the last piece ending the document
+    when `ends`."""
+    start = 0
+    while len(text) - start > limit:
+        cut = last_cut(text, start + 1, start + limit + 1)
+        if not cut:
+            match = _CUT.search(text, start + limit + 1)
+            if match is None:
+                break
+            cut = match.start()
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], ends
 
 
 def _read_txt(path: Path, chunk_bytes: int | None) -> Iterator[list[Piece]]:
     """The whole file as one document, decoded as UTF-8 (BOM dropped) with universal newlines
-    (\\r\\n and \\r become \\n, so line endings never change token ids)."""
+    (\\r\\n and \\r become \\n, so line endings never change token ids), in pieces cut at the last
+    cut point of what has been read (`_CUT`) when `chunk_bytes` is given."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    pending = ""
+    pending = ""  # normalised text not yet yielded; it holds no cut point before its last character
+    held_cr = False  # a \r at the end of a read: it may be the first half of a \r\n
     consumed = 0  # bytes read so far; the decoder may hold back the start of a split character
     first = True
     with open(path, "rb") as fh:
@@ -252,18 +307,17 @@ def _read_txt(path: Path, chunk_bytes: int | None) -> Iterator[list[Piece]]:
             if first and text:
                 text, first = text.removeprefix("\ufeff"), False  # a UTF-8 byte-order mark
             consumed += len(raw)
-            text = pending + text
-            if not final and text.endswith("\r"):  # a \r\n may straddle two reads
-                text, pending = text[:-1], "\r"
-            else:
-                pending = ""
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            text = ("\r" if held_cr else "") + text
+            held_cr = not final and text.endswith("\r")
+            if held_cr:
+                text = text[:-1]
+            searched = len(pending)  # only the new text (and the seam) can hold a new cut point
+            pending += text.replace("\r\n", "\n").replace("\r", "\n")
             if final:
-                if text:
-                    yield [(text, True)]
+                if pending:
+                    yield [(pending, True)]
                 return
-            cut = txt_split_point(text)
+            cut = last_cut(pending, searched, len(pending))
             if cut:
-                yield [(text[:cut], False)]
-                text = text[cut:]
-            pending = text + pending
+                yield [(pending[:cut], False)]
+                pending = pending[cut:]

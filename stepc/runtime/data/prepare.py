@@ -18,12 +18,14 @@ parquet corpus, and neither it nor litdata keeps stepc 0.1's exact packing order
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,7 +38,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.rundir import (RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex,
+                          remove_orphaned_temporaries, temporary_prefix)
 from stepc.runtime.data.prepared import current_index
 from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype
@@ -126,12 +129,14 @@ def resolve_tokenizer(data: Data, train_files: list[DataFile], cache: Path) -> t
 
 
 def txt_chunks_safe(tok: Tokenizer) -> bool:
-    """Whether a txt file may be encoded in chunks (cut at lone newlines) with the same ids as a
-    whole: true for byte-level BPE with GPT-2's regex and no normalizer (gpt2, bpe-N)."""
+    """Whether a document may be encoded in pieces (cut at documents._CUT) with the same ids as a
+    whole: true for byte-level BPE with GPT-2's regex, no normalizer and no added token holding
+    whitespace (gpt2, bpe-N)."""
     conf = json.loads(tok.to_str())
     pre = conf.get("pre_tokenizer") or {}
     return (conf.get("normalizer") is None and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+            and not any(any(ch.isspace() for ch in t.get("content", "")) for t in conf.get("added_tokens") or []))
 
 
 # --------------------------------------------------------------------------------- workers
@@ -159,11 +164,30 @@ class Task:
 
 
 def encode_unit(task: Task) -> dict[str, Any]:
-    """:func:`_encode_unit`, with a UserError returned as its fields (it does not pickle)."""
+    """:func:`_encode_unit`, with a UserError (a full or read-only cache disk too) returned as its fields
+    (it does not pickle)."""
     try:
         return _encode_unit(task)
     except UserError as err:
         return {"error": [err.message, err.file, err.key, err.fix]}
+    except OSError as exc:
+        err = write_error(exc, Path(task.out).parent)
+        return {"error": [err.message, err.file, err.key, err.fix]}
+
+
+def write_error(exc: OSError, where: Path, run_dir: Path | None = None) -> UserError:
+    """A failed write (or read of our own files) under the shard cache or the run directory, as the
+    UserError that names the path and the fix: a full disk, a read-only one, missing permissions."""
+    path = Path(exc.filename) if exc.filename else where
+    if run_dir is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(run_dir)):
+        return UserError(f"cannot write the run directory's data index: {exc.strerror}", file=str(path),
+                         fix="make the run directory writable (or free space on its disk) and rerun `stepc data prepare`")
+    if exc.errno == errno.ENOSPC:
+        what, fix = "the disk holding the shard cache is full", "free space on it, or set data.cache_dir to a disk with room"
+    else:
+        what, fix = f"cannot write the shard cache ({exc.strerror})", "make it writable, or set data.cache_dir to a writable directory"
+    return UserError(f"{what}: {path}", file=str(path), key="data.cache_dir",
+                     fix=f"{fix}; rerun `stepc data prepare` (finished shards are kept)")
 
 
 def _encode_unit(task: Task) -> dict[str, Any]:
@@ -175,7 +199,7 @@ def _encode_unit(task: Task) -> dict[str, Any]:
     eos = np.array([task.eos], dtype=dtype)
     digest = hashlib.sha256()
     tokens = documents = 0
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f"{temporary_prefix(out)}.tmp")
     try:
         with open(tmp, "wb") as fh:
             for batch in read_unit(path, task.unit, task.text_field, task.txt_chunks):
@@ -203,19 +227,6 @@ def _encode_unit(task: Task) -> dict[str, Any]:
             "documents": documents, "sha256": digest.hexdigest()}
     atomic_write_json(out.with_suffix(".json"), meta)
     return meta
-
-
-def _remove_orphaned_temporaries(directory: Path) -> None:
-    """Delete `.<shard>.<pid>.tmp` files whose writer is gone (a killed preparation leaves them; a
-    live concurrent preparation's are kept: its pid still exists)."""
-    for tmp in directory.glob(".*.tmp"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            continue
 
 
 def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
@@ -289,7 +300,9 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
     """Tokenise whatever is missing from the cache and return the data index (written to
     ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
     file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
-    With ``seq_len``, a dataset shorter than one block is an error."""
+    With ``seq_len``, a dataset shorter than one block is an error. A write that fails (a full or
+    read-only disk) is a UserError naming the path; a run directory that cannot take the index is
+    found before any tokenising."""
     cache = Path(cache)
     workers = workers or default_workers()
     if run_dir is not None and not verify:
@@ -297,6 +310,21 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
             return current_index(Path(run_dir), data)
         except UserError:
             pass
+    if run_dir is not None:
+        try:
+            with tempfile.TemporaryFile(dir=run_dir):  # the index is written last: know now that it can be
+                pass
+        except OSError as exc:
+            exc.filename = str(RunDir(run_dir).data_index)
+            raise write_error(exc, cache, run_dir) from None
+    try:
+        return _prepare(data, cache, run_dir, workers, verify, progress, seq_len)
+    except OSError as exc:
+        raise write_error(exc, cache, run_dir) from None
+
+
+def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify: bool,
+             progress: Callable[[str], None], seq_len: int | None) -> dict[str, Any]:
     datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
     patterns: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
     for name, source in data.training_sources().items():
@@ -339,10 +367,12 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
                               eos, f.size, f.mtime_ns))
     if tasks:
         progress(f"preparing {len(pending)} file(s): {len(tasks)} unit(s) on {min(workers, len(tasks))} worker(s)")
-    directories = {Path(t.out).parent for t in tasks}
-    for directory in directories:
+    # a killed preparation's temporaries, wherever it was writing (a file finished since by another
+    # preparation too); a live writer's are kept
+    for directory in (*unique, cache / "hashes", cache / "tokenizers", *([run_dir] if run_dir is not None else [])):
+        remove_orphaned_temporaries(directory)
+    for directory in {Path(t.out).parent for t in tasks}:
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_orphaned_temporaries(directory)
     try:
         _run_tasks(tasks, tok, workers, progress)
     except UserError as err:

@@ -26,6 +26,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stepc.rundir import atomic_write_text
+from stepc.runtime.data import documents as _documents
 from stepc.schema.rules import BPE_MIN_SIZE, bpe_size
 
 EOS_TOKEN = "<|endoftext|>"
@@ -124,7 +125,11 @@ def train_bpe(vocab_size: int, documents: list[str]) -> Tokenizer:
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    # Fed in pieces cut where the pre-tokenizer splits anyway: the trainer counts the same words, so the
+    # tokenizer is the same, but a 30 MB single-line document no longer takes ~3 GB in one sequence.
+    limit = _documents.MAX_ENCODE_CHARS
+    pieces = (piece for doc in documents for piece, _ in _documents.cut_document(doc, True, limit))
+    tok.train_from_iterator(pieces, trainer=trainer, length=len(documents))
     return tok
 
 

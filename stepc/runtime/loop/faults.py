@@ -10,7 +10,9 @@ STEPC_FAULT_HOLD_AFTER_STEP=I:N: after step N of stage I, when the stage started
 rank waits until it is told to stop (a stop signal, or the stage script's STOP_REQUEST on rank 0), so a test can
 have a real SLURM time-limit warning (sent some 0-30 s late, whenever slurmctld checks) land in the
 middle of a stage however fast or slow the machine is. A resumed stage does not hold again. With
-STEPC_FAULT_HOLD_FILE=<path>, a held rank writes <path>.rank<RANK> first.
+STEPC_FAULT_HOLD_FILE=<path>, a held rank writes <path>.rank<RANK> first; with
+STEPC_FAULT_HOLD_RELEASE=<path>, it also goes on training once <path> exists (a test that killed the
+launcher lets the orphaned ranks finish the stage).
 
 STEPC_DUMP_FIRST_BATCH=<prefix>: every rank saves the first micro-batch it trains on in stage I (the
 token ids, as numpy) to <prefix>.stage<I>.rank<RANK>.npy, so a test can compare what the stage really
@@ -53,8 +55,9 @@ def hold_after_step(stage: int, done: int, started_at: int, stop_requested: Call
         return
     if os.environ.get("STEPC_FAULT_HOLD_FILE"):  # tell the test this rank is held
         Path(os.environ["STEPC_FAULT_HOLD_FILE"] + f".rank{os.environ.get('RANK', '0')}").write_text(f"held after step {done}\n")
+    release = os.environ.get("STEPC_FAULT_HOLD_RELEASE")
     deadline = time.monotonic() + HOLD_LIMIT_S
-    while not stop_requested() and time.monotonic() < deadline:
+    while not stop_requested() and not (release and Path(release).exists()) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

@@ -14,6 +14,12 @@ The run's config is the normalised spec, the plan and the manifest hash. A run d
 tracked run: its ids are kept in RUN_DIR/tracking.json (keyed by the manifest hash), so later
 stages and resumed stages continue it rather than start new runs. A resumed TensorBoard writer
 purges the steps after the checkpoint it resumed from; W&B and MLflow key points by the global step.
+
+What a user can get wrong is refused with exit 2 before any rank starts: at compile time an MLflow
+URI of a kind MLflow cannot store to here (`check_log`), in the stage preflight a tracker directory
+that is a file or cannot be written, or an MLflow server that does not answer within
+`PROBE_TIMEOUT_S` (`check_targets`). A tracker that fails to open anyway stops the stage with one
+message (exit 2), never a traceback per rank.
 """
 
 from __future__ import annotations
@@ -40,6 +46,115 @@ def check_installed(backends: list[str], file: str | None = None) -> None:
         extras = ",".join(BACKENDS[b][1] for b in missing)
         raise UserError(f"log.backends selects {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed",
                         file=file, key="log.backends", fix=f"pip install 'stepc[{extras}]', or remove it from log.backends")
+
+
+# MLflow's tracking stores by URI scheme (mlflow.tracking._tracking_service.utils): a plain path is a file store
+FILE_SCHEMES = ("", "file")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores, each with an optional +driver
+SERVER_SCHEMES = ("http", "https")
+OTHER_SCHEMES = ("databricks", "databricks-uc", "uc")
+PROBE_TIMEOUT_S = 10.0  # an MLflow server must answer the preflight within this (MLflow itself retries for minutes)
+
+
+def mlflow_store(uri: str | None, run_dir: Path | None) -> tuple[str, Any]:
+    """("file", directory) for a file store (the default: RUN_DIR/mlruns; None when run_dir is None and the
+    URI is unset), ("database", scheme), ("server", uri) or ("other", scheme). A scheme MLflow has no store
+    for is a UserError naming log.mlflow_tracking_uri."""
+    from urllib.parse import unquote, urlparse
+
+    if uri is None:
+        return "file", None if run_dir is None else run_dir / "mlruns"
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower().split("+", 1)[0]
+    if len(scheme) == 1:  # a Windows drive letter, C:/mlruns
+        scheme = ""
+    if scheme in FILE_SCHEMES:
+        return "file", Path(unquote(parsed.path) if scheme == "file" else uri).expanduser()
+    if scheme in DATABASE_SCHEMES:
+        return "database", scheme
+    if scheme in SERVER_SCHEMES and parsed.netloc:
+        return "server", uri
+    if scheme in OTHER_SCHEMES:
+        return "other", scheme
+    raise UserError(f"MLflow cannot track to {uri!r}: {'no host in the URL' if scheme in SERVER_SCHEMES else f'unknown scheme {scheme!r}'}",
+                    key="log.mlflow_tracking_uri",
+                    fix='write a server URL ("http://host:5000"), a database URI ("sqlite:///mlflow.db") or a directory '
+                        '(a file store); or leave it unset for RUN_DIR/mlruns')
+
+
+def check_log(log, file: str | None = None) -> None:
+    """Compile time: every selected backend is installed, and the MLflow URI names a store this MLflow
+    can write (a database store needs SQLAlchemy, which mlflow-skinny lacks; a file store must be a
+    directory, not a file)."""
+    check_installed(log.backends, file)
+    if "mlflow" not in log.backends or log.mlflow_tracking_uri is None:
+        return
+    try:
+        kind, where = mlflow_store(log.mlflow_tracking_uri, None)
+    except UserError as err:
+        err.file = file
+        raise
+    if kind == "database" and importlib.util.find_spec("sqlalchemy") is None:
+        raise UserError(f"log.mlflow_tracking_uri is a {where} database, which needs SQLAlchemy (not installed: "
+                        "mlflow-skinny has no database stores)", file=file, key="log.mlflow_tracking_uri",
+                        fix="pip install mlflow (the full package), or track to a server URL or a directory")
+    if kind == "file" and where.exists() and not where.is_dir():
+        raise UserError(f"the MLflow file store {where} is a file, not a directory", file=file,
+                        key="log.mlflow_tracking_uri", fix=f"name a directory (it is created if missing), or move {where} away")
+
+
+def check_targets(run_dir: Path, log, file: str) -> None:
+    """Stage preflight (before torchrun): every tracker's local directory is a directory this process can
+    write (it is created if missing), and an MLflow server answers. Raises UserError (exit 2)."""
+    backends = log.backends
+    dirs: list[tuple[str, Path, str]] = []
+    if "tensorboard" in backends:
+        dirs.append(("TensorBoard", run_dir / "tensorboard", "log.backends"))
+    if "wandb" in backends:
+        dirs.append(("W&B", run_dir / "wandb", "log.backends"))
+    if "mlflow" in backends:
+        kind, where = mlflow_store(log.mlflow_tracking_uri, run_dir)
+        key = "log.mlflow_tracking_uri" if log.mlflow_tracking_uri else "log.backends"
+        if kind == "file":
+            dirs.append(("the MLflow file store", where, key))
+        elif kind == "server":
+            _probe_server(where, file)
+    for what, path, key in dirs:
+        _writable_dir(what, path, key, file)
+
+
+def _writable_dir(what: str, path: Path, key: str, file: str) -> None:
+    import tempfile
+
+    fix = f"remove or move {path} (stepc creates it as a directory), or drop the tracker from log.backends"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise UserError(f"{what} writes to {path}, which is not a directory", file=file, key=key, fix=fix)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        kind = "is not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else f"cannot be written ({exc.strerror})"
+        raise UserError(f"{what} writes to {path}, which {kind}", file=file, key=key,
+                        fix=fix if kind.startswith("is not") else f"make {path} writable (a read-only or full disk?), "
+                                                                    "or drop the tracker from log.backends") from None
+
+
+def _probe_server(uri: str, file: str) -> None:
+    """One request with a bounded timeout: any HTTP answer (even 401 or 404) means a server is there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"the MLflow tracking server {uri} does not answer ({reason}; waited at most {PROBE_TIMEOUT_S:g} s)",
+                        file=file, key="log.mlflow_tracking_uri",
+                        fix="start the server (mlflow server --host ... --port ...) or correct the URI and recompile; "
+                            "or drop mlflow from log.backends (metrics.jsonl has every record)") from None
 
 
 class Tracker:
@@ -133,10 +248,15 @@ def _wandb_logged_in() -> bool:
 class MLflow(Tracker):
     def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str | None, experiment: str, name: str,
                  uri: str | None) -> None:
-        if uri is None:
-            # the local file store is in maintenance mode in MLflow 3 and refused unless opted in
+        kind, where = mlflow_store(uri, run_dir)
+        if kind == "file":
+            # the file store is in maintenance mode in MLflow 3 and refused unless opted in; the user chose it
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            uri = where.resolve().as_uri()
+        # MLflow retries a server that does not answer for minutes (7 retries, 120 s timeouts): a bounded
+        # wait, after which Tracking turns it off with one warning and training goes on
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(PROBE_TIMEOUT_S)))
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -204,7 +324,7 @@ def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None
     log, name, raw = manifest.spec.log, manifest.spec.experiment.name, manifest.raw
     if not log.backends:
         return None
-    check_installed(log.backends, str(paths.manifest))
+    check_log(log, str(paths.manifest))
     offsets = {s.index: s.data_step_offset for s in manifest.plan.stages}
     config = {"spec": raw["spec"], "plan": raw["plan"], "manifest_hash": raw["hash"]}
     state = json.loads(paths.tracking.read_text()) if paths.tracking.is_file() else {}
@@ -214,15 +334,23 @@ def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None
     trackers: dict[str, Tracker] = {}
     global_start = offsets[stage] + start_step
     for backend in log.backends:
-        if backend == "tensorboard":
-            trackers[backend] = TensorBoard(paths.tensorboard, config, "tensorboard" not in state, global_start)
-            state["tensorboard"] = paths.tensorboard.name
-        elif backend == "wandb":
-            state.setdefault("wandb_id", uuid.uuid4().hex[:12])
-            trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.wandb_entity, log.wandb_mode)
-        elif backend == "mlflow":
-            tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.mlflow_tracking_uri)
-            state["mlflow_run_id"] = tracker.run_id
-            trackers[backend] = tracker
+        try:
+            if backend == "tensorboard":
+                trackers[backend] = TensorBoard(paths.tensorboard, config, "tensorboard" not in state, global_start)
+                state["tensorboard"] = paths.tensorboard.name
+            elif backend == "wandb":
+                state.setdefault("wandb_id", uuid.uuid4().hex[:12])
+                trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.wandb_entity, log.wandb_mode)
+            elif backend == "mlflow":
+                tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.mlflow_tracking_uri)
+                state["mlflow_run_id"] = tracker.run_id
+                trackers[backend] = tracker
+        except Exception as exc:  # noqa: BLE001 - each library raises its own types; the preflight catches the usual ones
+            for opened in trackers.values():
+                opened.close(False)
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise UserError(f"the {backend} tracker cannot start: {reason}", file=str(paths.manifest), key="log.backends",
+                            fix=f"correct the [log] settings and recompile, or drop {backend} from log.backends "
+                                "(metrics.jsonl has every record)") from None
     atomic_write_json(paths.tracking, state)
     return Tracking(trackers, offsets)
