@@ -227,9 +227,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from stepc.commands.diff import diff, render
-    from stepc.rundir import read_manifest
+    from stepc.schema.manifest import read_manifest_json
 
-    changes = diff(read_manifest(args.a), read_manifest(args.b))
+    changes = diff(read_manifest_json(args.a), read_manifest_json(args.b))  # any two manifests, typed or not
     print(render(changes))
     return 1 if changes else 0
 
@@ -246,7 +246,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stepc.rundir import RunDir, manifest_path
+    from stepc.rundir import manifest_path, RunDir
     from stepc.schema.manifest import load_manifest
 
     manifest = load_manifest(args.run_dir)

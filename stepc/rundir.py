@@ -1,26 +1,21 @@
-"""The one home of run-directory I/O: paths, atomic writes, file hashing, canonical JSON, manifests.
+"""A run directory: where each of its files is (every path inside one is a property of `RunDir`, so
+the layout is written down once), and what in it may be trusted (a compiled file is a regular file
+inside the directory, never a link; a manifest entry names such a file and a sha256).
 
-Every file stepc or its runtime writes into a run directory (or a cache shared by runs) goes
-through `atomic_write_*`: a unique temporary name in the same directory, fsync, then `os.replace`,
-so a crash or a concurrent writer never leaves a half-written file under the final name. Every
-path inside a run directory is a property of `RunDir`, so the layout is written down once.
-
-This module imports only the standard library: the stage scripts' preflight imports it and must
-start in well under a second, without torch.
+Writing is stepc.atomic's job, hashing stepc.hashing's, reading the manifest stepc.schema.manifest's.
+Standard library only: the stage scripts' preflight imports it and must start in well under a
+second, without torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import socket
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable
+from typing import Any
 
 from stepc.errors import UserError
 
@@ -122,7 +117,7 @@ class RunDir:
         return self.root / "tensorboard"
 
 
-# --- hashing -------------------------------------------------------------------------------------
+# --- checkpoints and exports ---------------------------------------------------------------------
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
@@ -132,156 +127,12 @@ CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint directory, list
 EXPORT_MARKER = "EXPORT_COMPLETE"  # written last into an export, listing its files' sizes and sha256s (runtime/model/export_seal.py)
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def digest(data: bytes) -> str:
-    """The manifest's form of a content hash: "sha256:<hex>"."""
-    return "sha256:" + sha256_hex(data)
-
-
-def file_sha256_hex(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (data files can be gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    """One byte sequence per value: sorted keys, no whitespace, UTF-8 kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def content_hash(manifest: dict[str, Any]) -> str:
-    """The manifest's self-hash: over its canonical JSON without the "hash" key."""
-    body = {k: v for k, v in manifest.items() if k != "hash"}
-    return digest(canonical_json(body).encode())
-
-
-# --- atomic writes -------------------------------------------------------------------------------
-
-_HOST = socket.gethostname()
-_TEMPORARY = re.compile(r"\.(?P<name>[^~/]+)~(?P<host>[^~/]+)~(?P<pid>[0-9]+)~[^~/]*\.tmp")
-_OLD_SHARD_TEMPORARY = re.compile(r"\.[0-9]+\.(?P<pid>[0-9]+)\.tmp")  # stepc <= 0.3's shard temporaries
-
-
-def temporary_prefix(path: Path) -> str:
-    """The start of a temporary file's name for writing `path`: `.NAME~HOST~PID~`, so that a later run can
-    tell a writer that was killed (this host, its PID gone) from one still writing, also on another
-    node sharing the directory (`remove_orphaned_temporaries`)."""
-    return f".{path.name}~{_HOST}~{os.getpid()}~"
-
-
-def remove_orphaned_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporary files in `directory` whose writer was a process of this host that is gone
-    (a killed `stepc data prepare` leaves them); a live writer's, and another host's, are kept. The
-    removed paths."""
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _TEMPORARY.fullmatch(entry.name)
-        if match is not None and match["host"] != _HOST:
-            continue
-        match = match or _OLD_SHARD_TEMPORARY.fullmatch(entry.name)
-        if match is None or _pid_alive(int(match["pid"])):
-            continue
-        try:
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child its parent has not reaped yet writes nothing more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> None:
-    """Call `write(fh)` on a unique temporary file beside `path`, fsync, chmod, then rename it into place.
-
-    The unique name lets concurrent writers (ranks, runs sharing a cache) race safely: the last
-    rename wins and every reader sees one whole file. It starts with `temporary_prefix`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600; other users and ranks must read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    atomic_write(path, lambda fh: fh.write(data), mode)
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Indented, sorted JSON for people (records such as eval.json and data-fingerprint.json)."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 # --- manifests -----------------------------------------------------------------------------------
 
 def manifest_path(path: str | Path) -> Path:
     """A run directory or its manifest.json -> the manifest file."""
     path = Path(path)
     return path / MANIFEST if path.is_dir() else path
-
-
-MAX_MANIFEST_BYTES = 64 << 20
-MANIFEST_KEYS = ("schema", "stepc_version", "spec", "plan", "environment", "files", "hash")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The JSON of a manifest, from a run directory or the file itself; a UserError naming the file when it is
-    not a regular file, not JSON, or not a manifest at all (`[]`, a string, an object without its keys)."""
-    path = manifest_path(path)
-    fix = "pass a run directory made by `stepc compile` or its manifest.json"
-    if not path.exists() and (path.parent / SWEEP_FILE).is_file():
-        raise sweep_dir_error(path.parent)
-    data = read_regular_file(path, "manifest", fix, MAX_MANIFEST_BYTES)
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"not a readable manifest: {exc}", file=str(path), fix=fix) from None
-    fix = "pass a manifest.json written by `stepc compile` (recompile the spec to get a fresh one)"
-    if not isinstance(obj, dict):
-        kind = "null" if obj is None else type(obj).__name__
-        raise UserError(f"not a manifest: the JSON is {kind}, not an object", file=str(path), fix=fix)
-    missing = [k for k in MANIFEST_KEYS if k not in obj]
-    if missing:
-        raise UserError(f"not a manifest: no {', '.join(missing)} (a manifest has {', '.join(MANIFEST_KEYS)})",
-                        file=str(path), fix=fix)
-    for key in ("spec", "plan", "environment", "files"):
-        if not isinstance(obj[key], dict):
-            raise UserError(f"{key} is {type(obj[key]).__name__}, not an object", file=str(path), key=key, fix=fix)
-    return obj
 
 
 def sweep_dir_error(sweep_dir: Path) -> UserError:
@@ -299,6 +150,9 @@ def sweep_dir_error(sweep_dir: Path) -> UserError:
 
 
 # --- what may be trusted in a run directory ------------------------------------------------------
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
 
 def read_regular_file(path: Path, what: str, fix: str, max_bytes: int) -> bytes:
     """The bytes of `path`, refusing anything but a regular file of at most `max_bytes` (a UserError naming

@@ -221,7 +221,7 @@ def test_accepted(tmp_path, capsys, changes):
 def test_bpe_rule_is_one_rule_for_compiler_and_runtime(tmp_path, capsys):
     """Every bpe-N name gets the same verdict from `stepc compile` and from the runtime's tokenizer loader
     (which really trains the tokenizer on a small file when it accepts the name)."""
-    from stepc.rundir import file_sha256_hex
+    from stepc.hashing import file_sha256_hex
     from stepc.runtime.data.tokenizer import load_tokenizer
 
     corpus = tmp_path / "tiny.txt"

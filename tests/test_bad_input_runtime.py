@@ -171,7 +171,7 @@ def test_a_manifest_of_another_schema_is_refused_by_every_command_that_reads_it(
     """Re-sealed (its content hash matches), so only the schema is wrong: `stepc verify` used to be the
     only command to notice; `run --stage 2` trained it."""
     from stepc.compiler.manifest import dumps
-    from stepc.rundir import content_hash
+    from stepc.hashing import content_hash
 
     run_dir = tmp_path / "other-schema"
     shutil.copytree(trained, run_dir, symlinks=True)

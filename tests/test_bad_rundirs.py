@@ -21,7 +21,7 @@ from conftest import REPO, RunFactory, check_ok, run_stage
 
 from stepc.cli import main
 from stepc.compiler.manifest import dumps
-from stepc.rundir import content_hash
+from stepc.hashing import content_hash
 
 # One rank, 6 + ~6 steps, one evaluation at the end of each stage: a real stage 1 in a few seconds of training.
 ONE_RANK = {"launch": {"nproc_per_node": 1}, "eval": {"every_steps": 100, "max_tokens": 512},
@@ -92,7 +92,7 @@ def test_verify_refuses_files_entries_outside_the_run_dir(compiled, tmp_path, ca
     run_dir = copy_run(compiled, tmp_path)
     secret = tmp_path / "secret.txt"
     secret.write_text("x")
-    from stepc.rundir import digest as sha256_bytes
+    from stepc.hashing import digest as sha256_bytes
 
     rewrite_manifest(run_dir, lambda m: m["files"].update({"../secret.txt": sha256_bytes(b"x"),
                                                             "/etc/hostname": sha256_bytes(b"x")}))

@@ -193,7 +193,7 @@ kind, target, text_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if kind == "atomic":
-    from stepc.rundir import atomic_write
+    from stepc.atomic import atomic_write
     atomic_write(target, lambda fh: (fh.write(b"partial"), fh.flush(), die()))
 else:
     from stepc.runtime.data import prepare as P

@@ -466,7 +466,7 @@ def _replace(path: Path) -> Path:
 def rundir_mutations(draw, run_dir: Path, outside: Path) -> str:
     """Damage the run directory `run_dir` in one way; return a label."""
     from stepc.compiler.manifest import dumps
-    from stepc.rundir import content_hash
+    from stepc.hashing import content_hash
 
     kind = draw(st.sampled_from(["manifest-value", "manifest-leaf", "manifest-delete", "file", "metrics", "eval-json",
                                  "spec-text"]))

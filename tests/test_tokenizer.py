@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stepc.rundir import file_sha256_hex
+from stepc.hashing import file_sha256_hex
 from stepc.runtime.data.documents import iter_documents
 from stepc.runtime.data.tokenizer import EOS_TOKEN, eos_id, tokenizer_hash
 from stepc.runtime.data.tokenizer import load_tokenizer as _load_tokenizer

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_json, manifest_path
+from stepc.atomic import atomic_write_json
+from stepc.rundir import manifest_path, RunDir
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None,

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_text, manifest_path
+from stepc.atomic import atomic_write_text
+from stepc.rundir import manifest_path, RunDir
 from stepc.schema.templates import Conversation, render
 
 QUESTIONS_FIX = 'write one JSON object per line: {"question_id": 81, "turns": ["first question", "follow-up"]} (FastChat\'s question.jsonl)'

@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from stepc.rundir import atomic_write_text
+from stepc.atomic import atomic_write_text
 
 DEFAULT_DEST = Path("data/instructions")
 DEFAULT_CORPUS = Path("data/corpus")

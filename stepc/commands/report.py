@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_bytes, manifest_path, read_regular_file
+from stepc.atomic import atomic_write_bytes
+from stepc.rundir import manifest_path, read_regular_file, RunDir
 from stepc.runtime.guard import is_exported
 from stepc.schema.manifest import load_manifest
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, content_hash, digest
+from stepc.hashing import digest
+from stepc.rundir import RunDir
 from stepc.runlock import ENV as LOCK_ENV
 from stepc.runlock import acquire, release
 from stepc.runtime.loop.preempt import EXIT_STOPPED  # stage.sh: stopped by a signal after checkpointing
@@ -28,31 +29,28 @@ from stepc.schema.manifest import Manifest
 EXIT_REFUSED = 2
 
 
-def verify_scripts(run_dir: Path, raw: dict, submitted: Path | None = None) -> None:
+def verify_scripts(run_dir: Path, manifest: Manifest, submitted: Path | None = None) -> None:
     """The manifest is unedited and every script it records is there with the recorded bytes (also
-    `submitted`, SLURM's copy of run.sbatch, when given: run.sbatch checks itself before it runs)."""
-    where = str(RunDir(run_dir).manifest)
-    if raw.get("hash") != content_hash(raw):
-        raise UserError("manifest.json was edited after compilation (its content hash does not match)", file=where,
-                        fix=f"recompile the spec with `stepc compile SPEC --force` (checkpoints are kept); `stepc verify {run_dir}` shows what differs")
-    for name, recorded in sorted(raw.get("files", {}).items()):
-        if not name.endswith((".sh", ".sbatch")):
-            continue
-        script = run_dir / name
-        if not script.is_file():
-            raise UserError(f"{name} is missing", file=str(script), fix="recompile the spec with `stepc compile SPEC --force`")
-        if digest(script.read_bytes()) != recorded:
-            raise UserError(f"{name} differs from the script the manifest records", file=str(script),
+    `submitted`, SLURM's copy of run.sbatch, when given: run.sbatch checks itself before it runs).
+    The problems are Manifest.problems'; the other compiled files do not run (`stepc verify` reports them)."""
+    for problem in manifest.problems(run_dir):
+        if problem.kind == "manifest":
+            raise UserError("manifest.json was edited after compilation (its content hash does not match)",
+                            file=str(RunDir(run_dir).manifest),
+                            fix=f"recompile the spec with `stepc compile SPEC --force` (checkpoints are kept); "
+                                f"`stepc verify {run_dir}` shows what differs")
+        if problem.kind == "file" and problem.name.endswith((".sh", ".sbatch")):
+            raise UserError(problem.sentence, file=str(run_dir / problem.name),
                             fix=f"recompile with `stepc compile SPEC --force` (or inspect with `stepc verify {run_dir}`); "
                                 "to run an edited script on purpose, run it directly with --allow-edited-scripts")
-    if submitted is not None and digest(Path(submitted).read_bytes()) != raw.get("files", {}).get("run.sbatch"):
+    if submitted is not None and digest(Path(submitted).read_bytes()) != manifest.files.get("run.sbatch"):
         raise UserError("the submitted run.sbatch differs from the one the manifest records (edited before sbatch)",
                         file=str(submitted), fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
 
 
 def run_stages(run_dir: Path, manifest: Manifest, indices: list[int], stage_args: list[str] | None = None) -> int:
     """`stage_args` (--allow-data-change, --allow-version-change) are passed to every stage script."""
-    verify_scripts(run_dir, manifest.raw)
+    verify_scripts(run_dir, manifest)
     lock = acquire(run_dir, command="stepc run")
     try:
         env = dict(os.environ)
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from stepc.schema.manifest import load_manifest
 
     try:
-        verify_scripts(Path(args[1]), load_manifest(args[1]).raw, Path(args[2]) if len(args) == 3 else None)
+        verify_scripts(Path(args[1]), load_manifest(args[1]), Path(args[2]) if len(args) == 3 else None)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ def verified_stages(run_dir: Path) -> list[int]:
         raise UserError(f"{run_dir} is not a compiled run directory (no manifest.json)", file=str(run_dir),
                         fix="pass the directory `stepc compile` wrote, e.g. runs/<experiment.name>")
     manifest = load_manifest(run_dir)
-    verify_scripts(run_dir, manifest.raw)
+    verify_scripts(run_dir, manifest)
     return [stage.index for stage in manifest.plan.stages]
 
 

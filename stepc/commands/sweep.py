@@ -31,7 +31,8 @@ from stepc.compiler.overrides import Override, apply_overrides, blamed, check_di
 from pydantic import ValidationError
 
 from stepc.errors import UserError
-from stepc.rundir import MANIFEST, SWEEP_FILE, canonical_json, content_hash, digest, entry_problem, files_entry_problem, read_regular_file
+from stepc.hashing import canonical_json, content_hash, digest
+from stepc.rundir import entry_problem, files_entry_problem, MANIFEST, read_regular_file, SWEEP_FILE
 from stepc.schema.sweep import SweepRecord
 
 MAX_NAME = 100  # experiment.name's limit
@@ -269,10 +270,10 @@ def verify_sweep(sweep_dir: Path) -> SweepRecord:
             raise UserError(f"the sweep's run directory {point.name} is missing (no manifest.json)", file=str(run_dir),
                             fix=recompile)
         manifest = load_manifest(run_dir)
-        if manifest.raw["hash"] != point.manifest_hash:
+        if manifest.hash != point.manifest_hash:
             raise UserError(f"{point.name} was recompiled after the sweep (its manifest hash is not the one sweep.json "
                             "records)", file=str(run_dir / MANIFEST), fix=recompile)
-        verify_scripts(run_dir, manifest.raw)
+        verify_scripts(run_dir, manifest)
     return record
 
 

@@ -14,54 +14,43 @@ from pathlib import Path
 from stepc.commands.diff import Change, diff
 from stepc.compiler import compile_spec
 from stepc.errors import UserError
-from stepc.rundir import RunDir, content_hash, digest, entry_problem, files_entry_problem, manifest_path, read_manifest
-from stepc.schema.manifest import Manifest, ManifestError
+from stepc.rundir import entry_problem, manifest_path, RunDir
+from stepc.schema.manifest import Manifest, ManifestError, read_manifest_json
 
 
 def verify_run_dir(run_dir: Path, notes: list[str] | None = None) -> list[str]:
     """Problems found (empty when the directory verifies). `run_dir` may also be its manifest.json.
 
-    Version differences between the recorded and the current environment are not problems (the
-    directory is still exactly what the spec compiles to); they are appended to `notes`.
+    Every problem Manifest.problems lists is one, except version differences between the recorded and
+    the current environment (the directory is still exactly what the spec compiles to): those are
+    appended to `notes`, from the recompile's diff of every recorded version.
     """
     path = manifest_path(run_dir)
     run_dir = path.parent
     try:
-        manifest = read_manifest(path)
+        raw = read_manifest_json(path)
     except UserError as err:
         if not path.is_file():
             raise  # no manifest file here (missing, a directory, a FIFO): a wrong path, exit 2
         return [f"manifest.json: {'[' + err.key + '] ' if err.key else ''}{err.message}"]
     try:
-        Manifest.from_json(manifest)
+        manifest = Manifest.from_json(raw)
     except ManifestError as exc:
         return [f"manifest.json: {'[' + exc.key + '] ' if exc.key else ''}{exc}"]
-    problems: list[str] = []
-    if manifest.get("hash") != content_hash(manifest):
-        problems.append(f"manifest.json: content hash mismatch (recorded {manifest.get('hash')}, actual {content_hash(manifest)}): it was edited")
-    for name, recorded in sorted(manifest["files"].items()):
-        entry = files_entry_problem(name, recorded)
-        if entry:
-            problems.append(f"manifest.json: [files.{name}] {entry}")
-            continue
-        problem = entry_problem(run_dir, name)
-        if problem:
-            problems.append(problem)
-        elif digest((run_dir / name).read_bytes()) != recorded:
-            problems.append(f"{name}: content differs from the hash recorded in manifest.json")
-    if "spec.toml" not in manifest["files"]:
+    problems = [p.message for p in manifest.problems(run_dir) if p.kind != "version"]
+    if "spec.toml" not in manifest.files:
         problems.append("manifest.json: records no spec.toml, so the run directory cannot be recompiled")
     elif entry_problem(run_dir, "spec.toml") is None:
-        problems += _recompile(RunDir(run_dir).spec, manifest, notes)
+        problems += _recompile(RunDir(run_dir).spec, manifest.raw, manifest.overrides, notes)
     return problems
 
 
-def _recompile(spec_path: Path, manifest: dict, notes: list[str] | None) -> list[str]:
+def _recompile(spec_path: Path, manifest: dict, overrides: dict, notes: list[str] | None) -> list[str]:
     """Recompile spec.toml (read once) and compare; a spec that no longer compiles is a finding."""
     data = spec_path.read_bytes()
     try:
         # spec.toml already has any --set values applied; the manifest's record of them is carried over
-        fresh = compile_spec(data.decode("utf-8"), str(spec_path), manifest.get("overrides")).manifest
+        fresh = compile_spec(data.decode("utf-8"), str(spec_path), overrides or None).manifest
     except UnicodeDecodeError:
         return ["spec.toml: is not UTF-8 text, so it cannot be recompiled"]
     except UserError as err:

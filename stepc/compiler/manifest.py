@@ -15,7 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from stepc import __version__
-from stepc.rundir import content_hash, digest
+from stepc.hashing import content_hash, digest
 from stepc.schema.manifest import SCHEMA
 from stepc.schema.plan import Plan
 from stepc.schema.spec import Spec

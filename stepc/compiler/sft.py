@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, export_seal_files
+from stepc.rundir import export_seal_files, RunDir
 from stepc.schema.conversations import scan
 from stepc.schema.methods import METHODS
 from stepc.schema.plan import InitFrom, InstructionData, SftPlan
@@ -116,7 +116,7 @@ def _init_from(spec: Spec, file: str, strict: bool) -> InitFrom | None:
                         file=file, key="sft.init_from",
                         fix=f"finish that run first (`stepc run {where}` resumes it), then compile this spec")
     return InitFrom(run_dir=where, experiment=source.spec.experiment.name, method=source.spec.experiment.method,
-                    manifest_hash=source.raw["hash"], export=dict(sorted(files.items())))
+                    manifest_hash=source.hash, export=dict(sorted(files.items())))
 
 
 def steps(spec: Spec, sft: SftPlan | None) -> int:

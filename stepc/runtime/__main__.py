@@ -67,7 +67,8 @@ def _record_failure(run_dir: Path, stage: int, failure: Exception) -> None:
     `stepc run` and run.sbatch only through this file. Any rank may write it (an OOM hits one rank)."""
     import json
 
-    from stepc.rundir import RunDir, atomic_write_text
+    from stepc.atomic import atomic_write_text
+    from stepc.rundir import RunDir
 
     record = {"exit_code": 2, "rank": int(os.environ.get("RANK", "0")), "error": str(failure)}
     path = RunDir(run_dir).failure_record(stage)

@@ -9,27 +9,17 @@ import errno
 import json
 import os
 import stat
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stepc import __version__
 from stepc.errors import UserError
-from stepc.rundir import (
-    CHECKPOINT_MARKER,
-    RunDir,
-    atomic_write_json,
-    atomic_write_text,
-    canonical_json,
-    content_hash,
-    digest,
-    files_entry_problem,
-    read_manifest,
-)
+from stepc.atomic import atomic_write_json, atomic_write_text
+from stepc.hashing import canonical_json, digest
+from stepc.rundir import CHECKPOINT_MARKER, RunDir
 from stepc.runtime.model.export_seal import MARKER, ExportDamaged
 from stepc.runtime.model.export_seal import check as check_export
 from stepc.runtime.network import check_multi_node
-from stepc.schema.manifest import Manifest, ManifestError
+from stepc.schema.manifest import Manifest, load_manifest
 from stepc.schema.spec import Data
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
@@ -47,31 +37,29 @@ class RuntimeFailure(Exception):
 
 
 def load_verified_manifest(path: Path, allow: set[str]) -> Manifest:
+    """The typed manifest, refused (RuntimeFailure) when it was edited, a stage script differs from it,
+    or the stepc or torch version changed, unless `allow` accepts that (Manifest.problems lists them;
+    the other compiled files do not change what trains, `stepc verify` reports them)."""
     try:
-        manifest = read_manifest(path)  # a regular file holding a JSON object with every manifest key
+        manifest = load_manifest(path)
     except UserError as err:
         raise RuntimeFailure(f"{err}; recompile the spec with `stepc compile SPEC --force`") from None
-    if manifest.get("hash") != content_hash(manifest) and "edited-manifest" not in allow:
-        raise RuntimeFailure(
-            f"{path} was edited after compilation (its content hash no longer matches). Recompile the spec with "
-            f"`stepc compile SPEC --force` (checkpoints are kept), inspect with `stepc verify {path.parent}`, or pass "
-            "--allow-edited-manifest to train with it anyway")
-    for name, recorded_digest in manifest.get("files", {}).items():
-        file = path.parent / name
-        if name.endswith(".sh") and files_entry_problem(name, recorded_digest) is None and file.is_file() and digest(file.read_bytes()) != recorded_digest and "edited-scripts" not in allow:
-            raise RuntimeFailure(f"{file} differs from the script the manifest records; run `stepc verify {path.parent}` "
+    problems = manifest.problems(path.parent)
+    versions = [p for p in problems if p.kind == "version"]
+    for problem in problems:
+        if problem.kind == "manifest" and "edited-manifest" not in allow:
+            raise RuntimeFailure(
+                f"{path} was edited after compilation (its content hash no longer matches). Recompile the spec with "
+                f"`stepc compile SPEC --force` (checkpoints are kept), inspect with `stepc verify {path.parent}`, or "
+                "pass --allow-edited-manifest to train with it anyway")
+        if problem.kind == "file" and problem.name.endswith(".sh") and "edited-scripts" not in allow:
+            raise RuntimeFailure(f"{problem.sentence_about(path.parent / problem.name)}; run `stepc verify {path.parent}` "
                                  "or pass --allow-edited-scripts")
-    recorded = {"stepc": manifest.get("stepc_version"), "torch": manifest.get("environment", {}).get("torch")}
-    current = {"stepc": __version__, "torch": _version("torch")}
-    changed = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
-    if changed and "version-change" not in allow:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        raise RuntimeFailure(f"this run was compiled with different versions ({what}); results may not match. "
-                             "Recompile with `stepc compile SPEC --force`, or pass --allow-version-change")
-    try:
-        return Manifest.from_json(manifest)
-    except ManifestError as exc:
-        raise RuntimeFailure(f"{path}: {exc}; recompile the spec with `stepc compile SPEC --force`") from None
+    if versions and "version-change" not in allow:
+        raise RuntimeFailure(f"this run was compiled with different versions ({', '.join(p.message for p in versions)}); "
+                             "results may not match. Recompile with `stepc compile SPEC --force`, or pass "
+                             "--allow-version-change")
+    return manifest
 
 
 def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool = True,
@@ -270,10 +258,3 @@ def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int
         return
     if rank == 0:
         atomic_write_json(path, fingerprint)
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"

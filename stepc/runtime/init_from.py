@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepc.rundir import RunDir, export_seal_files
+from stepc.rundir import export_seal_files, RunDir
 from stepc.runtime.guard import RuntimeFailure, is_exported, previous_stage_export
 from stepc.runtime.model.export_seal import ExportDamaged
 from stepc.runtime.model.export_seal import check as check_export

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
-from stepc.rundir import file_sha256_hex
+from stepc.hashing import file_sha256_hex
 from stepc.schema.templates import Conversation
 
 FORMAT_FIX = {

@@ -33,7 +33,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex
+from stepc.atomic import atomic_write_bytes, atomic_write_json
+from stepc.hashing import canonical_json, file_sha256_hex
+from stepc.rundir import RunDir
 from stepc.runtime.data.sampler import BlockSampler
 from stepc.runtime.data.shards import token_dtype
 from stepc.runtime.data.tokenizer import eos_id

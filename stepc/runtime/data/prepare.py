@@ -38,8 +38,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import (RunDir, atomic_write_bytes, atomic_write_json, canonical_json, file_sha256_hex,
-                          remove_orphaned_temporaries, temporary_prefix)
+from stepc.atomic import atomic_write_bytes, atomic_write_json, remove_orphaned_temporaries, temporary_prefix
+from stepc.hashing import canonical_json, file_sha256_hex
+from stepc.rundir import RunDir
 from stepc.runtime.data.prepared import current_index
 from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype

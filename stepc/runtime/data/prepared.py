@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.rundir import canonical_json, file_sha256_hex
+from stepc.hashing import canonical_json, file_sha256_hex
 from stepc.runtime.data.documents import expand_patterns
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler, holdout_split
 from stepc.runtime.data.shards import SHARD_FORMAT, Shard, TokenBlocks, read_index, shards_sha256

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from stepc.rundir import RunDir, canonical_json
+from stepc.hashing import canonical_json
+from stepc.rundir import RunDir
 
 SHARD_FORMAT = 2  # stepc 0.1's int32 .npy block cache was format 1
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from stepc.rundir import atomic_write_text
+from stepc.atomic import atomic_write_text
 from stepc.runtime.data import documents as _documents
 from stepc.schema.rules import BPE_MIN_SIZE, bpe_size
 

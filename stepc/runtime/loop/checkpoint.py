@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from stepc.rundir import CHECKPOINT_MARKER, atomic_write_text, step_dir_name
+from stepc.atomic import atomic_write_text
+from stepc.rundir import CHECKPOINT_MARKER, step_dir_name
 
 MARKER = CHECKPOINT_MARKER
 LOW_SPACE = 64 << 20  # a failed write with less free space than this is reported as a full disk

@@ -29,7 +29,7 @@ import signal
 import time
 from pathlib import Path
 
-from stepc.rundir import atomic_write_text
+from stepc.atomic import atomic_write_text
 
 EXIT_STOPPED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

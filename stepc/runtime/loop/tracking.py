@@ -316,7 +316,8 @@ class Tracking:
 
 def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None:
     """Rank 0: the run's trackers for this stage (None when log.backends is empty)."""
-    from stepc.rundir import RunDir, atomic_write_json
+    from stepc.atomic import atomic_write_json
+    from stepc.rundir import RunDir
     from stepc.schema.manifest import load_manifest
 
     paths = RunDir(run_dir)
@@ -326,10 +327,10 @@ def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None
         return None
     check_log(log, str(paths.manifest))
     offsets = {s.index: s.data_step_offset for s in manifest.plan.stages}
-    config = {"spec": raw["spec"], "plan": raw["plan"], "manifest_hash": raw["hash"]}
+    config = {"spec": raw["spec"], "plan": raw["plan"], "manifest_hash": manifest.hash}
     state = json.loads(paths.tracking.read_text()) if paths.tracking.is_file() else {}
-    if state.get("manifest_hash") != raw["hash"]:  # a recompiled, different experiment is a new tracked run
-        state = {"manifest_hash": raw["hash"]}
+    if state.get("manifest_hash") != manifest.hash:  # a recompiled, different experiment is a new tracked run
+        state = {"manifest_hash": manifest.hash}
     project = log.project or name
     trackers: dict[str, Tracker] = {}
     global_start = offsets[stage] + start_step

@@ -14,7 +14,8 @@ import stat
 from pathlib import Path
 
 from stepc.rundir import EXPORT_MARKER as MARKER
-from stepc.rundir import atomic_write_json, file_sha256_hex
+from stepc.atomic import atomic_write_json
+from stepc.hashing import file_sha256_hex
 
 FORMAT = 1
 
