@@ -92,8 +92,8 @@ def test_fingerprint_and_cache_reuse(tmp_path: Path) -> None:
     patterns = [str(tmp_path / "d/*")]
     index, data = prepared(tmp_path, patterns, 8)
     fp = data.fingerprint["train"]
-    assert fp["tokenizer"] == index["tokenizer"]["sha256"] and fp["seq_len"] == 8
-    assert fp["num_blocks"] == data.train["train"].num_blocks and fp["num_tokens"] == index["train"]["train"]["tokens"]
+    assert fp["tokenizer"] == index.tokenizer.sha256 and fp["seq_len"] == 8
+    assert fp["num_blocks"] == data.train["train"].num_blocks and fp["num_tokens"] == index.train["train"].tokens
     names = ("a.txt", "b.jsonl", "c.parquet")
     assert [f["path"] for f in fp["files"]] == [str(tmp_path / "d" / n) for n in names]
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in fp["files"])

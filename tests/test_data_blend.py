@@ -68,7 +68,7 @@ def test_blend_prepared_opened_and_fingerprinted(tmp_path):
     data = Data.model_validate({"sources": {"web": {"files": [a], "weight": 3.0}, "books": {"files": [b]}},
                                 "tokenizer": "bpe-512", "cache_dir": str(tmp_path / "cache"), "holdout_fraction": 0.1})
     index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
-    assert set(index["train"]) == {"web", "books"}  # shards per source; weights are read from the spec
+    assert set(index.train) == {"web", "books"}  # shards per source; weights are read from the spec
     prepared = open_prepared(tmp_path, data, 16)
     sampler, sets = training_sets(prepared, data.holdout_fraction, seed=1, weights=data.weights_at(1))
     assert isinstance(sampler, BlendSampler) and set(sets) == {"heldout-web", "heldout-books"}

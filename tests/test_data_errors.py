@@ -137,6 +137,30 @@ def test_file_that_changes_during_preparation(tmp_path, capsys, monkeypatch):
     assert_nothing_complete(tmp_path)
 
 
+def test_file_that_changes_between_its_units_loses_its_finished_shards(tmp_path, capsys, monkeypatch):
+    """The file changes after its first unit was tokenised: the refusal (a DataFileChanged, told apart
+    by type, not by its message) also removes that unit's shard, so no shard of a file that was being
+    rewritten survives under the key of its old content."""
+    from stepc.runtime.data import documents
+
+    path = tmp_path / "rewritten.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{GOOD} {i}"}) + "\n" for i in range(6)))
+    monkeypatch.setattr(documents, "TARGET_UNIT_BYTES", path.stat().st_size // 3)  # three units or so
+    real_read = prepare_module.read_unit
+
+    def read_then_append(file, unit, *args):
+        if unit.start > 0:  # the first unit is finished: the file grows under the second
+            with open(file, "a") as fh:
+                fh.write(json.dumps({"text": "appended"}) + "\n")
+        return real_read(file, unit, *args)
+
+    monkeypatch.setattr(prepare_module, "read_unit", read_then_append)
+    code, err = prepare_cli(tmp_path, capsys, [str(path)])
+    assert_refused(code, err, path, "changed while it was being prepared")
+    assert not list((tmp_path / "cache" / "shards").rglob("*.bin"))
+    assert_nothing_complete(tmp_path)
+
+
 def test_stage_script_refuses_bad_data_before_torchrun(make_run, small_corpus, tmp_path):
     """The stage script's preparation step exits 2 with the message; torchrun never starts."""
     bad = tmp_path / "bad.jsonl"

@@ -64,11 +64,11 @@ def test_packing_of_the_bundled_corpus_is_unchanged(tmp_path, monkeypatch, corpu
     index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
     blocks = open_prepared(tmp_path, data, seq_len).train["train"]
     tok_sha, blocks_sha, num_blocks = FROZEN[(tokenizer, seq_len)]
-    assert index["tokenizer"]["sha256"] == tok_sha
+    assert index.tokenizer.sha256 == tok_sha
     assert blocks.num_blocks == num_blocks
     assert hashlib.sha256(blocks.block_array().data).hexdigest() == blocks_sha
-    assert index["dtype"] == "uint16"  # both vocabularies fit in 16 bits
-    assert sum(len(f["shards"]) for f in index["train"]["train"]["files"]) == len(PLAYS)
+    assert index.dtype == "uint16"  # both vocabularies fit in 16 bits
+    assert sum(len(f.shards) for f in index.train["train"].files) == len(PLAYS)
 
 
 def mixed_corpus(root: Path) -> list[str]:
@@ -90,7 +90,7 @@ def test_output_is_independent_of_worker_count_and_unit_size(tmp_path, monkeypat
     many = Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c2"))
     (tmp_path / "r2").mkdir()
     index = prepare(many, tmp_path / "c2", tmp_path / "r2", workers=2)  # two spawned worker processes
-    units = [len(f["shards"]) for f in index["train"]["train"]["files"]]
+    units = [len(f.shards) for f in index.train["train"].files]
     assert units[0] > 3 and units[1] > 3 and units[2] == 1
     groups = pq.ParquetFile(files[0]).metadata
     tail = groups.row_group(groups.num_row_groups - 1)
@@ -345,7 +345,7 @@ def test_ids_above_65535_are_stored_in_32_bits_and_read_back(tmp_path):
     data = Data(train=[str(tmp_path / "d" / "a.txt")], tokenizer=str(tmp_path / "tokenizer.json"),
                 cache_dir=str(tmp_path / "cache"))
     index = prepare(data, tmp_path / "cache", tmp_path, workers=1)
-    assert index["dtype"] == "uint32"
+    assert index.dtype == "uint32"
     blocks = open_prepared(tmp_path, data, 16).train["train"]
     ids = blocks.tokens(0, blocks.num_tokens)
     assert ids.tolist() == tok.encode(" ".join(words)).ids + [300]  # then EOS
@@ -368,7 +368,7 @@ def test_bpe_on_a_large_corpus_trains_on_a_fixed_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "train_bpe", lambda n, docs: read.append(sum(map(len, docs))) or real_train(n, docs))
     a = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c1")), tmp_path / "c1", None, 1)
     b = prepare(Data(train=files, tokenizer="bpe-512", cache_dir=str(tmp_path / "c2")), tmp_path / "c2", None, 1)
-    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] != whole["tokenizer"]["sha256"]
+    assert a.tokenizer.sha256 == b.tokenizer.sha256 != whole.tokenizer.sha256
     assert len(read) == 2 and all(4000 <= n < 4000 + 5000 for n in read)  # the budget plus at most one document
     assert {p.name for p in (tmp_path / "c1" / "tokenizers").glob("tokenizer-*")} != \
            {p.name for p in (tmp_path / "c0" / "tokenizers").glob("tokenizer-*")}
@@ -422,12 +422,12 @@ def test_a_long_document_is_encoded_in_bounded_pieces_with_the_ids_of_the_whole(
     index = prepare(data, tmp_path / "cache", None, workers=1)
     assert sizes and max(sizes) <= limit and sum(sizes) >= len(line), sizes[:5]
 
-    tok = Tokenizer.from_file(str(tmp_path / "cache" / index["tokenizer"]["file"]))
-    eos = index["eos"]
+    tok = Tokenizer.from_file(str(tmp_path / "cache" / index.tokenizer.file))
+    eos = index.eos
     docs = [line] if fmt == "txt" else ["a short one", line]
     expected = [i for doc in docs for i in [*tok.encode(doc, add_special_tokens=False).ids, eos]]
-    shard = index["train"]["train"]["files"][0]["shards"]
-    got = np.concatenate([np.fromfile(tmp_path / "cache" / s["path"], dtype=index["dtype"]) for s in shard])
+    shard = index.train["train"].files[0].shards
+    got = np.concatenate([np.fromfile(tmp_path / "cache" / s.path, dtype=index.dtype) for s in shard])
     assert got.tolist() == expected
     if tokenizer.startswith("bpe-"):
         monkeypatch.setattr(documents, "MAX_ENCODE_CHARS", 10**9)  # no cut: the whole document at once

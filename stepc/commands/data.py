@@ -57,10 +57,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len)
     if lines or not args.quiet:
-        for kind in ("train", "validation"):
-            for name, entry in index[kind].items():
-                print(f"{kind} {name}: {len(entry['files'])} file(s), {entry['documents']} documents, "
-                      f"{entry['tokens']} tokens ({index['dtype']})")
+        for kind, by_name in index.datasets().items():
+            for name, entry in by_name.items():
+                print(f"{kind} {name}: {len(entry.files)} file(s), {entry.documents} documents, "
+                      f"{entry.tokens} tokens ({index.dtype})")
         where = f"; index {run_dir / 'data-index.json'}" if run_dir else ""
         print(f"data prepared in {time.monotonic() - started:.1f} s (cache {data.cache_dir}{where})")
     return 0

@@ -206,7 +206,7 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
         raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
                              "or pass --allow-data-change") from None
     from stepc.runtime.data.prepared import fingerprint_files, index_files  # numpy/tokenizers, no torch
-    from stepc.runtime.data.shards import read_index
+    from stepc.runtime.data.index import read_index
 
     index = read_index(run_dir)
     if index is None:

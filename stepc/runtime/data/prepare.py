@@ -41,6 +41,8 @@ from stepc.errors import UserError
 from stepc.atomic import atomic_write_bytes, atomic_write_json, remove_orphaned_temporaries, temporary_prefix
 from stepc.hashing import canonical_json, file_sha256_hex
 from stepc.rundir import RunDir
+from stepc.runtime.data.index import (CachedUnit, DataIndex, Dataset, FileEntry, FileShards, ShardRef, TokenizerRef,
+                                     UnitMeta, read_json_record)
 from stepc.runtime.data.prepared import current_index
 from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype
@@ -90,9 +92,14 @@ def identify(path: Path, cache: Path, rehash: bool = False) -> DataFile:
     return DataFile(path, st.st_size, st.st_mtime_ns, digest)
 
 
-def changed_error(path: Path) -> UserError:
-    return UserError("this data file changed while it was being prepared", file=str(path),
-                     fix="wait until whatever writes it has finished, then rerun `stepc data prepare`")
+class DataFileChanged(UserError):
+    """A data file changed while it was hashed or tokenised: its shards (keyed by the old content)
+    are removed and the user reruns once the writer is done."""
+
+
+def changed_error(path: Path) -> DataFileChanged:
+    return DataFileChanged("this data file changed while it was being prepared", file=str(path),
+                           fix="wait until whatever writes it has finished, then rerun `stepc data prepare`")
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -170,7 +177,7 @@ def encode_unit(task: Task) -> dict[str, Any]:
     try:
         return _encode_unit(task)
     except UserError as err:
-        return {"error": [err.message, err.file, err.key, err.fix]}
+        return {"error": [err.message, err.file, err.key, err.fix], "changed": isinstance(err, DataFileChanged)}
     except OSError as exc:
         err = write_error(exc, Path(task.out).parent)
         return {"error": [err.message, err.file, err.key, err.fix]}
@@ -224,10 +231,10 @@ def _encode_unit(task: Task) -> dict[str, Any]:
         os.replace(tmp, out.with_suffix(".bin"))
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"format": SHARD_FORMAT, "start": task.unit.start, "stop": task.unit.stop, "tokens": tokens,
-            "documents": documents, "sha256": digest.hexdigest()}
-    atomic_write_json(out.with_suffix(".json"), meta)
-    return meta
+    meta = UnitMeta(format=SHARD_FORMAT, start=task.unit.start, stop=task.unit.stop, tokens=tokens,
+                    documents=documents, sha256=digest.hexdigest())
+    atomic_write_json(out.with_suffix(".json"), meta.model_dump())
+    return meta.model_dump()
 
 
 def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
@@ -258,7 +265,7 @@ def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callab
 
 def _report(meta: dict[str, Any], done: int, total: int, started: float, progress: Callable[[str], None]) -> int:
     if "error" in meta:
-        raise UserError(*meta["error"])
+        raise (DataFileChanged if meta.get("changed") else UserError)(*meta["error"])
     done += 1
     progress(f"  {done}/{total} units tokenised ({(time.monotonic() - started):.1f} s)")
     return done
@@ -272,32 +279,24 @@ def _file_dir(cache: Path, tok_hash: str, file: DataFile, text_field: str) -> Pa
     return cache / "shards" / tok_hash[:16] / hashlib.sha256(canonical_json(key).encode()).hexdigest()[:32]
 
 
-def _file_index(directory: Path) -> dict[str, Any] | None:
-    try:
-        index = json.loads((directory / "index.json").read_bytes())
-    except (OSError, ValueError):
+def _file_index(directory: Path) -> FileShards | None:
+    """A completely prepared file's cache index, or None unless every shard it lists is there at its size."""
+    index = read_json_record(directory / "index.json", FileShards)
+    if index is None:
         return None
-    for unit in index["units"]:
-        shard = directory / unit["shard"]
+    itemsize = np.dtype(index.dtype).itemsize
+    for unit in index.units:
         try:
-            if shard.stat().st_size != unit["tokens"] * np.dtype(index["dtype"]).itemsize:
+            if (directory / unit.shard).stat().st_size != unit.tokens * itemsize:
                 return None
         except OSError:
             return None
     return index
 
 
-def _unit_meta(path: Path) -> dict[str, Any] | None:
-    """A finished unit's metadata (tokens, sha256 of its shard), or None when there is none to trust."""
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
 def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int | None = None,
             verify: bool = False, progress: Callable[[str], None] = lambda line: None,
-            seq_len: int | None = None) -> dict[str, Any]:
+            seq_len: int | None = None) -> DataIndex:
     """Tokenise whatever is missing from the cache and return the data index (written to
     ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
     file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
@@ -324,48 +323,82 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
         raise write_error(exc, cache, run_dir) from None
 
 
-def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify: bool,
-             progress: Callable[[str], None], seq_len: int | None) -> dict[str, Any]:
-    datasets: dict[str, dict[str, list[DataFile]]] = {"train": {}, "validation": {}}
-    patterns: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
-    for name, source in data.training_sources().items():
-        key = "data.train" if not data.sources else f"data.sources.{name}.files"
-        patterns["train"][name] = list(source.files)
-        datasets["train"][name] = [identify(p, cache, verify) for p in expand_patterns(source.files, key)]
-    for name, pattern in sorted(data.validation.items()):
-        patterns["validation"][name] = [pattern]
-        datasets["validation"][name] = [identify(p, cache, verify) for p in expand_patterns([pattern], f"data.validation.{name}")]
+@dataclass
+class _Datasets:
+    """Each dataset's patterns and the files they matched, identified (sizes, mtimes, sha256s)."""
+    patterns: dict[str, dict[str, list[str]]]  # kind ("train"/"validation") -> name -> globs
+    files: dict[str, dict[str, list[DataFile]]]  # kind -> name -> files in stream order
 
-    train_files = [f for files in datasets["train"].values() for f in files]
-    tok, tok_hash = resolve_tokenizer(data, train_files, cache)
-    dtype = token_dtype(id_bound(tok))
-    eos = eos_id(tok)
-    chunks = txt_chunks_safe(tok)
+    def all_files(self) -> Iterator[DataFile]:
+        for by_name in self.files.values():
+            for files in by_name.values():
+                yield from files
 
-    unique: dict[Path, DataFile] = {}
-    for files in (*datasets["train"].values(), *datasets["validation"].values()):
-        for f in files:
-            unique.setdefault(_file_dir(cache, tok_hash, f, data.text_field), f)
+
+def _dataset_key(data: Data, kind: str, name: str) -> str:
+    """The TOML key a dataset comes from (for errors)."""
+    if kind == "validation":
+        return f"data.validation.{name}"
+    return f"data.sources.{name}.files" if data.sources else "data.train"
+
+
+def _identify_datasets(data: Data, cache: Path, rehash: bool) -> _Datasets:
+    sets = _Datasets({"train": {}, "validation": {}}, {"train": {}, "validation": {}})
+    sources = {("train", n): list(s.files) for n, s in data.training_sources().items()}
+    sources.update({("validation", n): [p] for n, p in sorted(data.validation.items())})
+    for (kind, name), globs in sources.items():
+        sets.patterns[kind][name] = globs
+        paths = expand_patterns(globs, _dataset_key(data, kind, name))
+        sets.files[kind][name] = [identify(p, cache, rehash) for p in paths]
+    return sets
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    """How this preparation tokenises: the spec's tokenizer and what follows from it."""
+    tok: Tokenizer
+    tok_hash: str
+    dtype: np.dtype
+    eos: int
+    txt_chunks: bool
+
+
+def _plan_tasks(data: Data, cache: Path, enc: _Encoding, files: dict[Path, DataFile], verify: bool,
+                progress: Callable[[str], None]) -> tuple[list[Task], dict[Path, tuple[DataFile, list[Unit]]]]:
+    """The units still to tokenise, and the files (by cache directory) that are not completely
+    prepared. A unit whose shard survives whole (and, with ``verify``, matches its sha256) is kept."""
     tasks: list[Task] = []
     pending: dict[Path, tuple[DataFile, list[Unit]]] = {}
-    for directory, f in unique.items():
+    for directory, f in files.items():
         if _file_index(directory) is not None and not verify:
             continue
         units = plan_units(f.path, data.text_field)
         pending[directory] = (f, units)
         for i, unit in enumerate(units):
             meta, shard = directory / f"{i:05d}.json", directory / f"{i:05d}.bin"
-            recorded = _unit_meta(meta)
+            recorded = read_json_record(meta, UnitMeta)
             if recorded is not None and shard.is_file():  # finished earlier (perhaps by an interrupted run)
-                whole = shard.stat().st_size == recorded["tokens"] * dtype.itemsize  # a truncated shard is not finished
-                if whole and (not verify or file_sha256_hex(shard) == recorded["sha256"]):
+                whole = shard.stat().st_size == recorded.tokens * enc.dtype.itemsize  # a truncated shard is not finished
+                if whole and (not verify or file_sha256_hex(shard) == recorded.sha256):
                     continue
                 why = "does not match its recorded sha256" if whole else "is shorter or longer than its recorded tokens"
                 progress(f"{shard} {why}: tokenising its unit again")
                 (directory / "index.json").unlink(missing_ok=True)
                 meta.unlink()
-            tasks.append(Task(str(f.path), unit, data.text_field, chunks, str(directory / f"{i:05d}"), dtype.name,
-                              eos, f.size, f.mtime_ns))
+            tasks.append(Task(str(f.path), unit, data.text_field, enc.txt_chunks, str(directory / f"{i:05d}"),
+                              enc.dtype.name, enc.eos, f.size, f.mtime_ns))
+    return tasks, pending
+
+
+def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify: bool,
+             progress: Callable[[str], None], seq_len: int | None) -> DataIndex:
+    sets = _identify_datasets(data, cache, verify)
+    tok, tok_hash = resolve_tokenizer(data, [f for files in sets.files["train"].values() for f in files], cache)
+    enc = _Encoding(tok, tok_hash, token_dtype(id_bound(tok)), eos_id(tok), txt_chunks_safe(tok))
+    unique: dict[Path, DataFile] = {}
+    for f in sets.all_files():
+        unique.setdefault(_file_dir(cache, tok_hash, f, data.text_field), f)
+    tasks, pending = _plan_tasks(data, cache, enc, unique, verify, progress)
     if tasks:
         progress(f"preparing {len(pending)} file(s): {len(tasks)} unit(s) on {min(workers, len(tasks))} worker(s)")
     # a killed preparation's temporaries, wherever it was writing (a file finished since by another
@@ -376,42 +409,47 @@ def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify
         directory.mkdir(parents=True, exist_ok=True)
     try:
         _run_tasks(tasks, tok, workers, progress)
-    except UserError as err:
-        if "changed while" in err.message and err.file:
-            for directory, (f, _) in pending.items():  # shards of new content under the old key
-                if str(f.path) == err.file:
-                    shutil.rmtree(directory, ignore_errors=True)
+    except DataFileChanged as err:
+        for directory, (f, _) in pending.items():  # shards of new content under the old key
+            if str(f.path) == err.file:
+                shutil.rmtree(directory, ignore_errors=True)
         raise
     for directory, (f, units) in pending.items():
-        _finish_file(directory, f, units, tok_hash, dtype)
+        _finish_file(directory, f, units, tok_hash, enc.dtype)
+    index = _build_index(data, cache, enc, sets)
+    if seq_len is not None:
+        for kind, by_name in index.datasets().items():
+            for name, dataset in by_name.items():
+                if dataset.tokens < seq_len:
+                    raise UserError(f"data too small: {dataset.tokens} tokens, fewer than one block of seq_len={seq_len}",
+                                    file=dataset.patterns[0], key=_dataset_key(data, kind, name),
+                                    fix="add data or lower model.seq_len")
+    if run_dir is not None:
+        index.write(run_dir)
+    return index
 
-    index = {"format": SHARD_FORMAT, "tokenizer": {"name": data.tokenizer, "sha256": tok_hash,
-                                                   "file": f"tokenizers/{tok_hash}.json"},
-             "cache_dir": data.cache_dir, "dtype": dtype.name, "eos": eos, "text_field": data.text_field,
-             "train": {}, "validation": {}}
-    for kind in ("train", "validation"):
-        for name, files in datasets[kind].items():
+
+def _build_index(data: Data, cache: Path, enc: _Encoding, sets: _Datasets) -> DataIndex:
+    """The run's data index from the (now complete) per-file cache indexes."""
+    datasets: dict[str, dict[str, Dataset]] = {"train": {}, "validation": {}}
+    for kind, by_name in sets.files.items():
+        for name, files in by_name.items():
             entries = []
             for f in files:
-                directory = _file_dir(cache, tok_hash, f, data.text_field)
+                directory = _file_dir(cache, enc.tok_hash, f, data.text_field)
                 findex = _file_index(directory)
-                assert findex is not None
-                entries.append({"path": f.path.as_posix(), "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256,
-                                "shards": [{"path": (directory / u["shard"]).relative_to(cache).as_posix(),
-                                            "tokens": u["tokens"], "sha256": u["sha256"]} for u in findex["units"]],
-                                "documents": findex["documents"], "tokens": findex["tokens"]})
-            index[kind][name] = {"patterns": patterns[kind][name], "files": entries,
-                                 "tokens": sum(e["tokens"] for e in entries),
-                                 "documents": sum(e["documents"] for e in entries)}
-            if seq_len is not None and index[kind][name]["tokens"] < seq_len:
-                key = (f"data.validation.{name}" if kind == "validation"
-                       else f"data.sources.{name}.files" if data.sources else "data.train")
-                raise UserError(f"data too small: {index[kind][name]['tokens']} tokens, fewer than one block of "
-                                f"seq_len={seq_len}", file=patterns[kind][name][0], key=key,
-                                fix="add data or lower model.seq_len")
-    if run_dir is not None:
-        atomic_write_json(RunDir(run_dir).data_index, index)
-    return index
+                assert findex is not None  # every pending file was finished above
+                shards = [ShardRef(path=(directory / u.shard).relative_to(cache).as_posix(), tokens=u.tokens,
+                                   sha256=u.sha256) for u in findex.units]
+                entries.append(FileEntry(path=f.path.as_posix(), size=f.size, mtime_ns=f.mtime_ns, sha256=f.sha256,
+                                         shards=shards, documents=findex.documents, tokens=findex.tokens))
+            datasets[kind][name] = Dataset(patterns=sets.patterns[kind][name], files=entries,
+                                           tokens=sum(e.tokens for e in entries),
+                                           documents=sum(e.documents for e in entries))
+    return DataIndex(format=SHARD_FORMAT, tokenizer=TokenizerRef(name=data.tokenizer, sha256=enc.tok_hash,
+                                                                 file=f"tokenizers/{enc.tok_hash}.json"),
+                     cache_dir=data.cache_dir, dtype=enc.dtype.name, eos=enc.eos, text_field=data.text_field,
+                     train=datasets["train"], validation=datasets["validation"])
 
 
 def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str, dtype: np.dtype) -> None:
@@ -419,12 +457,12 @@ def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str,
     checking that the file still is what was hashed."""
     metas = []
     for i, unit in enumerate(units):
-        meta = json.loads((directory / f"{i:05d}.json").read_bytes())
-        if (meta["start"], meta["stop"]) != (unit.start, unit.stop):
+        meta = read_json_record(directory / f"{i:05d}.json", UnitMeta)
+        if meta is None or (meta.start, meta.stop) != (unit.start, unit.stop):
             raise UserError("the shard cache holds units of another layout", file=str(directory),
                             fix=f"delete {directory} and rerun `stepc data prepare`")
-        metas.append({**meta, "shard": f"{i:05d}.bin"})
-    documents = sum(m["documents"] for m in metas)
+        metas.append(CachedUnit(**meta.model_dump(), shard=f"{i:05d}.bin"))
+    documents = sum(m.documents for m in metas)
     if documents == 0:
         raise UserError("this data file holds no documents (every text is empty)", file=str(f.path),
                         fix="remove it from the data globs")
@@ -432,6 +470,6 @@ def _finish_file(directory: Path, f: DataFile, units: list[Unit], tok_hash: str,
     if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
         shutil.rmtree(directory, ignore_errors=True)
         raise changed_error(f.path)
-    index = {"format": SHARD_FORMAT, "file_sha256": f.sha256, "tokenizer": tok_hash, "dtype": dtype.name,
-             "units": metas, "documents": documents, "tokens": sum(m["tokens"] for m in metas)}
-    atomic_write_json(directory / "index.json", index)
+    index = FileShards(format=SHARD_FORMAT, file_sha256=f.sha256, tokenizer=tok_hash, dtype=dtype.name,
+                       units=metas, documents=documents, tokens=sum(m.tokens for m in metas))
+    atomic_write_json(directory / "index.json", index.model_dump())

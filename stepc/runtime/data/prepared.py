@@ -20,7 +20,8 @@ from stepc.errors import UserError
 from stepc.hashing import canonical_json, file_sha256_hex
 from stepc.runtime.data.documents import expand_patterns
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler, holdout_split
-from stepc.runtime.data.shards import SHARD_FORMAT, Shard, TokenBlocks, read_index, shards_sha256
+from stepc.runtime.data.index import DataIndex, FileEntry, read_index
+from stepc.runtime.data.shards import SHARD_FORMAT, Shard, TokenBlocks, shards_sha256
 from stepc.runtime.data.tokenizer import tokenizer_hash
 from stepc.schema.spec import Data
 
@@ -39,7 +40,14 @@ def _stale(run_dir: Path, why: str) -> UserError:
                          "directory the spec's data paths are relative to")
 
 
-def current_index(run_dir: Path, data: Data) -> dict[str, Any]:
+def _dataset_key(data: Data, kind: str, name: str) -> str:
+    """The TOML key a dataset comes from (for errors)."""
+    if kind == "validation":
+        return f"data.validation.{name}"
+    return f"data.sources.{name}.files" if data.sources else "data.train"
+
+
+def current_index(run_dir: Path, data: Data) -> DataIndex:
     """The run's data index if it still describes ``data`` and the files on disk: same settings,
     same files matching each pattern, each file's size and mtime as recorded (or, when those
     changed, the same sha256), every shard present at its recorded size. Otherwise a UserError
@@ -51,29 +59,28 @@ def current_index(run_dir: Path, data: Data) -> dict[str, Any]:
                 "cache_dir": data.cache_dir,
                 "train": {n: list(s.files) for n, s in data.training_sources().items()},
                 "validation": {n: [p] for n, p in data.validation.items()}}
-    recorded = {"format": index.get("format"), "tokenizer": index["tokenizer"]["name"], "text_field": index["text_field"],
-                "cache_dir": index["cache_dir"],
-                "train": {n: d["patterns"] for n, d in index["train"].items()},
-                "validation": {n: d["patterns"] for n, d in index["validation"].items()}}
+    recorded = {"format": index.format, "tokenizer": index.tokenizer.name, "text_field": index.text_field,
+                "cache_dir": index.cache_dir,
+                "train": {n: d.patterns for n, d in index.train.items()},
+                "validation": {n: d.patterns for n, d in index.validation.items()}}
     if recorded != expected:
         raise _stale(run_dir, "data-index.json was prepared for other [data] settings")
-    cache, itemsize = Path(data.cache_dir), np.dtype(index["dtype"]).itemsize
-    for kind in ("train", "validation"):
-        for name, entry in index[kind].items():
-            key = (f"data.validation.{name}" if kind == "validation"
-                   else f"data.sources.{name}.files" if data.sources else "data.train")
-            now = [p.as_posix() for p in expand_patterns(entry["patterns"], key)]
-            if now != [f["path"] for f in entry["files"]]:
+    cache = Path(data.cache_dir)
+    for kind, by_name in index.datasets().items():
+        for name, entry in by_name.items():
+            key = _dataset_key(data, kind, name)
+            now = [p.as_posix() for p in expand_patterns(entry.patterns, key)]
+            if now != [f.path for f in entry.files]:
                 raise _stale(run_dir, f"the files matching [{key}] changed since preparation")
-            for f in entry["files"]:
+            for f in entry.files:
                 _check_unchanged(run_dir, f)
-                for s in f["shards"]:
-                    path = cache / s["path"]
+                for s in f.shards:
+                    path = cache / s.path
                     try:
                         size = path.stat().st_size
                     except OSError:
                         size = -1
-                    if size != s["tokens"] * itemsize:
+                    if size != s.tokens * index.itemsize:
                         raise _stale(run_dir, f"shard {path} is missing or truncated")
     return index
 
@@ -82,26 +89,24 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
     """The run's prepared datasets as memory-mapped blocks of ``seq_len`` tokens."""
     index = current_index(run_dir, data)
     cache = Path(data.cache_dir)
-    tok_path = cache / index["tokenizer"]["file"]
+    tok_path = cache / index.tokenizer.file
     try:
         tok = Tokenizer.from_file(str(tok_path))
     except Exception:
         raise _stale(run_dir, f"cannot load the tokenizer {tok_path}") from None
-    if tokenizer_hash(tok) != index["tokenizer"]["sha256"]:
+    if tokenizer_hash(tok) != index.tokenizer.sha256:
         raise _stale(run_dir, f"{tok_path} does not match its recorded sha256")
 
     def blocks(kind: str, name: str) -> tuple[TokenBlocks, dict[str, Any]]:
-        entry = index[kind][name]
-        key = (f"data.validation.{name}" if kind == "validation"
-               else f"data.sources.{name}.files" if data.sources else "data.train")
-        shards = [Shard(cache / s["path"], s["tokens"], s["sha256"]) for f in entry["files"] for s in f["shards"]]
-        tb = TokenBlocks(shards, np.dtype(index["dtype"]), seq_len)
+        entry = index.datasets()[kind][name]
+        shards = [Shard(cache / s.path, s.tokens, s.sha256) for f in entry.files for s in f.shards]
+        tb = TokenBlocks(shards, np.dtype(index.dtype), seq_len)
         if tb.num_blocks < 1:
             raise UserError(f"data too small: {tb.num_tokens} tokens, fewer than one block of seq_len={seq_len}",
-                            file=entry["patterns"][0], key=key, fix="add data or lower model.seq_len")
-        body = {"format": SHARD_FORMAT, "files": [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]}
-                                                  for f in entry["files"]],
-                "tokenizer": index["tokenizer"]["sha256"], "seq_len": seq_len, "text_field": data.text_field,
+                            file=entry.patterns[0], key=_dataset_key(data, kind, name), fix="add data or lower model.seq_len")
+        body = {"format": SHARD_FORMAT, "files": [{"path": f.path, "size": f.size, "sha256": f.sha256}
+                                                  for f in entry.files],
+                "tokenizer": index.tokenizer.sha256, "seq_len": seq_len, "text_field": data.text_field,
                 "num_blocks": tb.num_blocks, "num_tokens": tb.num_tokens, "shards_sha256": shards_sha256(shards)}
         if kind == "train" and data.sources:
             source = data.training_sources()[name]  # every stage's weight: stages share one fingerprint
@@ -111,10 +116,10 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
         return tb, {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
 
     train, train_fp = {}, {}
-    for name in index["train"]:
+    for name in index.train:
         train[name], train_fp[name] = blocks("train", name)
     validation, fingerprint = {}, {}
-    for name in sorted(index["validation"]):
+    for name in sorted(index.validation):
         validation[name], fingerprint[name] = blocks("validation", name)
     if data.sources:
         body = {"sources": train_fp}
@@ -124,14 +129,14 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
     return PreparedData(tok, train, validation, fingerprint)
 
 
-def _check_unchanged(run_dir: Path, entry: dict[str, Any]) -> None:
-    path = Path(entry["path"])
+def _check_unchanged(run_dir: Path, entry: FileEntry) -> None:
+    path = Path(entry.path)
     try:
         st = path.stat()
     except OSError:
         raise _stale(run_dir, f"{path} is gone") from None
-    if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]) and (
-            st.st_size != entry["size"] or file_sha256_hex(path) != entry["sha256"]):
+    if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns) and (
+            st.st_size != entry.size or file_sha256_hex(path) != entry.sha256):
         raise _stale(run_dir, f"{path} changed since preparation")
 
 
@@ -147,12 +152,12 @@ def fingerprint_files(fingerprint: dict[str, Any]) -> dict[str, list[dict[str, A
     return out
 
 
-def index_files(index: dict[str, Any], blend: bool) -> dict[str, list[dict[str, Any]]]:
+def index_files(index: DataIndex, blend: bool) -> dict[str, list[dict[str, Any]]]:
     """The same view of a run's data index (see :func:`fingerprint_files`)."""
     out = {}
-    for name, entry in index["train"].items():
-        out[f"train.{name}" if blend else "train"] = entry["files"]
-    out.update({name: entry["files"] for name, entry in index["validation"].items()})
+    for name, entry in index.train.items():
+        out[f"train.{name}" if blend else "train"] = [f.model_dump() for f in entry.files]
+    out.update({name: [f.model_dump() for f in entry.files] for name, entry in index.validation.items()})
     return out
 
 

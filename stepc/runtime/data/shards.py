@@ -19,7 +19,6 @@ dropped. Shards hold uint16 ids when the vocabulary fits, else uint32.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from stepc.hashing import canonical_json
-from stepc.rundir import RunDir
 
 SHARD_FORMAT = 2  # stepc 0.1's int32 .npy block cache was format 1
 
@@ -107,11 +105,3 @@ class TokenBlocks:
 def shards_sha256(shards: Sequence[Shard]) -> str:
     """One hash of the ordered per-shard sha256s (each computed while the shard was written)."""
     return hashlib.sha256(canonical_json([s.sha256 for s in shards]).encode()).hexdigest()
-
-
-def read_index(run_dir: Path) -> dict[str, Any] | None:
-    """The run's data index, or None when `stepc data prepare` has not written it."""
-    try:
-        return json.loads(RunDir(run_dir).data_index.read_bytes())
-    except FileNotFoundError:
-        return None
