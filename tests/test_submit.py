@@ -54,17 +54,19 @@ def test_submit_one_job_or_a_chain(tmp_path: Path, monkeypatch, capsys):
     assert not list(run_dir.glob("logs/*"))  # nothing added to the run directory
 
 
-def test_submit_without_slurm_is_a_user_error(tmp_path: Path, monkeypatch):
-    from stepc.commands.submit import submit
-    from stepc.errors import UserError
-
-    assert stepc_main(["compile", str(REPO / "specs" / "tiny-cpu.toml"), "--out", str(tmp_path / "runs")]) == 0
+def test_submit_without_slurm_is_a_user_error(tmp_path: Path, monkeypatch, capsys):
+    """A run directory and a sweep, each submitted without `sbatch` on PATH: exit 2, the fix names the local command."""
+    sweep_dir, _ = _sweep(tmp_path)
+    run_dir = _compiled(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    with pytest.raises(UserError) as err:
-        submit(tmp_path / "runs" / "tiny-cpu", chain=False)
-    assert "SLURM not found" in str(err.value) and err.value.fix
+    for target in (run_dir, sweep_dir):
+        capsys.readouterr()
+        assert stepc_main(["submit", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "SLURM not found: `sbatch` is not on PATH" in err and "fix:" in err and "stepc run" in err, err
+        assert "Traceback" not in err
 
 
 # --- nothing is queued unless it is what was compiled (issue 26.3) ------------------------------------------

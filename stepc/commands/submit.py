@@ -40,6 +40,13 @@ def verified_stages(run_dir: Path) -> list[int]:
     return [stage.index for stage in manifest.plan.stages]
 
 
+def require_sbatch(run_locally: str) -> None:
+    """SLURM is here (`sbatch` on PATH), or a UserError that names ``run_locally``, the command that runs the work without it."""
+    if shutil.which("sbatch") is None:
+        raise UserError("SLURM not found: `sbatch` is not on PATH",
+                        fix=f"run this on a SLURM login node (or load the slurm module), or run it locally with `{run_locally}`")
+
+
 def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:
     argv = ["sbatch", "--parsable", *args, str(script)]
     try:
@@ -57,9 +64,7 @@ def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:
 def submit(run_dir: Path, chain: bool) -> list[str]:
     """Submit the run; return the job ids (one, or one per stage in order with `chain`)."""
     run_dir = Path(run_dir)
-    if shutil.which("sbatch") is None:
-        raise UserError("SLURM not found: `sbatch` is not on PATH",
-                        fix="run this on a SLURM login node (or load the slurm module), or run the stages locally with `stepc run RUN_DIR`")
+    require_sbatch("stepc run RUN_DIR")
     stages = verified_stages(run_dir)  # run.sbatch among them
     script = (run_dir / "run.sbatch").resolve()
     env = {k: v for k, v in os.environ.items() if k != "STEPC_STAGES"}

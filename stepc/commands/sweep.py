@@ -280,14 +280,11 @@ def verify_sweep(sweep_dir: Path) -> SweepRecord:
 def submit_sweep(sweep_dir: Path) -> str:
     """sbatch the job array, once `verify_sweep` passes; the array's job id."""
     import os
-    import shutil
 
-    from stepc.commands.submit import _sbatch
+    from stepc.commands.submit import _sbatch, require_sbatch
 
     sweep_dir = Path(sweep_dir)
-    if shutil.which("sbatch") is None:
-        raise UserError("SLURM not found: `sbatch` is not on PATH",
-                        fix="run this on a SLURM login node, or run the points locally with `stepc run RUN_DIR`")
+    require_sbatch("stepc run RUN_DIR")
     verify_sweep(sweep_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("STEPC_STAGES", "STEPC_RUN_DIR")}
     env["STEPC_SWEEP_DIR"] = str(sweep_dir.resolve())
