@@ -71,13 +71,19 @@ def spec_tables(corpus: Path, name: str = "rt") -> dict[str, dict[str, Any]]:
     }
 
 
-def write_spec(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+def spec_text(tables: dict[str, dict[str, Any]]) -> str:
+    """A spec's TOML from ``{table: {key: value}}`` (sub-tables as "data.validation"): the one builder
+    of the tests' specs, so no test hand-writes TOML it could get subtly wrong."""
     lines = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
+
+
+def write_spec(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    path.write_text(spec_text(tables), encoding="utf-8")
     return path
 
 

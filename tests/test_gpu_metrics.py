@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import spec_text
 from torch.utils import flop_counter as fc
 
 from stepc.runtime.loop.flops import GPU_PEAK_BF16, mfu, peak_flops
@@ -17,8 +18,8 @@ aten = torch.ops.aten
 def small_spec(**model):
     from stepc.compiler.load import parse_spec
 
-    lines = "\n".join(f"{k} = {v}" for k, v in model.items())
-    return parse_spec(f'[experiment]\nname = "t"\n[model]\n{lines}\n[memory]\n[step]\nlora_rank = 8\n[data]\ntokenizer = "bpe-{model["vocab_size"]}"\n')
+    return parse_spec(spec_text({"experiment": {"name": "t"}, "model": model, "memory": {}, "step": {"lora_rank": 8},
+                                 "data": {"tokenizer": f"bpe-{model['vocab_size']}"}}))
 
 
 def _counted_flops(model, x) -> int:

@@ -7,6 +7,7 @@ Eq. 4/5 (P_layer = 12 d^2 + 2 d, E = 19 r d) here, independently of stepc/schedu
 from __future__ import annotations
 
 import pytest
+from conftest import spec_text
 from test_growth_spec import compile_doc, with_
 
 from stepc.compiler.load import parse_spec
@@ -16,33 +17,21 @@ D, R, L, REF, BATCH = 128, 16, 6, 300, 1024
 P, E = 12 * D * D + 2 * D, 19 * R * D
 
 
+def tables(name: str = "tokens", **step) -> dict[str, dict]:
+    """A planning-only spec: L layers of width D in two stages, ReLoRA rank R (``step`` keys added)."""
+    return {
+        "experiment": {"name": name},
+        "model": {"hidden_size": D, "num_layers": L, "num_attention_heads": 4, "vocab_size": 4096, "seq_len": 128},
+        "memory": {"accounting": "paper", "layers": step.pop("layers", [3, 3])},
+        "step": {"lora_rank": R, **step},
+        "train": {"reference_steps": REF, "global_batch_tokens": BATCH, "micro_batch_size": 4, "warmup_steps": 10},
+        "data": {"tokenizer": "bpe-4096"},
+        "launch": {"nproc_per_node": 2},
+    }
+
+
 def plan_for(**step) -> dict:
-    text = f"""
-[experiment]
-name = "tokens"
-[model]
-hidden_size = {D}
-num_layers = {L}
-num_attention_heads = 4
-vocab_size = 4096
-seq_len = 128
-[memory]
-accounting = "paper"
-layers = {step.pop("layers", [3, 3])}
-[step]
-lora_rank = {R}
-{chr(10).join(f"{k} = {v}" for k, v in step.items())}
-[train]
-reference_steps = {REF}
-global_batch_tokens = {BATCH}
-micro_batch_size = 4
-warmup_steps = 10
-[data]
-tokenizer = "bpe-4096"
-[launch]
-nproc_per_node = 2
-"""
-    return make_plan(parse_spec(text, "tokens.toml")).model_dump()
+    return make_plan(parse_spec(spec_text(tables(**step)), "tokens.toml")).model_dump()
 
 
 def test_two_stages_grow_after_the_given_tokens():

@@ -8,40 +8,17 @@ import re
 import subprocess
 
 import torch
-from conftest import STAGE_TIMEOUT, check_ok, load_weights, read_metrics, run_stage, stage_env
-from test_grow_at_tokens import BATCH, REF, D, L, P, R
+from conftest import STAGE_TIMEOUT, check_ok, load_weights, read_metrics, run_stage, spec_text, stage_env
+from test_grow_at_tokens import BATCH, REF, D, L, P, R, tables
 from test_growth_spec import compile_doc, with_
 from test_optimizer_carry import _dcp_state, assert_measured_is_predicted
 
 from stepc.compiler.load import parse_spec
 from stepc.compiler.plan import make_plan
 
-GROWTH_SPEC = f"""
-[experiment]
-name = "g"
-method = "growth"
-[model]
-hidden_size = {D}
-num_layers = {L}
-num_attention_heads = 4
-vocab_size = 4096
-seq_len = 128
-[memory]
-accounting = "paper"
-layers = [3, 3]
-[step]
-lora_rank = {R}
-growth_operator = "stack"
-[train]
-reference_steps = {REF}
-global_batch_tokens = {BATCH}
-micro_batch_size = 4
-warmup_steps = 10
-[data]
-tokenizer = "bpe-4096"
-[launch]
-nproc_per_node = 2
-"""
+GROWTH_TABLES = tables("g", growth_operator="stack")
+GROWTH_TABLES["experiment"]["method"] = "growth"
+GROWTH_SPEC = spec_text(GROWTH_TABLES)
 
 
 def test_growth_plan_trains_every_layer_at_vanilla_cost_per_layer():
