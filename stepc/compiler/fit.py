@@ -229,7 +229,7 @@ def padding_note(spec: Spec) -> str | None:
     if not odd:
         return None
     return ("speed-up: set " + " and ".join(odd) + ": GEMMs of these widths ran 2.9-5.9x slower than padded ones on an "
-            "H200, whole 368M and 1.2B steps 2.2-2.3x (bench/gpu.py); it changes the parameter count from the paper's")
+            "H200, whole 368M and 1.2B steps 2.2-2.3x (bench/gpu.py); it adds parameters, so leave it off to reproduce the paper's counts")
 
 
 def error_bound_note() -> str:
