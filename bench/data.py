@@ -287,7 +287,8 @@ def main() -> int:
                                                        f"{prep_per_cpu / 1e6:.2f}M tokens per CPU-s "
                                                        f"({result['prepare_vs_raw_per_core']:.2f}x the ceiling)"),
         ("  wall", f"{prep['wall_s']:.0f} s"),
-        ("  peak RSS, all processes", f"{prep['peak_rss_bytes'] / mb:.0f} MB (largest worker {prep['peak_worker_rss_bytes'] / mb:.0f} MB)"),
+        ("  peak RSS, all processes",
+         f"{prep['peak_rss_bytes'] / mb:.0f} MB (largest worker {prep['peak_worker_rss_bytes'] / mb:.0f} MB)"),
         ("  shards", f"{shard_bytes / mb:.0f} MB ({result['bytes_per_token']:.2f} bytes/token)"),
         ("prepare again (all cached)", f"{again['wall_s']:.1f} s"),
         ("open prepared data (per rank, stage start)", f"{open_s:.2f} s"),

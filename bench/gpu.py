@@ -141,7 +141,8 @@ def configs(smoke: bool) -> list[Config]:
         layers, padded, padded_big, rank, accum_steps = (7, 5), 4352, 5504, 128, 30
     return [
         Config("gpu-vanilla-368m", "vanilla", **m368, lora_rank=rank),
-        Config("gpu-step-368m", "step", **m368, layers=layers, carry=True, relora_reset_every=max(2, m368["reference_steps"] // 3),
+        Config("gpu-step-368m", "step", **m368, layers=layers, carry=True, relora_reset_every=max(2,
+                                                                                                  m368["reference_steps"] // 3),
                lora_rank=rank),
         Config("gpu-vanilla-1.2b", "vanilla", **big, lora_rank=rank),
         Config("gpu-robust", "step", **small, layers=(2, 2), carry=True, relora_reset_every=5, checkpoint_every=5, lora_rank=8),
@@ -640,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", type=Path, help="compile the benchmark's run dirs into this directory")
     parser.add_argument("--run", type=Path, help="run a prepared directory (runtime only)")
-    parser.add_argument("--smoke", action="store_true", help="tiny models, few steps (with neither --prepare nor --run: both, in a temp dir)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models, few steps (with neither --prepare nor --run: both, in a temp dir)")
     parser.add_argument("--out", type=Path, help="where --run writes the JSON (default: DIR/gpu.json)")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole --run (default %(default)s)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, metavar="PART",

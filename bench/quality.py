@@ -106,7 +106,8 @@ nproc_per_node = 1
 def spec_text(name: str, steps: int, seed: int, accounting: str = "exact") -> str:
     method, step_extra = VARIANTS[name]
     return BASE.format(
-        name=name, seed=seed, method=method, step_extra=step_extra, accounting=accounting, stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
+        name=name, seed=seed, method=method, step_extra=step_extra, accounting=accounting,
+        stages={"step": "stages = 2", "growth": "layers = [4, 4]"}.get(method, ""),
         steps=steps, reset=max(20, steps // 4), warm=max(10, steps // 10), warmup=max(5, steps // 20),
         ckpt=max(10, steps // 2), lr=1e-2 if method == "galore" else 3e-3, root=ROOT.as_posix(),
     )
@@ -182,7 +183,8 @@ def main() -> None:
             print(f"done {row['method']} in {row['wall_s']} s", flush=True)
             # the finished rows so far: a long run cut short keeps what it measured
             partial = [done[m] for m in args.methods if m in done]
-            out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": partial, "partial": True}, indent=1) + "\n")
+            out.write_text(json.dumps({"reference_steps": args.reference_steps, "rows": partial, "partial": True},
+                                      indent=1) + "\n")
     rows = [done[m] for m in args.methods]
     vanilla = rows[0]
     header = (f"{'method':17} {'layout':>8} {'steps':>6} {'tokens':>10} {'FLOPs':>10} {'ppl held-out':>13} {'ppl milton':>11} "

@@ -444,10 +444,12 @@ def test_a_set_naming_only_a_sources_weight_blames_the_missing_files(tmp_path, c
 
 
 NO_EFFECT = [  # (changes, key): a [step] value the method or operator never reads
-    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__stack_block": 2}, "step.stack_block"),
+    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__stack_block": 2},
+     "step.stack_block"),
     ({"experiment__method": "galore", "memory__stages": 1, "memory__budget": DELETE, "launch__nproc_per_node": 1,
       "train__micro_batch_size": 8, "step__growth_operator": "stack"}, "step.growth_operator"),
-    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__galore_rank": 64}, "step.galore_rank"),
+    ({"experiment__method": "vanilla", "memory__stages": 1, "memory__budget": DELETE, "step__galore_rank": 64},
+     "step.galore_rank"),
     ({"experiment__method": "relora", "memory__stages": 1, "memory__budget": DELETE, "step__relora_warm_start_steps": 10,
       "step__fpi": True}, "step.fpi"),
     ({"step__prune_ratio": 0.5}, "step.prune_ratio"),  # optimizer_reset = "zero" never prunes

@@ -333,7 +333,8 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
 
 
-@pytest.mark.parametrize("how, expected", [("flipped", "different content (sha256)"), ("truncated", "bytes, but the export recorded"),
+@pytest.mark.parametrize("how, expected", [("flipped", "different content (sha256)"), ("truncated",
+                                                                                       "bytes, but the export recorded"),
                                            ("missing", "is missing"), ("legacy", "lists no files")])
 def test_next_stage_refuses_a_damaged_export(stage1, tmp_path, how, expected):
     run_dir = copy_run(stage1, tmp_path)

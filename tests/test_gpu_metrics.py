@@ -65,7 +65,8 @@ def test_flops_per_token_matches_a_counted_forward_backward(new, old, vocab, pad
         # (the 1% tolerance below would hide a wrong adapter term: it is ~1% of this stage's FLOPs)
         adapters = [p for name, p in model.model.layers[0].named_parameters() if "lora_" in name]
         assert len(adapters) == 14 and adapter_params(cfg, 8) == sum(p.numel() for p in adapters)
-        assert model_flops_per_token(cfg, new, old, 8) - model_flops_per_token(cfg, new, old, 0) == 6 * old * adapter_params(cfg, 8)
+        assert model_flops_per_token(cfg, new, old, 8) - model_flops_per_token(cfg, new, old, 0) == 6 * old * adapter_params(cfg,
+                                                                                                                             8)
     x = torch.randint(0, vocab, (2, 128))
     counted = _counted_flops(model, x)
     predicted = model_flops_per_token(cfg, new, old, 8) * x.numel()

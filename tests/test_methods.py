@@ -119,7 +119,8 @@ def test_galore_needs_a_single_rank(tmp_path):
     from stepc.errors import UserError
 
     with pytest.raises(UserError) as err:
-        parse_spec(spec_for("galore").replace("nproc_per_node = 1", "nproc_per_node = 2").replace("micro_batch_size = 4", "micro_batch_size = 2"))
+        parse_spec(spec_for("galore").replace("nproc_per_node = 1", "nproc_per_node = 2").replace("micro_batch_size = 4",
+                                                                                                  "micro_batch_size = 2"))
     assert err.value.key == "launch.nproc_per_node"
 
 

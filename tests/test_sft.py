@@ -318,7 +318,8 @@ def _refused(proc: subprocess.CompletedProcess, *needles: str, fix_line: bool = 
 
 def test_bad_instruction_data_and_init_from_exit_2_before_torchrun(pretrained, instructions, tmp_path):
     good = (instructions / "train.jsonl").read_text().splitlines()
-    spec_of = lambda name, data, **kw: write_spec(tmp_path / f"{name}.toml", sft_tables(pretrained, data, name, **kw))  # noqa: E731
+    spec_of = lambda name, data, **kw: write_spec(tmp_path / f"{name}.toml", sft_tables(pretrained, data, name,
+                                                                                        **kw))  # noqa: E731
 
     # a missing field: stepc compile names the file and line
     missing = tmp_path / "missing.jsonl"

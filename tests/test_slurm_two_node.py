@@ -224,7 +224,8 @@ def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster
     refused = (run_dir / "logs" / f"slurm-{NAME}-{second.job_id}.out").read_text()
     assert f"another launch is training this run directory: SLURM job {first.job_id}" in refused, refused
 
-    wait_for("stage 1 step 10", lambda: re.search(r"stage 1(/\d+)? step 10/", stage_log(run_dir, 1)), cluster, first.job_id, run_dir)
+    wait_for("stage 1 step 10", lambda: re.search(r"stage 1(/\d+)? step 10/", stage_log(run_dir, 1)), cluster, first.job_id,
+             run_dir)
     cluster.scancel(first.job_id)
     assert cluster.wait_job(first.job_id, timeout=60) == "CANCELLED"
     deadline = time.monotonic() + 20

@@ -88,7 +88,8 @@ def rename(table: str, new: str) -> Callable[[dict], None]:
 # (id, mutation or raw TOML text, key path that must be named, other text that must appear)
 CASES: list[tuple[str, Any, str | None, str]] = [
     ("unknown-key-did-you-mean", edit(model__hiden_size=128), "model.hiden_size", "did you mean 'model.hidden_size'"),
-    ("unknown-key-in-slurm", edit(launch__slurm__partiton="gpu"), "launch.slurm.partiton", "did you mean 'launch.slurm.partition'"),
+    ("unknown-key-in-slurm", edit(launch__slurm__partiton="gpu"), "launch.slurm.partiton",
+     "did you mean 'launch.slurm.partition'"),
     ("typo-table", rename("model", "modle"), "modle", "did you mean 'model'"),
     ("unknown-top-level-table", edit(optimizer__name="adam"), "optimizer", "unknown key"),
     ("missing-model", edit(model=DELETE), "model", "required"),
@@ -106,7 +107,8 @@ CASES: list[tuple[str, Any, str | None, str]] = [
     ("inf-weight-decay", edit(train__weight_decay=float("inf")), "train.weight_decay", "finite"),
     ("nan-grow-at", edit(step__grow_at=float("nan")), "step.grow_at", "nan"),
     ("inf-lora-alpha", edit(step__lora_alpha=float("inf")), "step.lora_alpha", "finite"),
-    ("heads-not-dividing-hidden", edit(model__num_attention_heads=5), "model.num_attention_heads", "do not divide hidden_size 128"),
+    ("heads-not-dividing-hidden", edit(model__num_attention_heads=5), "model.num_attention_heads",
+     "do not divide hidden_size 128"),
     ("odd-head-dim", edit(model__hidden_size=96, model__num_attention_heads=32), "model.num_attention_heads", "odd"),
     ("kv-heads-not-dividing", edit(model__num_key_value_heads=3), "model.num_key_value_heads", "do not divide 4 attention heads"),
     ("stages-more-than-layers", edit(memory__stages=7), "memory.stages", "at most 6 stages"),

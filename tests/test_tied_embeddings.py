@@ -57,7 +57,8 @@ def test_tied_model_measured_state_bytes_equal_the_prediction(make_run, tmp_path
 
     from stepc.commands.evaluate import evaluate_run
 
-    (last,) = [m for m in metrics if m["event"] == "eval" and m["stage"] == 2 and m["step"] == manifest["plan"]["stages"][1]["steps"]]
+    (last,
+     ) = [m for m in metrics if m["event"] == "eval" and m["stage"] == 2 and m["step"] == manifest["plan"]["stages"][1]["steps"]]
     scored = evaluate_run(run_dir, [], None, None)["perplexity"]
     assert scored["heldout"] == pytest.approx(last["ppl_heldout"], rel=1e-3), (scored, last)
 

@@ -69,7 +69,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
                                 spec.experiment.seed)
     result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
     for name, (blocks, indices) in sets.items():
-        total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices), device).tolist()
+        total, count = loss_sums(model, iter_eval_batches(blocks, batch_size, 0, 1, spec.eval.max_tokens, indices),
+                                 device).tolist()
         result["perplexity"][name] = math.exp(total / count)
     if tasks:
         result["tasks"] = _lm_eval(model, export, tasks, task_manager, limit, batch_size, device)

@@ -100,9 +100,11 @@ def generate_answers(run_dir: Path, questions_path: Path, out: Path, max_new_tok
                         "no prompt template to answer in", file=str(run_dir),
                         fix='generate from a run with method = "sft" (its [sft] template is the prompt format it learned)')
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1", key="--max-new-tokens", fix="e.g. --max-new-tokens 1024")
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1", key="--max-new-tokens",
+                        fix="e.g. --max-new-tokens 1024")
     if temperature < 0:
-        raise UserError(f"--temperature {temperature}: must be 0 (greedy) or more", key="--temperature", fix="e.g. --temperature 0.7")
+        raise UserError(f"--temperature {temperature}: must be 0 (greedy) or more", key="--temperature",
+                        fix="e.g. --temperature 0.7")
     if out.is_dir():
         raise UserError(f"{out} is a directory", key="--out", fix="pass the answer file's path, e.g. answers.jsonl")
     export = RunDir(run_dir).export
@@ -136,7 +138,8 @@ def generate_answers(run_dir: Path, questions_path: Path, out: Path, max_new_tok
                 ids = ids[-(seq_len - budget):]
                 progress(f"question {q['question_id']} turn {turn + 1}: the conversation is longer than seq_len = {seq_len} "
                          "tokens; its beginning was cut")
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+            greedy = {"do_sample": False}
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else greedy
             if temperature > 0:
                 torch.manual_seed(_seed(seed, q["question_id"], turn))
             prompt = torch.tensor([ids], device=device)
@@ -154,5 +157,6 @@ def generate_answers(run_dir: Path, questions_path: Path, out: Path, max_new_tok
     try:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     except OSError as exc:
-        raise UserError(f"cannot write the answers: {exc.strerror}", file=str(out), key="--out", fix="pass a writable path") from None
+        raise UserError(f"cannot write the answers: {exc.strerror}", file=str(out), key="--out",
+                        fix="pass a writable path") from None
     return records

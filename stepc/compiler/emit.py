@@ -47,7 +47,8 @@ def render_files(spec: Spec, plan: Plan, spec_text: str) -> dict[str, bytes]:
             summary = f"{stage.total_layers} layers ({stage.new_layers} new), all trained, {stage.steps} steps"
         if plan.sft is not None:  # method "sft": the init_from run's layers, all trained
             summary = f"{stage.total_layers} layers of {plan.sft.init_from.run_dir}'s export, all trained, {stage.steps} steps"
-        files[f"stage-{stage.index}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage, stage_summary=summary).encode()
+        files[f"stage-{stage.index}.sh"] = env.get_template("stage.sh.j2").render(common, stage=stage,
+                                                                                  stage_summary=summary).encode()
     files["run.sbatch"] = env.get_template("run.sbatch.j2").render(common).encode()
     files["plan.md"] = env.get_template("plan.md.j2").render(
         common, table=plan_table(plan), vanilla=format_bytes(plan.vanilla_peak_bytes), peak=format_bytes(plan.peak_bytes),

@@ -34,7 +34,8 @@ def memory_png(plan: Plan, title: str) -> bytes:
     for k in range(6):  # horizontal grid with GB labels
         value = top * k / 5
         draw.line([(LEFT, y(value)), (WIDTH - RIGHT, y(value))], fill=GRID)
-        draw.text((LEFT - 8, y(value)), f"{value / 1e9:.2f}" if top >= 1e9 else f"{value / 1e6:.1f}", fill=INK, font=small, anchor="rm")
+        draw.text((LEFT - 8, y(value)), f"{value / 1e9:.2f}" if top >= 1e9 else f"{value / 1e6:.1f}", fill=INK, font=small,
+                  anchor="rm")
     slot = plot_w / len(bars)
     for i, (label, sub, value, color) in enumerate(bars):
         x0, x1 = LEFT + slot * (i + 0.2), LEFT + slot * (i + 0.8)

@@ -27,7 +27,8 @@ def read_spec_text(path: str | Path) -> str:
     device would block or never end), over MAX_SPEC_BYTES, or not UTF-8."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise UserError("spec file not found", file=str(path), fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml")
+        raise UserError("spec file not found", file=str(path),
+                        fix="pass the path of an existing .toml spec, e.g. specs/tiny-cpu.toml")
     data = read_regular_file(path, "spec", "pass the path of a UTF-8 TOML spec file", MAX_SPEC_BYTES)
     try:
         return data.decode("utf-8")

@@ -39,7 +39,8 @@ def runtime_facing_problems(spec: Spec) -> Iterator[Problem]:
                f"{params:.2e}-parameter model, more than any machine trains (limit {MAX_PARAMETERS:.0e})",
                "check model.hidden_size, num_layers, intermediate_size and vocab_size for a typo")
     if m.intermediate_size is not None and m.intermediate_size > 16 * m.hidden_size:
-        yield ("model.intermediate_size", f"intermediate_size {m.intermediate_size} is more than 16 x hidden_size {m.hidden_size}",
+        yield ("model.intermediate_size",
+               f"intermediate_size {m.intermediate_size} is more than 16 x hidden_size {m.hidden_size}",
                "LLaMA uses about 8/3 x hidden_size; remove the key for that default")
     if spec.method.optimizer == "galore" and spec.step.galore_rank > m.hidden_size:
         yield ("step.galore_rank", f"rank {spec.step.galore_rank} exceeds hidden_size {m.hidden_size}: a projection cannot "
@@ -135,7 +136,8 @@ _APPLIES = {
        for key in ("lora_rank", "lora_alpha", "relora_reset_every", "restart_warmup_steps", "optimizer_reset")},
     "prune_ratio": (lambda s: s.method.adapters and s.step.optimizer_reset == "magnitude",
                     f'optimizer_reset = "magnitude" of methods {ADAPTERS}'),
-    "relora_warm_start_steps": (lambda s: s.method.schedule == "relora", f"methods {names_with(lambda m: m.schedule == 'relora')}"),
+    "relora_warm_start_steps": (lambda s: s.method.schedule == "relora",
+                                f"methods {names_with(lambda m: m.schedule == 'relora')}"),
     **{key: (lambda s: s.method.optimizer == "galore", f"methods {names_with(lambda m: m.optimizer == 'galore')}")
        for key in ("galore_rank", "galore_update_gap", "galore_scale")},
 }

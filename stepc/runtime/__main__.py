@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock-pid", type=int,
                         help="with --preflight: take the run directory's lock for this process (the stage script)")
     parser.add_argument("--world", type=int, help="with --preflight: the number of ranks the stage will run on")
-    parser.add_argument("--nnodes", type=int, default=1, help="with --preflight: the number of nodes (multi-node networking checks)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="with --preflight: the number of nodes (multi-node networking checks)")
     args = parser.parse_args(argv)
     allow = {what for what in ALLOWABLE if getattr(args, "allow_" + what.replace("-", "_"))}
     if args.preflight:

@@ -83,7 +83,8 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     check_multi_node(nnodes, os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("RDZV_ENDPOINT"))
     from stepc.runtime.init_from import starting_export
 
-    starting_export(manifest_path.parent, manifest, stage_index, hashes=data)  # refuses when stage i-1 (or [sft] init_from) has not finished or its export is damaged or changed (the script's preflight hashes it; the ranks check sizes)
+    starting_export(manifest_path.parent, manifest, stage_index,
+                    hashes=data)  # refuses when stage i-1 (or [sft] init_from) has not finished or its export is damaged or changed (the script's preflight hashes it; the ranks check sizes)
     check_carry_source(manifest_path.parent, manifest, stage_index)
     if data and manifest.spec.method.objective == "instructions":
         from stepc.runtime.data.instructions import check_prepared

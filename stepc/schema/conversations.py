@@ -112,7 +112,8 @@ def _messages(record: dict[str, Any]) -> tuple[str | None, Any]:
     users: list[str] = []
     answers: list[str] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"),
+                                                                                                       str):
             return f"messages[{i}] is not {{\"role\": \"...\", \"content\": \"...\"}} with string values", None
         role, content = message["role"], message["content"]
         if role == "system" and i == 0:

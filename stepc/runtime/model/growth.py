@@ -42,7 +42,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-__all__ = ["OPERATORS", "POSITIONS", "STACK_OPERATORS", "LayerSource", "grow_layers", "layer_sources", "plan_insertion", "stack_plan"]
+__all__ = ["OPERATORS", "POSITIONS", "STACK_OPERATORS", "LayerSource", "grow_layers", "layer_sources", "plan_insertion",
+           "stack_plan"]
 
 #: Where new layers go (paper Figure 3 / Table 4; "upper" performed best). "spread" spaces them
 #: evenly through the stack, as LLaMA-Pro's block expansion does.
