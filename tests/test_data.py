@@ -91,7 +91,7 @@ def test_fingerprint_and_cache_reuse(tmp_path: Path) -> None:
     write_mixed_files(tmp_path / "d")
     patterns = [str(tmp_path / "d/*")]
     index, data = prepared(tmp_path, patterns, 8)
-    fp = data.fingerprint["train"]
+    fp = data.fingerprint.to_json()["train"]
     assert fp["tokenizer"] == index.tokenizer.sha256 and fp["seq_len"] == 8
     assert fp["num_blocks"] == data.train["train"].num_blocks and fp["num_tokens"] == index.train["train"].tokens
     names = ("a.txt", "b.jsonl", "c.parquet")
@@ -103,7 +103,7 @@ def test_fingerprint_and_cache_reuse(tmp_path: Path) -> None:
     assert again.fingerprint == data.fingerprint
     assert [p.stat().st_mtime_ns for p in shards] == mtimes  # reused, not re-tokenised
     _, other = prepared(tmp_path, patterns, 4)  # another seq_len: same shards, another fingerprint
-    assert other.fingerprint["train"]["sha256"] != fp["sha256"]
+    assert other.fingerprint.to_json()["train"]["sha256"] != fp["sha256"]
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from stepc.cli import main
-from stepc.runtime.data.prepared import fingerprint_files, index_files, open_prepared, training_sets
+from stepc.runtime.data.index import file_ids
+from stepc.runtime.data.prepared import open_prepared, training_sets
 from stepc.runtime.data.prepare import prepare
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler
 from stepc.schema.spec import Data
@@ -83,16 +84,16 @@ def test_blend_prepared_opened_and_fingerprinted(tmp_path):
             assert block not in held[f"heldout-{names[src]}"]  # never trains on held-out blocks
             assert 0 <= block < sizes[src]
     assert seen[1] > 2 * seen[0]
-    fp = prepared.fingerprint["train"]
+    fp = prepared.fingerprint.to_json()["train"]
     assert {n: f["weight"] for n, f in fp["sources"].items()} == {"web": 3.0, "books": 1.0}
-    recorded, now = fingerprint_files(prepared.fingerprint), index_files(index, blend=True)
+    recorded, now = prepared.fingerprint.files(), file_ids(index, blend=True)
     assert set(recorded) == set(now) == {"train.web", "train.books"}  # what the stage preflight compares
-    assert all([(f["path"], f["sha256"]) for f in recorded[k]] == [(f["path"], f["sha256"]) for f in now[k]] for k in now)
+    assert all([(f.path, f.sha256) for f in recorded[k]] == [(f.path, f.sha256) for f in now[k]] for k in now)
 
     reweighted = Data.model_validate({**data.model_dump(), "sources": {"web": {"files": [a], "weight": 1.0},
                                                                        "books": {"files": [b]}}})
     prepare(reweighted, tmp_path / "cache", tmp_path, workers=1)
-    assert open_prepared(tmp_path, reweighted, 16).fingerprint["train"]["sha256"] != fp["sha256"]
+    assert open_prepared(tmp_path, reweighted, 16).fingerprint.to_json()["train"]["sha256"] != fp["sha256"]
 
 
 def test_data_train_stays_one_source_with_the_old_sampler(tmp_path):
@@ -128,4 +129,4 @@ def test_a_different_blend_per_stage(tmp_path):
     total = sum(counts[0])
     assert counts[0][1] == pytest.approx(0.75 * total, abs=1) and counts[1][1] == pytest.approx(0.5 * total, abs=1)
     # one fingerprint for every stage (they share data-fingerprint.json): it records the whole schedule
-    assert prepared.fingerprint["train"]["sources"]["web"]["stage_weights"] == [3.0, 1.0]
+    assert prepared.fingerprint.to_json()["train"]["sources"]["web"]["stage_weights"] == [3.0, 1.0]

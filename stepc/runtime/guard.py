@@ -6,11 +6,10 @@ Each refusal says what differs and how to proceed; `--allow-<what>` overrides on
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from stepc.errors import UserError
 from stepc.atomic import atomic_write_json, atomic_write_text
@@ -21,6 +20,9 @@ from stepc.runtime.model.export_seal import check as check_export
 from stepc.runtime.network import check_multi_node
 from stepc.schema.manifest import Manifest, load_manifest
 from stepc.schema.spec import Data
+
+if TYPE_CHECKING:
+    from stepc.runtime.data.index import DataFingerprint
 
 ALLOWABLE = ("edited-manifest", "edited-scripts", "data-change", "version-change")
 # Written last into an export directory (see export_seal.py, torch-free like this module, so the
@@ -194,6 +196,16 @@ def previous_stage_export(run_dir: Path, stage: int, hashes: bool = False) -> Pa
     return export
 
 
+def _recorded_fingerprint(path: Path) -> DataFingerprint:
+    from stepc.runtime.data.index import read_fingerprint  # pydantic, numpy: no torch
+
+    try:
+        return read_fingerprint(path)
+    except (OSError, ValueError) as exc:
+        raise RuntimeFailure(f"cannot read the data fingerprint {path}: {str(exc).splitlines()[0]}; delete it to record "
+                             "the data afresh, or pass --allow-data-change") from None
+
+
 def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     """Preflight half of check_data_fingerprint: the data files (paths, sizes, contents) recorded by an
     earlier stage or attempt must still be there unchanged. Runs after `stepc data prepare`, so it compares
@@ -201,29 +213,24 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
     path = RunDir(run_dir).data_fingerprint
     if "data-change" in allow or not path.exists():
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RuntimeFailure(f"cannot read the data fingerprint {path}: {exc}; delete it to record the data afresh, "
-                             "or pass --allow-data-change") from None
-    from stepc.runtime.data.prepared import fingerprint_files, index_files  # numpy/tokenizers, no torch
-    from stepc.runtime.data.index import read_index
+    recorded = _recorded_fingerprint(path)
+    from stepc.runtime.data.index import file_ids, read_index
 
     index = read_index(run_dir)
     if index is None:
         raise RuntimeFailure(f"{run_dir} has no prepared data (data-index.json); run `stepc data prepare {run_dir}`")
-    before_all, now_all = fingerprint_files(recorded), index_files(index, blend=bool(data.sources))
+    before_all, now_all = recorded.files(), file_ids(index, blend=bool(data.sources))
     changed: list[str] = [f"{name}: the dataset is new" for name in sorted(set(now_all) - set(before_all))]
     changed += [f"{name}: the dataset is gone" for name in sorted(set(before_all) - set(now_all))]
     for name in sorted(set(before_all) & set(now_all)):
-        before = {e["path"]: e for e in before_all[name]}
-        now = {e["path"]: e for e in now_all[name]}
+        before = {e.path: e for e in before_all[name]}
+        now = {e.path: e for e in now_all[name]}
         changed += [f"{name}: {gone} is gone" for gone in sorted(set(before) - set(now))]
         changed += [f"{name}: {new} is new" for new in sorted(set(now) - set(before))]
         for file in sorted(set(before) & set(now)):
-            if now[file]["size"] != before[file]["size"]:
-                changed.append(f"{name}: {file} changed size ({before[file]['size']} -> {now[file]['size']} bytes)")
-            elif now[file]["sha256"] != before[file]["sha256"]:
+            if now[file].size != before[file].size:
+                changed.append(f"{name}: {file} changed size ({before[file].size} -> {now[file].size} bytes)")
+            elif now[file].sha256 != before[file].sha256:
                 changed.append(f"{name}: {file} changed content (sha256)")
     if changed:
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -232,7 +239,7 @@ def check_data_files(run_dir: Path, data: Data, allow: set[str]) -> None:
                              "or pass --allow-data-change to continue on the new data")
 
 
-def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int, allow: set[str]) -> None:
+def check_data_fingerprint(run_dir: Path, fingerprint: DataFingerprint, rank: int, allow: set[str]) -> None:
     """The first stage records the data it read; later stages and resumes must read the same.
 
     The workers' half of the check (the preflight's check_data_files compares the files): the whole
@@ -243,19 +250,12 @@ def check_data_fingerprint(run_dir: Path, fingerprint: dict[str, Any], rank: int
     preflight and the workers."""
     path = RunDir(run_dir).data_fingerprint
     if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded != fingerprint and "data-change" not in allow:
-            changed = []
-            for name in sorted(set(recorded) | set(fingerprint)):
-                before, now = recorded.get(name) or {}, fingerprint.get(name) or {}
-                if not before or not now:
-                    changed.append(f"{name} ({'new' if now else 'gone'})")
-                elif before != now:
-                    keys = sorted(k for k in set(before) | set(now) if k != "sha256" and before.get(k) != now.get(k))
-                    changed.append(f"{name} ({', '.join(keys)})")
+        recorded = _recorded_fingerprint(path)
+        changed = recorded.changes(fingerprint)
+        if changed and "data-change" not in allow:
             raise RuntimeFailure(f"the data differs from what this run read before (data fingerprint mismatch: "
                                  f"{'; '.join(changed)}; recorded in {path}). "
                                  "Restore the original files, or pass --allow-data-change to continue on the new data")
         return
     if rank == 0:
-        atomic_write_json(path, fingerprint)
+        atomic_write_json(path, fingerprint.to_json())

@@ -34,8 +34,9 @@ from tokenizers import Tokenizer
 
 from stepc.errors import UserError
 from stepc.atomic import atomic_write_bytes, atomic_write_json
-from stepc.hashing import canonical_json, file_sha256_hex
+from stepc.hashing import file_sha256_hex
 from stepc.rundir import RunDir
+from stepc.runtime.data.index import DataFingerprint, InstructionsFingerprint
 from stepc.runtime.data.sampler import BlockSampler
 from stepc.runtime.data.shards import token_dtype
 from stepc.runtime.data.tokenizer import eos_id
@@ -60,7 +61,7 @@ class Examples:
     trained: np.ndarray  # 1 where the token is a label (response or its end-of-text), same length
     offsets: np.ndarray  # example i is tokens[offsets[i]:offsets[i + 1]]
     tokenizer: Tokenizer
-    fingerprint: dict[str, Any]
+    fingerprint: DataFingerprint
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -227,8 +228,7 @@ def open_examples(run_dir: Path, spec: Spec, plan: Plan) -> Examples:
     index = check_prepared(run_dir, spec, plan)
     arrays = {n: np.load(directory(run_dir) / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in ARRAYS}
     tok, _ = tokenizer_of(plan)
-    body = {"key": index["key"], "arrays": index["arrays"]}
-    fingerprint = {"instructions": {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}}
+    fingerprint = DataFingerprint({"instructions": InstructionsFingerprint.seal(key=index["key"], arrays=index["arrays"])})
     return Examples(arrays["tokens"], arrays["trained"], arrays["offsets"], tok, fingerprint)
 
 

@@ -8,7 +8,6 @@ whose size or mtime changed since preparation is re-hashed and must match the re
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stepc.errors import UserError
-from stepc.hashing import canonical_json, file_sha256_hex
+from stepc.hashing import file_sha256_hex
 from stepc.runtime.data.documents import expand_patterns
 from stepc.runtime.data.sampler import BlendSampler, BlockSampler, holdout_split
-from stepc.runtime.data.index import DataIndex, FileEntry, read_index
+from stepc.runtime.data.index import (BlendFingerprint, DataFingerprint, DataIndex, DatasetFingerprint, FileEntry, FileId,
+                                     read_index)
 from stepc.runtime.data.shards import SHARD_FORMAT, Shard, TokenBlocks, shards_sha256
 from stepc.runtime.data.tokenizer import tokenizer_hash
 from stepc.schema.spec import Data
@@ -31,7 +31,7 @@ class PreparedData:
     tokenizer: Tokenizer
     train: dict[str, TokenBlocks]  # source name -> blocks ("train" for the single-source form)
     validation: dict[str, TokenBlocks]
-    fingerprint: dict[str, Any]
+    fingerprint: DataFingerprint
 
 
 def _stale(run_dir: Path, why: str) -> UserError:
@@ -97,35 +97,32 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
     if tokenizer_hash(tok) != index.tokenizer.sha256:
         raise _stale(run_dir, f"{tok_path} does not match its recorded sha256")
 
-    def blocks(kind: str, name: str) -> tuple[TokenBlocks, dict[str, Any]]:
+    def blocks(kind: str, name: str) -> tuple[TokenBlocks, DatasetFingerprint]:
         entry = index.datasets()[kind][name]
         shards = [Shard(cache / s.path, s.tokens, s.sha256) for f in entry.files for s in f.shards]
         tb = TokenBlocks(shards, np.dtype(index.dtype), seq_len)
         if tb.num_blocks < 1:
             raise UserError(f"data too small: {tb.num_tokens} tokens, fewer than one block of seq_len={seq_len}",
                             file=entry.patterns[0], key=_dataset_key(data, kind, name), fix="add data or lower model.seq_len")
-        body = {"format": SHARD_FORMAT, "files": [{"path": f.path, "size": f.size, "sha256": f.sha256}
-                                                  for f in entry.files],
-                "tokenizer": index.tokenizer.sha256, "seq_len": seq_len, "text_field": data.text_field,
-                "num_blocks": tb.num_blocks, "num_tokens": tb.num_tokens, "shards_sha256": shards_sha256(shards)}
+        weights: dict[str, Any] = {}
         if kind == "train" and data.sources:
             source = data.training_sources()[name]  # every stage's weight: stages share one fingerprint
-            body["weight"] = source.weight
-            if source.stage_weights:
-                body["stage_weights"] = list(source.stage_weights)
-        return tb, {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+            weights = {"weight": source.weight, "stage_weights": list(source.stage_weights) if source.stage_weights else None}
+        return tb, DatasetFingerprint.seal(
+            format=SHARD_FORMAT, files=[FileId(path=f.path, size=f.size, sha256=f.sha256) for f in entry.files],
+            tokenizer=index.tokenizer.sha256, seq_len=seq_len, text_field=data.text_field, num_blocks=tb.num_blocks,
+            num_tokens=tb.num_tokens, shards_sha256=shards_sha256(shards), **weights)
 
-    train, train_fp = {}, {}
+    train: dict[str, TokenBlocks] = {}
+    train_fp: dict[str, DatasetFingerprint] = {}
     for name in index.train:
         train[name], train_fp[name] = blocks("train", name)
-    validation, fingerprint = {}, {}
+    validation: dict[str, TokenBlocks] = {}
+    datasets: dict[str, DatasetFingerprint | BlendFingerprint] = {}
     for name in sorted(index.validation):
-        validation[name], fingerprint[name] = blocks("validation", name)
-    if data.sources:
-        body = {"sources": train_fp}
-        fingerprint["train"] = {**body, "sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
-    else:
-        fingerprint["train"] = train_fp["train"]
+        validation[name], datasets[name] = blocks("validation", name)
+    datasets["train"] = BlendFingerprint.seal(sources=train_fp) if data.sources else train_fp["train"]
+    fingerprint = DataFingerprint(datasets)
     return PreparedData(tok, train, validation, fingerprint)
 
 
@@ -138,27 +135,6 @@ def _check_unchanged(run_dir: Path, entry: FileEntry) -> None:
     if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns) and (
             st.st_size != entry.size or file_sha256_hex(path) != entry.sha256):
         raise _stale(run_dir, f"{path} changed since preparation")
-
-
-def fingerprint_files(fingerprint: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """``{dataset label: [{path, size, sha256}]}`` of a data fingerprint (sources of a blend as
-    ``train.<name>``): what guard.check_data_files compares."""
-    out = {}
-    for name, fp in fingerprint.items():
-        if "sources" in fp:
-            out.update({f"{name}.{src}": sfp.get("files", []) for src, sfp in fp["sources"].items()})
-        else:
-            out[name] = fp.get("files", [])
-    return out
-
-
-def index_files(index: DataIndex, blend: bool) -> dict[str, list[dict[str, Any]]]:
-    """The same view of a run's data index (see :func:`fingerprint_files`)."""
-    out = {}
-    for name, entry in index.train.items():
-        out[f"train.{name}" if blend else "train"] = [f.model_dump() for f in entry.files]
-    out.update({name: [f.model_dump() for f in entry.files] for name, entry in index.validation.items()})
-    return out
 
 
 def training_sets(prepared: PreparedData, holdout_fraction: float, seed: int, weights: dict[str, float] | None = None
