@@ -214,6 +214,13 @@ def test_faults_and_drift_at_resume_keep_the_last_good_checkpoint(fast_run, corp
     edited.write_bytes(bytes(flipped))
     _refused(run_stage(run_dir, 1, timeout=60), "data fingerprint mismatch", "changed content", "--allow-data-change")
 
+    # A damaged record is named, never a traceback (pydantic's reason, first line only)
+    fingerprint = (run_dir / "data-fingerprint.json").read_bytes()
+    (run_dir / "data-fingerprint.json").write_text('{"train": {"files": "?"}}')
+    err = _refused(run_stage(run_dir, 1, timeout=60), "cannot read the data fingerprint", "--allow-data-change")
+    assert "Traceback" not in err
+    (run_dir / "data-fingerprint.json").write_bytes(fingerprint)
+
     # What only the workers see: the files as recorded, the blocks they are cut into not (model.seq_len
     # edited in the manifest, the edit accepted with --allow-edited-manifest). The preflight, which
     # compares the files, passes; the workers, which compare the whole fingerprint, refuse.
