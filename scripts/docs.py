@@ -49,13 +49,15 @@ def command_output(command: str) -> str:
     return (out.getvalue() + err.getvalue()).rstrip("\n")
 
 
-def show(command: str, lines: slice | None = None) -> None:
-    """Emit ``command``'s output as a fenced block (cog's ``outl``); ``lines`` keeps a slice of it."""
+def show(command: str, start: str | None = None) -> None:
+    """Emit ``command``'s output as a fenced block (cog's ``outl``); with ``start``, from the first line
+    that begins with it (an elision mark shows that lines were left out)."""
     import cog
 
     text = command_output(command).splitlines()
-    if lines is not None:
-        text = text[lines]
+    if start is not None:
+        first = next(i for i, line in enumerate(text) if line.startswith(start))
+        text = ["..."] + text[first:]
     cog.outl("```")
     cog.outl(f"$ {command}")
     for line in text:
