@@ -158,3 +158,38 @@ def test_the_eta_adds_warm_up_evaluations_checkpoints_start_up_and_wind_down():
         eta.observe(record)
     stage, run = eta.remaining(1, 10)
     assert abs(stage - 6.0) < 1e-9 and abs(run - 32.5) < 1e-9, (stage, run)
+
+
+def test_a_piped_stepc_run_and_eval_print_no_carriage_return_and_no_per_unit_lines(full_run, tmp_path):
+    """The session's `stepc run` (output captured: a pipe) and `stepc eval` of it: whole lines only, and the
+    data preparation is a few summary lines, not one per unit tokenised."""
+    import shutil
+    import subprocess
+    import sys
+
+    log = (full_run / "stepc-run.log").read_text()
+    assert "\r" not in log and "units tokenised" not in log
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir, symlinks=True)
+    proc = subprocess.run([sys.executable, "-m", "stepc.cli", "eval", str(run_dir)], cwd=run_dir, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr and "perplexity heldout" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_launcher_sets_the_worker_threads_so_torchrun_prints_no_banner(tmp_path):
+    """stepc.runtime.launch without OMP_NUM_THREADS in the environment, 2 workers: no torchrun warning,
+    and each worker gets the CPUs shared out (what the stage's own threads would be)."""
+    import subprocess
+    import sys
+
+    from stepc.runtime.device import worker_threads
+
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os\nprint('threads', os.environ['OMP_NUM_THREADS'], flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-m", "stepc.runtime.launch", "--standalone", "--nproc_per_node=2", str(worker)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "OMP_NUM_THREADS" not in proc.stderr and "*****" not in proc.stderr, proc.stderr
+    assert proc.stdout.split().count("threads") == 2 and f"threads {worker_threads(2)}" in proc.stdout, proc.stdout
