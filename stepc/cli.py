@@ -74,9 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("run", help="run a compiled run directory's stage scripts locally, in order")
-    p.add_argument("run_dir")
+    p = sub.add_parser("run", help="run a compiled run directory's stage scripts locally, in order (or a sweep "
+                                   "directory's points, without SLURM)")
+    p.add_argument("run_dir", help="a run directory, or a sweep directory (its points, each with its own lock; "
+                                   "finished points are skipped)")
     p.add_argument("--stage", type=int, help="run only this stage")
+    p.add_argument("--max-parallel", type=_positive_int, default=None,
+                   help="with a sweep directory: run this many points at once (default 1; they share the CPUs)")
     # the stage refusals that name these flags reach the user through stepc run, so it takes them too
     for what in ("data-change", "version-change"):
         p.add_argument(f"--allow-{what}", action="store_true",
@@ -249,6 +253,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stepc.rundir import manifest_path, RunDir
     from stepc.schema.manifest import load_manifest
 
+    from stepc.commands.sweep import is_sweep_dir
+
+    if is_sweep_dir(Path(args.run_dir)):
+        if args.stage is not None or args.allow_data_change or args.allow_version_change:
+            raise UserError("--stage and --allow-* apply to one run, not to a sweep", file=args.run_dir,
+                            fix="run a point's run directory with them (stepc run RUN_DIR --stage N), or the sweep without them")
+        from stepc.commands.sweep_local import run_sweep
+
+        return run_sweep(Path(args.run_dir), args.max_parallel or 1)
+    if args.max_parallel is not None:
+        raise UserError("--max-parallel applies to a sweep directory", file=args.run_dir,
+                        fix="drop --max-parallel (a run's stages run in order), or pass the sweep directory")
     manifest = load_manifest(args.run_dir)
     run_dir = manifest_path(args.run_dir).parent  # RUN_DIR or RUN_DIR/manifest.json
     indices = [s.index for s in manifest.plan.stages]

@@ -145,8 +145,8 @@ def sweep_dir_error(sweep_dir: Path) -> UserError:
     example = sweep_dir.parent / str(names[0]) if names else sweep_dir.parent / "<point>"
     return UserError(f"this is a sweep directory ({len(names)} runs{': ' + shown if names else ''}), not a run directory",
                      file=str(sweep_dir),
-                     fix=f"give one of its run directories (siblings of it), e.g. {example}; `stepc submit` and "
-                         f"`stepc report` take the sweep directory itself")
+                     fix=f"give one of its run directories (siblings of it), e.g. {example}; `stepc run` (all points "
+                         f"locally), `stepc submit` and `stepc report` take the sweep directory itself")
 
 
 # --- what may be trusted in a run directory ------------------------------------------------------

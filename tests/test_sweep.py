@@ -151,9 +151,13 @@ def test_commands_given_a_sweep_directory_say_so(tmp_path, capsys):
     table = capsys.readouterr().out
     sweep_dir = out / "tiny-cpu.sweep"
     for args in (["verify", str(sweep_dir)], ["diff", str(sweep_dir), str(out / "tiny-cpu-lr1e-3")], ["eval", str(sweep_dir)],
-                 ["run", str(sweep_dir)], ["data", "prepare", str(sweep_dir)]):
+                 ["run", str(sweep_dir), "--stage", "1"], ["data", "prepare", str(sweep_dir)]):
         assert main(args) == 2, args
         err = capsys.readouterr().err
+        if "--stage" in args:  # stepc run takes a sweep directory, but not one run's options
+            assert err.startswith(f"error: {sweep_dir}: --stage and --allow-* apply to one run, not to a sweep"), err
+            continue
+        assert "`stepc run` (all points locally)" in err
         assert err.startswith(f"error: {sweep_dir}: this is a sweep directory (2 runs: tiny-cpu-lr1e-3, tiny-cpu-lr3e-4), "
                               "not a run directory") and f"e.g. {out / 'tiny-cpu-lr1e-3'}" in err, (args, err)
     # the plan table's tokens: the runs' own totals, not a rounded 0.00B
@@ -273,3 +277,52 @@ def test_sweep_runs_as_a_job_array_and_reports(slurm_cluster: SlurmCluster, smal
     assert "| sw-lr3e-3 | 0.003 | step |" in table and "| sw-lr1e-3 | 0.001 | step |" in table
     assert (sweep_dir / "report" / "report.md").is_file() and (sweep_dir / "report" / "loss.png").is_file()
     print(f"sweep of 2 runs on the test cluster: {time.monotonic() - started:.0f} s wall")
+
+
+def test_a_sweep_runs_locally_one_lock_per_point_and_resumes(tmp_path, small_corpus):
+    """`stepc run SWEEP --max-parallel 2` on 3 points while another launch holds the third point's run
+    directory: the other two train at the same time, the third is refused by its own lock and named
+    (exit 1); a rerun skips the finished points without starting anything."""
+    import subprocess
+
+    from stepc.runlock import acquire, release
+
+    spec = tmp_path / "sw.toml"
+    spec.write_text(SPEC.format(train=json.dumps(str(small_corpus / "train" / "*.txt")), port=29500, partition="debug"))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(spec), "--grid", "train.lr=3e-3,1e-3,3e-4", "--out", str(out)]) == 0
+    sweep_dir, names = out / "sw.sweep", ["sw-lr3e-3", "sw-lr1e-3", "sw-lr3e-4"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    def sweep_run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(sweep_dir), "--max-parallel", "2"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    held = acquire(out / names[2], command="another launch (test)")
+    try:
+        first = sweep_run()
+        second = sweep_run()
+    finally:
+        release(out / names[2])
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert f"1 of 3 points did not finish: {names[2]} (refused (exit 2)" in first.stderr, first.stderr
+    assert "another launch is training this run directory" in (out / names[2] / "logs" / "stepc-run.log").read_text()
+    assert not (out / names[2] / "metrics.jsonl").exists()  # the held point was never started
+    spans = []
+    for name in names[:2]:
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in records if r["event"] == "stage_end"] == [1, 2]
+        spans.append((records[0]["time"], records[-1]["time"]))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # the two points overlapped in time
+    rows = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith("sw-lr") and "  " in line}
+    assert re.fullmatch(r"sw-lr3e-3 +0\.003 +finished +\d\.\d{4} +heldout ppl [\d.]+ +0:00:\d\d", rows[names[0]]), rows
+    assert re.fullmatch(r"sw-lr3e-4 +0\.0003 +refused \(exit 2\) +- +- +0:00:\d\d", rows[names[2]]), rows
+
+    # the rerun: the finished points are skipped (nothing started: their logs and metrics are untouched)
+    assert second.returncode == 1 and f"did not finish: {names[2]} (refused" in second.stderr, second.stderr
+    assert "sweep sw: 3 points, 2 finished, running 1 (1 at a time)" in second.stdout, second.stdout
+    for name in names[:2]:
+        row = next(line for line in second.stdout.splitlines() if line.startswith(name + " "))
+        assert "skipped (finished)" in row, row
+        assert f"{name}: started" not in second.stdout

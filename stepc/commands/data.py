@@ -48,14 +48,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     started = time.monotonic()
     lines: list[str] = []
 
+    bar = UnitsBar(sys.stderr)
+
     def progress(line: str) -> None:
         lines.append(line)
-        print(line, file=sys.stderr, flush=True)
+        if bar.active:
+            bar.write(line)  # above the bar, not through it
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     if spec.method.objective == "instructions":  # [sft] train, with init_from's tokenizer (recorded in the plan)
         return _prepare_instructions(target, run_dir, spec, args.quiet, lines, progress, started)
 
-    index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len)
+    try:
+        index = prepare(data, Path(data.cache_dir), run_dir, args.workers, args.verify_data, progress, spec.model.seq_len,
+                        on_unit=bar)
+    finally:
+        bar.close()
     if lines or not args.quiet:
         for kind, by_name in index.datasets().items():
             for name, entry in by_name.items():
@@ -64,6 +73,36 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         where = f"; index {run_dir / 'data-index.json'}" if run_dir else ""
         print(f"data prepared in {time.monotonic() - started:.1f} s (cache {data.cache_dir}{where})")
     return 0
+
+
+class UnitsBar:
+    """The tokenising progress: one tqdm bar on a terminal; elsewhere (logs, pipes) nothing per unit,
+    since the lines before and after ("preparing N file(s)...", the datasets, "data prepared in")
+    already say what was done and how long it took."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.bar = stream, None
+
+    @property
+    def active(self) -> bool:
+        return self.bar is not None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.stream.isatty():
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, desc="tokenising", unit="unit", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=self.stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _prepare_instructions(target: Path, run_dir: Path | None, spec, quiet: bool, lines: list[str], progress, started: float) -> int:

@@ -51,6 +51,9 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     if documents:
         prepare(manifest.spec.data, Path(manifest.spec.data.cache_dir), run_dir)  # quick when the stages prepared it
 
+    from stepc.runtime.loop.console import quiet_library_bars_unless_tty
+
+    quiet_library_bars_unless_tty()  # transformers' "Loading weights" bar is carriage returns in a log file
     import torch
     from transformers import AutoModelForCausalLM
 

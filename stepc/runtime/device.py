@@ -37,6 +37,17 @@ def device_and_backend() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def worker_threads(local_workers: int) -> int:
+    """CPU threads (OMP_NUM_THREADS) of each of `local_workers` worker processes on this node: on a GPU
+    node 1, torchrun's own default (the GPU does the work; more threads only contend); on CPU the
+    node's CPUs this process may use, shared out (oversubscribing the cores is ~50x slower)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_workers))
+
+
 def init_distributed(device: torch.device, backend: str, timeout_s: int) -> None:
     """init_process_group with the collective timeout, and device_id on GPUs (eager NCCL init)."""
     kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -237,14 +237,15 @@ def _encode_unit(task: Task) -> dict[str, Any]:
     return meta.model_dump()
 
 
-def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None]) -> None:
+def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callable[[str], None],
+               on_unit: Callable[[int, int], None] | None) -> None:
     if not tasks:
         return
     started, done = time.monotonic(), 0
     if workers <= 1:
         _init_worker(tok.to_str())
         for meta in map(encode_unit, tasks):
-            done = _report(meta, done, len(tasks), started, progress)
+            done = _report(meta, done, len(tasks), started, progress, on_unit)
         return
     # spawn: a forked child would inherit the parent's tokenizer thread pool in an unusable state.
     # concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. out of memory) raises
@@ -254,7 +255,7 @@ def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callab
         futures = [pool.submit(encode_unit, task) for task in tasks]
         try:
             for future in as_completed(futures):
-                done = _report(future.result(), done, len(tasks), started, progress)
+                done = _report(future.result(), done, len(tasks), started, progress, on_unit)
         except BrokenProcessPool:
             raise UserError("a tokeniser worker process died (out of memory?)", file=tasks[0].path,
                             fix="rerun `stepc data prepare` with fewer --workers; finished shards are kept") from None
@@ -263,11 +264,16 @@ def _run_tasks(tasks: list[Task], tok: Tokenizer, workers: int, progress: Callab
                 future.cancel()
 
 
-def _report(meta: dict[str, Any], done: int, total: int, started: float, progress: Callable[[str], None]) -> int:
+def _report(meta: dict[str, Any], done: int, total: int, started: float, progress: Callable[[str], None],
+            on_unit: Callable[[int, int], None] | None) -> int:
+    """A finished unit: `on_unit(done, total)` (a progress bar) when given, else one line through `progress`."""
     if "error" in meta:
         raise (DataFileChanged if meta.get("changed") else UserError)(*meta["error"])
     done += 1
-    progress(f"  {done}/{total} units tokenised ({(time.monotonic() - started):.1f} s)")
+    if on_unit is not None:
+        on_unit(done, total)
+    else:
+        progress(f"  {done}/{total} units tokenised ({(time.monotonic() - started):.1f} s)")
     return done
 
 
@@ -296,13 +302,14 @@ def _file_index(directory: Path) -> FileShards | None:
 
 def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int | None = None,
             verify: bool = False, progress: Callable[[str], None] = lambda line: None,
-            seq_len: int | None = None) -> DataIndex:
+            seq_len: int | None = None, on_unit: Callable[[int, int], None] | None = None) -> DataIndex:
     """Tokenise whatever is missing from the cache and return the data index (written to
     ``run_dir/data-index.json`` when a run directory is given). ``verify`` re-hashes every data
     file and every shard instead of trusting sizes and mtimes (a bad shard is tokenised again).
     With ``seq_len``, a dataset shorter than one block is an error. A write that fails (a full or
     read-only disk) is a UserError naming the path; a run directory that cannot take the index is
-    found before any tokenising."""
+    found before any tokenising. ``on_unit(done, total)`` is called as each unit of tokenising finishes
+    (a progress bar); without it each is a line through ``progress``."""
     cache = Path(cache)
     workers = workers or default_workers()
     if run_dir is not None and not verify:
@@ -318,7 +325,7 @@ def prepare(data: Data, cache: Path, run_dir: Path | None = None, workers: int |
             exc.filename = str(RunDir(run_dir).data_index)
             raise write_error(exc, cache, run_dir) from None
     try:
-        return _prepare(data, cache, run_dir, workers, verify, progress, seq_len)
+        return _prepare(data, cache, run_dir, workers, verify, progress, seq_len, on_unit)
     except OSError as exc:
         raise write_error(exc, cache, run_dir) from None
 
@@ -391,7 +398,8 @@ def _plan_tasks(data: Data, cache: Path, enc: _Encoding, files: dict[Path, DataF
 
 
 def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify: bool,
-             progress: Callable[[str], None], seq_len: int | None) -> DataIndex:
+             progress: Callable[[str], None], seq_len: int | None,
+             on_unit: Callable[[int, int], None] | None = None) -> DataIndex:
     sets = _identify_datasets(data, cache, verify)
     tok, tok_hash = resolve_tokenizer(data, [f for files in sets.files["train"].values() for f in files], cache)
     enc = _Encoding(tok, tok_hash, token_dtype(id_bound(tok)), eos_id(tok), txt_chunks_safe(tok))
@@ -408,7 +416,7 @@ def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify
     for directory in {Path(t.out).parent for t in tasks}:
         directory.mkdir(parents=True, exist_ok=True)
     try:
-        _run_tasks(tasks, tok, workers, progress)
+        _run_tasks(tasks, tok, workers, progress, on_unit)
     except DataFileChanged as err:
         for directory, (f, _) in pending.items():  # shards of new content under the old key
             if str(f.path) == err.file:

@@ -5,6 +5,7 @@ checkpoint plus STOPPED record of a stop signal. The files themselves: checkpoin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from stepc.rundir import RunDir
@@ -52,6 +53,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         st = self.st
+        began = time.perf_counter()
         try:
             ckpt.save(st.dir, done, trainee.model, trainee.optimizer, {"step": done}, st.spec.train.keep_checkpoints)
         except (OSError, CheckpointException) as exc:
@@ -66,7 +68,8 @@ class Checkpointer:
                                  f"{cause}; {kept}. Free disk space (or fix permissions), then rerun the stage script "
                                  "to resume") from None
         if event:
-            self.metrics.write(event="checkpoint", stage=st.index, step=done)
+            self.metrics.write(event="checkpoint", stage=st.index, step=done,
+                               seconds=round(time.perf_counter() - began, 3))  # for the ETA (eta.py)
 
     def save_for_next_stage(self, trainee: Trainee) -> None:
         """step.carry_optimizer_state: the next stage carries its optimizer state from this stage's last step."""

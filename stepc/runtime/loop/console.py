@@ -1,14 +1,13 @@
 """The live console of a training stage (rank 0 only).
 
-On a terminal: one tqdm bar per stage, redrawn in place, with step, loss, lr, tokens/s, MFU (where
-the GPU's peak is known), memory and the ETA of the stage and of the whole run. Anywhere else
-(SLURM logs, pipes, files): one plain line per update and never a carriage return, so log files
-stay greppable. Messages (evals, resumes, exports) go above the bar without breaking it.
+On a terminal: one tqdm bar per stage, redrawn in place, with step, the ETA of the stage and of the
+whole run, loss, lr, tokens/s, MFU (where the GPU's peak is known) and memory, in that order of
+importance: a narrow terminal (80 columns) drops fields from the end, never the ETA. Anywhere else
+(SLURM logs, pipes, files): one plain line per update with every field and never a carriage return,
+so log files stay greppable. Messages (evals, resumes, exports) go above the bar without breaking it.
 
-ETAs come from the plan, not from tqdm's smoothed rate: the stage's remaining steps at the
-measured seconds per step, and the run's remaining FLOPs (the rest of this stage plus every later
-stage, from the plan's FLOPs schedule) at the measured FLOP rate, because later stages train more
-layers per step than this one.
+The ETAs are RunEta's (eta.py): measured step time, start-up, warm-up, evaluations, checkpoints
+and the stage's wind-down, not tqdm's smoothed rate.
 """
 
 from __future__ import annotations
@@ -70,14 +69,38 @@ def _bar_class():
     return Bar
 
 
-class Console:
-    """Progress of stage `index` of a run whose plan stages are `stages` (the typed plan's StagePlans)."""
+MIN_BAR = 10  # columns the bar keeps on a narrow terminal; fields beyond the width are dropped instead
 
-    def __init__(self, index: int, stages: Sequence[Any], start: int, tokens_per_step: int,
-                 enabled: bool = True, stream: TextIO | None = None) -> None:
+
+def fit(head: str, fields: Sequence[str], width: int) -> str:
+    """The bar's text after `head` ("stage 1/2 10/20"): the leading fields that fit in `width` columns
+    with a bar of at least MIN_BAR columns (tqdm's format "{head} |{bar}| {fields}"); one column is
+    left free, since a full-width line wraps on some terminals."""
+    room = width - 1 - len(head) - len(" ||  ") - MIN_BAR
+    shown: list[str] = []
+    for field in fields:
+        if len(" ".join([*shown, field])) > room:
+            break
+        shown.append(field)
+    return " ".join(shown)
+
+
+def _terminal_width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+class Console:
+    """Progress of stage `index` of a run whose plan stages are `stages` (the typed plan's StagePlans);
+    `eta` (a RunEta fed every record this stage writes) gives the ETAs."""
+
+    def __init__(self, index: int, stages: Sequence[Any], start: int, enabled: bool = True,
+                 stream: TextIO | None = None, eta: Any = None) -> None:
         global _active
-        self.index, self.stages, self.tokens_per_step = index, stages, tokens_per_step
-        self.info = stages[index - 1]  # StagePlan-like: .steps, .flops, .tokens
+        self.index, self.stages, self.eta = index, stages, eta
+        self.info = stages[index - 1]  # StagePlan-like: .steps
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.bar = None
@@ -93,17 +116,16 @@ class Console:
 
     def fields(self, done: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None,
                memory_bytes: int | None) -> list[str]:
-        """The numbers of one update, in display order."""
-        steps = self.info.steps
-        seconds_per_step = self.tokens_per_step / max(tokens_per_s, 1e-9)
-        flops_per_s = tokens_per_s * self.info.flops / max(1, self.info.tokens)
-        remaining_flops = self.info.flops * (steps - done) / max(1, steps)
-        remaining_flops += sum(s.flops for s in self.stages[self.index:])
-        out = [f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tokens_per_s:,.0f} tok/s"]
+        """The numbers of one update, most important first (a narrow terminal drops from the end)."""
+        remaining = self.eta.remaining(self.index, done) if self.eta is not None else None
+        if remaining is None:
+            out = ["eta stage - run -"]
+        else:
+            out = [f"eta stage {_duration(remaining[0])} run {_duration(remaining[1])}"]
+        out += [f"loss {loss:.4f}", f"{tokens_per_s:,.0f} tok/s", f"lr {lr:.2e}"]
         if mfu is not None:
             out.append(f"MFU {100 * mfu:.1f}%")
-        out += [f"mem {_bytes(memory_bytes)}", f"eta stage {_duration((steps - done) * seconds_per_step)}",
-                f"run {_duration(remaining_flops / max(flops_per_s, 1e-9))}"]
+        out.append(f"mem {_bytes(memory_bytes)}")
         return out
 
     def update(self, done: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None,
@@ -112,7 +134,8 @@ class Console:
             return
         fields = self.fields(done, loss, lr, tokens_per_s, mfu, memory_bytes)
         if self.bar is not None:
-            self.bar.fields = " ".join(fields)
+            head = f"stage {self.index}/{len(self.stages)} {done}/{self.info.steps}"
+            self.bar.fields = fit(head, fields, _terminal_width(self.stream))
             self.bar.update(done - self.bar.n)
         else:
             print(f"stage {self.index}/{len(self.stages)} step {done}/{self.info.steps} " + " ".join(fields),

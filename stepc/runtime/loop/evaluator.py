@@ -4,6 +4,7 @@ same blocks in the same order as `stepc eval`, summed on the device, one all-red
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class Evaluator:
     def run(self, model, step: int) -> dict[str, float]:
         """Collective: the perplexity of every eval set, written to metrics.jsonl and printed by rank 0."""
         st = self.st
+        began = time.perf_counter()
         model.eval()
         result = {}
         for name, (blocks, indices) in self.evals.items():
@@ -36,7 +38,8 @@ class Evaluator:
                 result[name] = math.exp(total / count)
         model.train()
         if result:
-            self.metrics.write(event="eval", stage=st.index, step=step, **{f"ppl_{k}": round(v, 4) for k, v in result.items()})
+            self.metrics.write(event="eval", stage=st.index, step=step, **{f"ppl_{k}": round(v, 4) for k, v in result.items()},
+                               seconds=round(time.perf_counter() - began, 3))  # for the ETA (eta.py)
             if st.rank == 0:
                 echo(f"eval stage {st.index} step {step}: " + ", ".join(f"{k} ppl {v:.2f}" for k, v in result.items()))
         return result

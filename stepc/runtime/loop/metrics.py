@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,16 +14,24 @@ from torch.distributed.tensor import DTensor
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and hands each to `sink` (the experiment trackers), rank 0 only."""
+    """Appends records to metrics.jsonl and hands each to `sink` (the experiment trackers), rank 0 only.
 
-    def __init__(self, path: Path, enabled: bool, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.path, self.enabled, self.sink = path, enabled, sink
+    The file's records also carry "time" (Unix seconds when written): the ETA (eta.py) and anyone
+    replaying a run read durations from it. The trackers do not get it (it is not a metric); `watch`
+    (the ETA) gets the record as written to the file."""
+
+    def __init__(self, path: Path, enabled: bool, sink: Callable[[dict[str, Any]], None] | None = None,
+                 watch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.sink, self.watch = path, enabled, sink, watch
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
+        line = {**record, "time": round(time.time(), 3)}
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        if self.watch is not None:
+            self.watch(line)
         if self.sink is not None:
             self.sink(record)
 

@@ -23,13 +23,15 @@ import torch.distributed as dist
 
 from stepc.rundir import RunDir
 from stepc.runtime.data.batches import device_batches
-from stepc.runtime.device import device_and_backend, init_distributed, set_determinism, set_matmul_precision
+from stepc.runtime.device import (device_and_backend, init_distributed, set_determinism, set_matmul_precision,
+                                  worker_threads)
 from stepc.runtime.guard import preflight
 from stepc.runtime.init_from import starting_export
 from stepc.runtime.loop import checkpoint as ckpt
 from stepc.runtime.loop import preempt
 from stepc.runtime.loop.checkpointer import Checkpointer
 from stepc.runtime.loop.console import Console, echo
+from stepc.runtime.loop.eta import RunEta, run_eta
 from stepc.runtime.loop.evaluator import Evaluator
 from stepc.runtime.loop.faults import Faults
 from stepc.runtime.loop.lr import is_merge_step, lr_at
@@ -60,8 +62,8 @@ def main(manifest_path: Path, stage_index: int, allow: set[str]) -> int:
     set_matmul_precision(manifest.spec.train.precision, device)
     init_distributed(device, backend, manifest.spec.launch.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # oversubscription is ~50x slower
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # stepc's launcher sets it (worker_threads)
+        torch.set_num_threads(worker_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     st = Stage(run_dir, manifest.spec, manifest.plan, manifest.stage(stage_index), rank, world, device)
     try:
         train_stage(st, prev_export, allow)
@@ -76,7 +78,12 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     found = ckpt.newest_complete(st.dir)  # (step, path) to resume from, or None
     start = found[0] if found else 0
     tracking = open_tracking(st.run_dir, st.index, start) if st.rank == 0 else None
-    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking)
+    eta = None
+    if st.rank == 0:  # the console's ETA, from what earlier stages recorded and what this one writes
+        eta = run_eta(st.plan.stages, st.spec.eval.every_steps, st.spec.train.checkpoint_every,
+                      st.spec.eval.max_tokens * len(data.evals), RunDir(st.run_dir).metrics)
+    metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking,
+                            watch=eta.observe if eta is not None else None)
     checkpoints = Checkpointer(st, metrics)
     faults = Faults.from_env(st.index)
     if found:
@@ -87,7 +94,7 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
         faults.starting_optimizer(trainee.model, trainee.optimizer, st.rank)
     evaluator = Evaluator(st, data.evals, metrics)
     try:
-        if Loop(st, data, trainee, metrics, checkpoints, evaluator, faults, start).run():
+        if Loop(st, data, trainee, metrics, checkpoints, evaluator, faults, start, eta).run():
             checkpoints.save_for_next_stage(trainee)
             evaluator.run(trainee.model, st.stage.steps)
             _finish(st, trainee, data, metrics)
@@ -100,8 +107,9 @@ class Loop:
     """The steps of one stage from `start`; run() is False when an agreed stop ended it early."""
 
     def __init__(self, st: Stage, data: StageData, trainee: Trainee, metrics: MetricsWriter,
-                 checkpoints: Checkpointer, evaluator: Evaluator, faults: Faults, start: int) -> None:
-        self.st, self.data, self.trainee, self.metrics = st, data, trainee, metrics
+                 checkpoints: Checkpointer, evaluator: Evaluator, faults: Faults, start: int,
+                 eta: RunEta | None = None) -> None:
+        self.st, self.data, self.trainee, self.metrics, self.eta = st, data, trainee, metrics, eta
         self.checkpoints, self.evaluator, self.faults, self.start = checkpoints, evaluator, faults, start
         # ReLoRA restarts only where there are adapters; offset > 0: ReLoRA's adapter phase continues one schedule
         self.reset_every = st.spec.step.relora_reset_every if trainee.adapters else None
@@ -110,15 +118,17 @@ class Loop:
     def run(self) -> bool:
         st, tr, steps = self.st, self.st.spec.train, self.st.stage.steps
         if self.start == 0:
+            launched = os.environ.get("STEPC_STAGE_STARTED", "")  # stage.sh's clock at its start (the ETA's start-up)
             self.metrics.write(event="stage_start", stage=st.index, step=0, layers=st.stage.total_layers, world=st.world,
                                predicted_model_state_bytes=predicted_state_bytes(st, self.trainee.model),
-                               plan_peak_bytes=st.stage.peak_bytes)
+                               plan_peak_bytes=st.stage.peak_bytes,
+                               **({"launched": float(launched)} if _is_float(launched) else {}))
         reset_peak_memory(st.device)  # the peak of training, not of the model build
         batches = self.faults.batches(device_batches(
             lambda step, micro: self.data.sampler.batch(st.stage.data_step_offset + step, micro, st.rank, st.world,
                                                         tr.micro_batch_size, st.grad_accum),
             range(self.start, steps), st.grad_accum, st.device))
-        console = Console(st.index, st.plan.stages, self.start, tr.global_batch_tokens, enabled=st.rank == 0)
+        console = Console(st.index, st.plan.stages, self.start, enabled=st.rank == 0, eta=self.eta)
         log = StepLog(st, self.metrics, console, self.trainee, self.start)
         syncs = SyncCheck(st.device)  # STEPC_SYNC_DEBUG (bench/gpu.py): host syncs inside a step
         stop_request = RunDir(st.run_dir).stop_request(st.index) if st.rank == 0 else None
@@ -212,6 +222,14 @@ def _finish(st: Stage, trainee: Trainee, data: StageData, metrics: MetricsWriter
             _log(st, f"exported the trained model to {export} (Hugging Face format, safetensors)")
         metrics.write(event="stage_end", stage=st.index, step=st.stage.steps)
     dist.barrier()
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _log(st: Stage, message: str) -> None:
