@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepc", description="Compile STEP pre-training specs into reproducible run directories.")
+    parser = argparse.ArgumentParser(prog="stepc",
+                                     description="Compile STEP pre-training specs into reproducible run directories.")
     parser.add_argument("--version", action="version", version=f"stepc {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="validate a spec, solve the stage layout, write runs/<name>/")
     p.add_argument("spec", help="the TOML spec")
-    p.add_argument("--out", default="runs", type=_nonblank, help="output root; the run directory is OUT/<experiment.name> (default: runs)")
+    p.add_argument("--out", default="runs", type=_nonblank,
+                   help="output root; the run directory is OUT/<experiment.name> (default: runs)")
     p.add_argument("--force", action="store_true", help="recompile an existing run directory (checkpoints and logs are kept)")
     _add_set(p)
     p.set_defaults(func=cmd_compile)
@@ -47,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="TOML specs (several are shown side by side)")
     _add_set(p, recorded=False)
     gpu = p.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", type=_nonblank, help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
-                                   "rtx4090-24gb (exit 1 when a stage does not fit)")
+    gpu.add_argument("--gpu", type=_nonblank,
+                     help="will it fit: per-GPU peak of every stage on this GPU, e.g. h100-80gb, a100-40gb, "
+                          "rtx4090-24gb (exit 1 when a stage does not fit)")
     gpu.add_argument("--gpu-memory", type=_nonblank, help="will it fit on GPUs with this much memory, e.g. 80GB or 24GiB")
     p.add_argument("--headroom", help="with --gpu: allocator slack added to the estimate, e.g. 12%% (default: the measured 12%%)")
     p.add_argument("--overhead", help="with --gpu: memory outside the allocator (CUDA context, NCCL), e.g. 1.5GB (default)")
@@ -58,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="compile one run directory per grid point and a SLURM job array that runs them")
     p.add_argument("spec", help="the TOML spec every point starts from")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 (repeatable: the points are the product)")
+                   help="a swept key and its TOML values, e.g. --grid train.lr=1e-3,3e-4 "
+                        "(repeatable: the points are the product)")
     _add_set(p)
-    p.add_argument("--out", default="runs", type=_nonblank, help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
+    p.add_argument("--out", default="runs", type=_nonblank,
+                   help="output root: run directories OUT/<name>-<key><value>..., the sweep OUT/<name>.sweep")
     p.add_argument("--force", action="store_true", help="recompile existing run directories (checkpoints and logs are kept)")
     p.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sbatch --array=...%%N)")
     p.set_defaults(func=cmd_sweep)
@@ -101,14 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one markdown table (peak memory, perplexity, tokens) and loss curves for several runs")
-    p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its runs, with the swept values as columns)")
-    p.add_argument("--out", type=_nonblank_path, help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
+    p.add_argument("run_dirs", nargs="+",
+                   help="run directories, or a sweep directory (its runs, with the swept values as columns)")
+    p.add_argument("--out", type=_nonblank_path,
+                   help="where report.md and loss.png go (default: runs/report, or SWEEP_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="an instruction-tuned run's answers to MT-Bench-style questions, in FastChat's "
                                         "answer format (question_id, model_id, choices[].turns)")
     p.add_argument("run_dir", help="a finished run with method = \"sft\"")
-    p.add_argument("--questions", required=True, type=Path, help="FastChat question.jsonl: {\"question_id\", \"turns\": [...]} per line")
+    p.add_argument("--questions", required=True, type=Path,
+                   help="FastChat question.jsonl: {\"question_id\", \"turns\": [...]} per line")
     p.add_argument("--out", required=True, type=Path, help="the answer file to write (jsonl, replaced atomically)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="at most this many tokens per answer (default 1024; "
                                                                      "never past the model's seq_len)")

@@ -49,7 +49,8 @@ def test_one_run_directory_per_point_and_one_array(tmp_path, capsys):
         assert manifest["hash"] == point["manifest_hash"]
         spec = manifest["spec"]
         assert spec["experiment"]["name"] == point["name"]
-        assert (spec["train"]["lr"], spec["step"]["lora_rank"]) == (point["values"]["train.lr"], point["values"]["step.lora_rank"])
+        assert (spec["train"]["lr"], spec["step"]["lora_rank"]) == (point["values"]["train.lr"],
+                                                                    point["values"]["step.lora_rank"])
         assert spec["train"]["warmup_steps"] == 10 and manifest["overrides"]["train.warmup_steps"] == 10
         assert manifest["overrides"]["train.lr"] == point["values"]["train.lr"]
         ports.append(spec["launch"]["rdzv_port"])
@@ -299,7 +300,7 @@ def test_a_sweep_runs_locally_one_lock_per_point_and_resumes(tmp_path, small_cor
         return subprocess.run([sys.executable, "-m", "stepc.cli", "run", str(sweep_dir), "--max-parallel", "2"], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
-    held = acquire(out / names[2], command="another launch (test)")
+    acquire(out / names[2], command="another launch (test)")
     try:
         first = sweep_run()
         second = sweep_run()

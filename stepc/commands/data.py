@@ -105,7 +105,8 @@ class UnitsBar:
             self.bar = None
 
 
-def _prepare_instructions(target: Path, run_dir: Path | None, spec, quiet: bool, lines: list[str], progress, started: float) -> int:
+def _prepare_instructions(target: Path, run_dir: Path | None, spec, quiet: bool, lines: list[str], progress,
+                          started: float) -> int:
     """Method "sft": check and tokenise [sft] train (RUN_DIR/instructions/ for a run directory)."""
     from stepc.compiler import plan_spec
     from stepc.compiler.load import read_spec_text

@@ -43,7 +43,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: Path | None, lim
     if not documents and not tasks:
         raise UserError(f"{manifest.spec.experiment.name} is an instruction-tuned run: it has no validation documents to "
                         "score perplexity on", file=str(run_dir), key="--tasks",
-                        fix=f"pass lm-eval --tasks, or write its answers with `stepc generate {run_dir} --questions FILE --out FILE`")
+                        fix=f"pass lm-eval --tasks, or write its answers with "
+                            f"`stepc generate {run_dir} --questions FILE --out FILE`")
     task_manager = _task_manager(tasks, include_path) if tasks else None
 
     from stepc.runtime.data.prepare import prepare

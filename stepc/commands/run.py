@@ -45,7 +45,8 @@ def verify_scripts(run_dir: Path, manifest: Manifest, submitted: Path | None = N
                                 "to run an edited script on purpose, run it directly with --allow-edited-scripts")
     if submitted is not None and digest(Path(submitted).read_bytes()) != manifest.files.get("run.sbatch"):
         raise UserError("the submitted run.sbatch differs from the one the manifest records (edited before sbatch)",
-                        file=str(submitted), fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
+                        file=str(submitted),
+                        fix=f"recompile with `stepc compile SPEC --force` and resubmit with `stepc submit {run_dir}`")
 
 
 def run_stages(run_dir: Path, manifest: Manifest, indices: list[int], stage_args: list[str] | None = None) -> int:

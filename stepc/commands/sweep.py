@@ -10,8 +10,9 @@ All points are compiled before anything is written; a point that fails names its
 --grid/--set value. The sweep directory OUT/<base>.sweep/ holds sweep.json (the points and their
 manifest hashes, the hashes of its other files and its own content hash: stepc.schema.sweep),
 plan.md (the plans side by side) and sweep.sbatch (a job array whose task i runs point i's
-run.sbatch). `stepc submit` verifies all of it, and every point's scripts, before queueing. One array has one resource request, so points must agree on every
-#SBATCH line. `stepc submit` and `stepc report` accept the sweep directory.
+run.sbatch). `stepc submit` verifies all of it, and every point's scripts, before queueing. One
+array has one resource request, so points must agree on every #SBATCH line. `stepc submit`,
+`stepc report` and `stepc run` accept the sweep directory.
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ def write_error(exc: OSError, where: Path, run_dir: Path | None = None) -> UserE
     if exc.errno == errno.ENOSPC:
         what, fix = "the disk holding the shard cache is full", "free space on it, or set data.cache_dir to a disk with room"
     else:
-        what, fix = f"cannot write the shard cache ({exc.strerror})", "make it writable, or set data.cache_dir to a writable directory"
+        what = f"cannot write the shard cache ({exc.strerror})"
+        fix = "make it writable, or set data.cache_dir to a writable directory"
     return UserError(f"{what}: {path}", file=str(path), key="data.cache_dir",
                      fix=f"{fix}; rerun `stepc data prepare` (finished shards are kept)")
 
