@@ -76,6 +76,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     found = ckpt.newest_complete(st.dir)  # (step, path) to resume from, or None
     start = found[0] if found else 0
     tracking = open_tracking(st.run_dir, st.index, start) if st.rank == 0 else None
+    for line in tracking.where() if tracking is not None else []:
+        echo(f"tracking {line}")
     metrics = MetricsWriter(RunDir(st.run_dir).metrics, enabled=st.rank == 0, sink=tracking)
     checkpoints = Checkpointer(st, metrics)
     faults = Faults.from_env(st.index)
@@ -91,6 +93,9 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             checkpoints.save_for_next_stage(trainee)
             evaluator.run(trainee.model, st.stage.steps)
             _finish(st, trainee, data, metrics)
+            if st.last and tracking is not None:  # the end of the run: where to look at it
+                for line in tracking.where():
+                    echo(f"tracked {line}")
     finally:
         if tracking is not None:
             tracking.close()
