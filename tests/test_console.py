@@ -46,10 +46,10 @@ def test_terminal_gets_a_bar_redrawn_in_place():
     out = b"".join(chunks).decode()
     assert re.search(r"\r(?!\n)", out)
     # 10 steps left at 0.2 s each; the run: half of stage 1 + stage 2 = 2.5e12 FLOPs at 5e9 FLOP/s
-    assert re.search(r"stage 1/2 10/20 \|[^|]+\| loss 3.2000 lr 1.00e-03 5,000 tok/s MFU 41.0% mem 2.50 GB "
+    assert re.search(r"stage 1/2 10/20 \|[^|]+\| loss 3.2000 lr 1.00e-03 5,000 tok/s MFU 41.0% proc peak 2.500 GB "
                      r"eta stage 0:00:02 run 0:08:20", out), out
     assert "eval stage 1 step 10: heldout ppl 24.50" in out
-    assert re.search(r"stage 1/2 20/20 \|[^|]+\| loss 3.1000 lr 5.00e-04 5,000 tok/s mem 2.50 GB eta stage 0:00:00 run 0:06:40", out)
+    assert re.search(r"stage 1/2 20/20 \|[^|]+\| loss 3.1000 lr 5.00e-04 5,000 tok/s proc peak 2.500 GB eta stage 0:00:00 run 0:06:40", out)
 
 
 def test_a_pipe_gets_whole_lines_only():
@@ -60,8 +60,8 @@ def test_a_pipe_gets_whole_lines_only():
         out = pipe.read()
     assert "\r" not in out
     assert out.splitlines() == [
-        "stage 1/2 step 10/20 loss 3.2000 lr 1.00e-03 5,000 tok/s MFU 41.0% mem 2.50 GB eta stage 0:00:02 run 0:08:20",
-        "stage 1/2 step 20/20 loss 3.1000 lr 5.00e-04 5,000 tok/s mem 2.50 GB eta stage 0:00:00 run 0:06:40",
+        "stage 1/2 step 10/20 loss 3.2000 lr 1.00e-03 5,000 tok/s MFU 41.0% proc peak 2.500 GB eta stage 0:00:02 run 0:08:20",
+        "stage 1/2 step 20/20 loss 3.1000 lr 5.00e-04 5,000 tok/s proc peak 2.500 GB eta stage 0:00:00 run 0:06:40",
     ]
 
 

@@ -125,11 +125,11 @@ def test_console_redraws_on_a_terminal_and_prints_lines_into_a_pipe(tracked):
     run_dir, crashed, tty, piped = tracked
     assert "resumed stage 1" in tty
     assert re.search(r"\r(?!\n)", tty), "no in-place redraw on the terminal"
-    bar = re.findall(r"stage 1/2 (\d+)/18 \|[^|]*\| loss \S+ lr \S+ [\d,]+ tok/s mem [\d.]+ GB eta stage \S+ run \S+", tty)
+    bar = re.findall(r"stage 1/2 (\d+)/18 \|[^|]*\| loss \S+ lr \S+ [\d,]+ tok/s proc peak [\d.]+ GB eta stage \S+ run \S+", tty)
     assert bar and bar[-1] == "18", tty[-2000:]
     for out in (crashed.stdout, crashed.stderr, piped.stdout, piped.stderr):
         assert "\r" not in out  # nothing but whole lines in a log file (transformers' bars are off too)
-    lines = re.findall(r"^stage 2/2 step (\d+)/20 loss [\d.]+ lr \S+ [\d,]+ tok/s mem [\d.]+ GB eta stage (\S+) run (\S+)$",
+    lines = re.findall(r"^stage 2/2 step (\d+)/20 loss [\d.]+ lr \S+ [\d,]+ tok/s proc peak [\d.]+ GB eta stage (\S+) run (\S+)$",
                        piped.stdout, re.M)
     assert [step for step, _, _ in lines] == ["10", "20"], piped.stdout[-2000:]
     assert lines[-1][1:] == ("0:00:00", "0:00:00")  # nothing left at the last step

@@ -1,7 +1,8 @@
 """The live console of a training stage (rank 0 only).
 
 On a terminal: one tqdm bar per stage, redrawn in place, with step, loss, lr, tokens/s, MFU (where
-the GPU's peak is known), memory and the ETA of the stage and of the whole run. Anywhere else
+the GPU's peak is known), the process peak ("proc peak": CUDA max allocated on a GPU, peak RSS on a
+CPU, in format_bytes' GB) and the ETA of the stage and of the whole run. Anywhere else
 (SLURM logs, pipes, files): one plain line per update and never a carriage return, so log files
 stay greppable. Messages (evals, resumes, exports) go above the bar without breaking it.
 
@@ -18,6 +19,8 @@ import sys
 from datetime import timedelta
 from typing import Any, Sequence, TextIO
 
+from stepc.schema.units import format_bytes
+
 _active: "Console | None" = None  # the bar messages must be written around
 
 
@@ -32,10 +35,6 @@ def echo(message: str) -> None:
 
 def _duration(seconds: float) -> str:
     return str(timedelta(seconds=round(max(0.0, seconds))))
-
-
-def _bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f} GB"
 
 
 def quiet_library_bars_unless_tty() -> None:
@@ -102,7 +101,7 @@ class Console:
         out = [f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tokens_per_s:,.0f} tok/s"]
         if mfu is not None:
             out.append(f"MFU {100 * mfu:.1f}%")
-        out += [f"mem {_bytes(memory_bytes)}", f"eta stage {_duration((steps - done) * seconds_per_step)}",
+        out += [f"proc peak {'-' if memory_bytes is None else format_bytes(memory_bytes)}", f"eta stage {_duration((steps - done) * seconds_per_step)}",
                 f"run {_duration(remaining_flops / max(flops_per_s, 1e-9))}"]
         return out
 
