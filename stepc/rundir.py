@@ -116,6 +116,21 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def wandb(self) -> Path:
+        """W&B's own directory (wandb.init(dir=RUN_DIR) writes RUN_DIR/wandb/<mode>-run-<time>-<id>)."""
+        return self.root / "wandb"
+
+    @property
+    def mlflow_db(self) -> Path:
+        """The default MLflow store: an SQLite database (`mlflow ui --backend-store-uri sqlite:///...` serves it)."""
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """The artifacts of runs tracked to a database store (MLflow would put them under the working directory)."""
+        return self.root / "mlartifacts"
+
 
 # --- checkpoints and exports ---------------------------------------------------------------------
 

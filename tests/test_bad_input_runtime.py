@@ -58,12 +58,20 @@ def trained(full_run) -> Path:
 @pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
 def test_a_tracker_directory_that_is_a_file_stops_the_stage_before_torchrun(make_run, backend):
     run_dir = make_run.compile("trk", log={"backends": [backend]}, **ONE_RANK)
-    target = run_dir / ("tensorboard" if backend == "tensorboard" else "mlruns")
+    target = run_dir / ("tensorboard" if backend == "tensorboard" else "mlartifacts")  # MLflow's SQLite store's artifacts
     target.write_text("not a directory\n")
     err = refused(run_stage(run_dir, 1, timeout=120), f"{target}, which is not a directory",
                   f"remove or move {target}")
     assert "torchrun" not in err and not (run_dir / "checkpoints" / "stage-1").exists()
     assert target.read_text() == "not a directory\n"
+
+
+def test_an_mlflow_database_that_is_a_directory_stops_the_stage_before_torchrun(make_run):
+    run_dir = make_run.compile("trk", log={"backends": ["mlflow"]}, **ONE_RANK)
+    (run_dir / "mlflow.db").mkdir()
+    err = refused(run_stage(run_dir, 1, timeout=120), f"[log.backends]: the MLflow SQLite database {run_dir / 'mlflow.db'} "
+                  "is a directory", f"remove or move {run_dir / 'mlflow.db'}")
+    assert "torchrun" not in err and not (run_dir / "checkpoints" / "stage-1").exists()
 
 
 def test_a_read_only_tracker_directory_stops_the_stage_before_torchrun(make_run):
@@ -91,14 +99,22 @@ def test_an_mlflow_file_store_of_the_users_choice_is_used(make_run, tmp_path):
     ("htp://mlflow:5000", "unknown scheme 'htp'"),
     ("http://", "no host in the URL"),
     ("sqlite:///mlflow.db", "needs SQLAlchemy"),
+    ("postgresql://u@db/mlflow", "needs SQLAlchemy"),
+    (None, "the default SQLite store (RUN_DIR/mlflow.db), which needs SQLAlchemy"),  # mlflow-skinny alone
+    ("sqlite://", "in-memory SQLite database"),
+    ("sqlite:///{tmp}", "is a directory, not a file"),
 ])
-def test_an_mlflow_uri_this_mlflow_cannot_store_to_is_refused_at_compile_time(make_run, capsys, monkeypatch, uri, expected):
+def test_an_mlflow_uri_this_mlflow_cannot_store_to_is_refused_at_compile_time(make_run, capsys, monkeypatch, tmp_path,
+                                                                              uri, expected):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
-    spec = make_run.spec("trk", log={"backends": ["mlflow"], "mlflow_tracking_uri": uri})
+    if "SQLAlchemy" in expected:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    log = {"backends": ["mlflow"], **({"mlflow_tracking_uri": uri.format(tmp=tmp_path)} if uri else {})}
+    spec = make_run.spec("trk", log=log)
     assert main(["compile", str(spec), "--out", str(make_run.root / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"{spec}: [log.mlflow_tracking_uri]: " in err and expected in err and "fix:" in err, err
+    key = "log.mlflow_tracking_uri" if uri else "log.backends"
+    assert f"{spec}: [{key}]: " in err and expected in err and "fix:" in err, err
     assert not (make_run.root / "out").exists()
 
 

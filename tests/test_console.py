@@ -60,9 +60,9 @@ def test_terminal_gets_a_bar_redrawn_in_place():
     assert re.search(r"\r(?!\n)", out)
     # test_the_eta_counts_what_remains_term_by_term: 15.004 s after step 10, 13.003 s after step 20
     assert re.search(r"stage 1/2 10/20 \|[^|]+\| eta stage 0:00:02 run 0:00:15 loss 3.2000 5,000 tok/s lr 1.00e-03 "
-                     r"MFU 41.0% mem 2.50 GB", out), out
+                     r"MFU 41.0% proc peak 2.500 GB", out), out
     assert "eval stage 1 step 10: heldout ppl 24.50" in out
-    assert re.search(r"stage 1/2 20/20 \|[^|]+\| eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 mem 2.50 GB", out)
+    assert re.search(r"stage 1/2 20/20 \|[^|]+\| eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 proc peak 2.500 GB", out)
 
 
 def test_a_pipe_gets_whole_lines_only():
@@ -73,8 +73,8 @@ def test_a_pipe_gets_whole_lines_only():
         out = pipe.read()
     assert "\r" not in out
     assert out.splitlines() == [
-        "stage 1/2 step 10/20 eta stage 0:00:02 run 0:00:15 loss 3.2000 5,000 tok/s lr 1.00e-03 MFU 41.0% mem 2.50 GB",
-        "stage 1/2 step 20/20 eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 mem 2.50 GB",
+        "stage 1/2 step 10/20 eta stage 0:00:02 run 0:00:15 loss 3.2000 5,000 tok/s lr 1.00e-03 MFU 41.0% proc peak 2.500 GB",
+        "stage 1/2 step 20/20 eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 proc peak 2.500 GB",
     ]
 
 

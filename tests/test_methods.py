@@ -198,10 +198,29 @@ metric_list:
 def test_report_table_has_one_row_per_run_with_plan_and_measured_peaks(trained_run, tmp_path):
     from stepc.commands.report import read_run, write_report
 
+    from conftest import read_metrics
+
+    from stepc.schema.units import format_bytes
+
     table = write_report([trained_run, trained_run], tmp_path / "report")
     run = read_run(trained_run)
     assert table.count("| eval-run |") == 2
-    assert f"{run['peak_bytes'] / 1e6:.2f} MB" in table
     assert run["measured_peak_bytes"] == run["peak_bytes"]  # exact accounting, one rank: measured == predicted
+    # report.md names each memory figure and shows the metrics file's bytes in the one unit (GB = 1e9 bytes)
+    report = (tmp_path / "report" / "report.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines() if line.startswith("| ")]
+    row = dict(zip(rows[0], rows[1]))
+    train = [r for r in read_metrics(trained_run) if r["event"] == "train"]
+    manifest = json.loads((trained_run / "manifest.json").read_text())
+    figures = {"model state (plan)": manifest["plan"]["peak_bytes"],
+               "model state (measured)": max(r["model_state_bytes"] for r in train),
+               "process peak": max(r["peak_memory_bytes"] for r in train)}
+    for column, value in figures.items():
+        assert row[column] == format_bytes(value), (column, row)
+        number, unit = row[column].split()
+        assert unit == "GB" and abs(float(number) * 1e9 - value) <= 0.5e6, (column, row[column], value)  # 3 decimals of 1e9
+    assert figures["process peak"] > 1e8  # an RSS of hundreds of MB: a GiB or MB unit would show in the digits above
+    assert "Memory (GB = 10^9 bytes): model state = parameters + gradients + optimizer state" in report
+    assert "process peak = rank 0's peak memory (CUDA max allocated on a GPU, peak RSS on a CPU)" in report
     assert (tmp_path / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert math.isfinite(run["perplexity"]["heldout"])

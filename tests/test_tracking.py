@@ -1,10 +1,12 @@
 """[log] backends with the real libraries writing local files, and the live console in both modes.
 
-One run (1 gloo rank, 2 stages of 18 + 20 steps) with TensorBoard, W&B (offline) and MLflow (file
-store) selected: stage 1 stops on an injected non-finite loss at step 15 (after checkpoints at 6
+One run (1 gloo rank, 2 stages of 18 + 20 steps) with TensorBoard, W&B (offline) and MLflow (its
+default SQLite store) selected: stage 1 stops on an injected non-finite loss at step 15 (after checkpoints at 6
 and 12), is rerun on a pseudo-terminal (the tqdm console) and resumes from step 12, then stage 2
 runs through a pipe (plain lines). The trackers must hold one run for the whole run directory whose
 points equal metrics.jsonl's, with the crashed attempt's steps after the resumed checkpoint gone.
+The commands the console prints to open them are run as a user would (`tensorboard --logdir ...`,
+`mlflow ui --backend-store-uri ...`, in the user's environment) and their servers queried over HTTP.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import json
 import os
 import pty
 import re
+import shlex
+import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import termios
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -117,11 +125,11 @@ def test_console_redraws_on_a_terminal_and_prints_lines_into_a_pipe(tracked):
     run_dir, crashed, tty, piped = tracked
     assert "resumed stage 1" in tty
     assert re.search(r"\r(?!\n)", tty), "no in-place redraw on the terminal"
-    bar = re.findall(r"stage 1/2 (\d+)/18 \|[^|]*\| loss \S+ lr \S+ [\d,]+ tok/s mem [\d.]+ GB eta stage \S+ run \S+", tty)
+    bar = re.findall(r"stage 1/2 (\d+)/18 \|[^|]*\| loss \S+ lr \S+ [\d,]+ tok/s proc peak [\d.]+ GB eta stage \S+ run \S+", tty)
     assert bar and bar[-1] == "18", tty[-2000:]
     for out in (crashed.stdout, crashed.stderr, piped.stdout, piped.stderr):
         assert "\r" not in out  # nothing but whole lines in a log file (transformers' bars are off too)
-    lines = re.findall(r"^stage 2/2 step (\d+)/20 loss [\d.]+ lr \S+ [\d,]+ tok/s mem [\d.]+ GB eta stage (\S+) run (\S+)$",
+    lines = re.findall(r"^stage 2/2 step (\d+)/20 loss [\d.]+ lr \S+ [\d,]+ tok/s proc peak [\d.]+ GB eta stage (\S+) run (\S+)$",
                        piped.stdout, re.M)
     assert [step for step, _, _ in lines] == ["10", "20"], piped.stdout[-2000:]
     assert lines[-1][1:] == ("0:00:00", "0:00:00")  # nothing left at the last step
@@ -177,24 +185,153 @@ def test_wandb_offline_is_one_run_continued_by_every_stage(tracked):
     assert all(history[k] == pytest.approx(v, rel=1e-9) for k, v in expected.items())
 
 
-def test_mlflow_file_store_has_one_finished_run(tracked):
-    from mlflow.tracking import MlflowClient
+def opened_by(output: str, prefix: str, backend: str) -> tuple[str, str]:
+    """(where, command) of the console's `<prefix> <backend>: WHERE; open: COMMAND` line (the last one)."""
+    found = re.findall(rf"^{prefix} {backend}: (.*); (?:open|upload): (.*)$", output, re.M)
+    assert found, output[-3000:]
+    return found[-1]
+
+
+def test_every_stage_start_and_the_run_end_say_where_each_tracker_wrote(tracked):
+    run_dir, crashed, tty, piped = tracked
+    for output in (crashed.stdout, tty, piped.stdout):  # each stage start
+        for backend in BACKENDS:
+            opened_by(output, "tracking", backend)
+    assert "tracked " not in crashed.stdout + tty  # the run's end is the last stage's
+    tb_dir, tb_command = opened_by(piped.stdout, "tracked", "tensorboard")
+    assert tb_dir == str(run_dir.resolve() / "tensorboard")
+    assert shlex.split(tb_command) == ["tensorboard", "--logdir", str(run_dir.resolve())]
+    state = json.loads((run_dir / "tracking.json").read_text())
+    where, upload = opened_by(piped.stdout, "tracked", "wandb")
+    assert where == f"offline, run {state['wandb_id']} in {run_dir.resolve() / 'wandb'}", where
+    assert upload.startswith("wandb sync ")
+    # the shell expands the printed pattern to every offline directory of the run (crash, resume, stage 2)
+    expanded = subprocess.run(["bash", "-c", f"for d in {upload[len('wandb sync '):]}; do echo $d; done"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(expanded) == sorted(str(p) for p in (run_dir.resolve() / "wandb").glob("offline-run-*")) and len(expanded) == 3
+    where, command = opened_by(piped.stdout, "tracked", "mlflow")
+    store = "sqlite:///" + str(run_dir.resolve() / "mlflow.db")
+    assert where == f"{store} (experiment 'stepc-test', run {state['mlflow_run_id']})", where
+    assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", store]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def user_command(command: str, *extra: str) -> subprocess.Popen:
+    """The printed command as a user runs it: their PATH (this interpreter's scripts first, where pip put
+    them), their environment without anything stepc set for its own writes, on a loopback port."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    argv = shlex.split(command)
+    assert shutil.which(argv[0], path=env["PATH"]), f"{argv[0]} is not installed (the test extra installs it)"
+    return subprocess.Popen([*argv, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def http_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:g} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: its workers too
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_printed_commands_open_the_run(tracked):
+    """`mlflow ui --backend-store-uri ...` and `tensorboard --logdir ...` exactly as printed, queried over HTTP:
+    MLflow's REST API has the run with metrics.jsonl's curve, TensorBoard's the curve and the HParams tab's
+    session with the spec's values."""
+    run_dir, _, _, piped = tracked
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    offsets = {s["index"]: s["data_step_offset"] for s in manifest["plan"]["stages"]}
+    expected = curve(read_metrics(run_dir), offsets)
+    mlflow_port, tb_port = free_port(), free_port()
+    mlflow_ui = user_command(opened_by(piped.stdout, "tracked", "mlflow")[1], "--host", "127.0.0.1", "--port",
+                             str(mlflow_port), "--workers", "1")
+    board = user_command(opened_by(piped.stdout, "tracked", "tensorboard")[1], "--host", "127.0.0.1", "--port", str(tb_port))
+    try:
+        api = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow"
+        wait_until_serving(mlflow_ui, f"http://127.0.0.1:{mlflow_port}/health")
+        experiment = http_json(f"{api}/experiments/get-by-name?experiment_name=stepc-test")["experiment"]
+        (run,) = http_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        run_id = run["info"]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["manifest_hash"] == manifest["hash"]
+        assert params["spec.train.lr"] == json.dumps(manifest["spec"]["train"]["lr"])
+        history = http_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=train/loss")["metrics"]
+        assert {m["step"]: m["value"] for m in history} == pytest.approx(expected)
+        ends = http_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=event/stage_end")["metrics"]
+        assert sorted(m["step"] for m in ends) == [18, 38]
+        assert run["info"]["artifact_uri"].startswith((run_dir.resolve() / "mlartifacts").as_uri())
+
+        base = f"http://127.0.0.1:{tb_port}"
+        wait_until_serving(board, f"{base}/data/runs")
+        deadline = time.monotonic() + 60  # TensorBoard loads the event files in the background after it starts
+        while "tensorboard" not in http_json(f"{base}/data/runs") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        loss = http_json(f"{base}/data/plugin/scalars/scalars?run=tensorboard&tag=train/loss")
+        assert {step: value for _, step, value in loss} == pytest.approx(expected)
+        experiment = http_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        (loss_metric,) = [m["name"] for m in experiment["metricInfos"] if m["name"]["tag"] == "train/loss"]
+        groups = http_json(f"{base}/data/plugin/hparams/session_groups",
+                           {"experimentName": "", "startIndex": 0, "sliceSize": 10, "allowedStatuses": [
+                               "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                            "colParams": [{"hparam": "spec.train.lr"}, {"hparam": "plan.method"}, {"hparam": "manifest_hash"},
+                                          {"hparam": "spec.model.num_layers"}, {"metric": loss_metric}]})
+        (group,) = groups["sessionGroups"]
+        hparams = group["hparams"]
+        assert hparams["spec.train.lr"] == manifest["spec"]["train"]["lr"]
+        assert hparams["spec.model.num_layers"] == manifest["spec"]["model"]["num_layers"]
+        assert hparams["plan.method"] == manifest["plan"]["method"] and hparams["manifest_hash"] == manifest["hash"]
+        last = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}  # the tab's metric column: the last value
+        assert last["train/loss"] == pytest.approx(expected[max(expected)])
+    finally:
+        stop(mlflow_ui)
+        stop(board)
+
+
+def test_tensorboard_event_files_hold_the_hparams_session(tracked):
+    """The HParams plugin's data as written (without a server): one session start info with the spec's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
 
     run_dir = tracked[0]
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
-    experiment = client.get_experiment_by_name("stepc-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert run.info.status == "FINISHED" and run.data.params["manifest_hash"] == manifest["hash"]
-    assert run.data.params["spec.train.lr"] == json.dumps(manifest["spec"]["train"]["lr"])
-    offsets = {s["index"]: s["data_step_offset"] for s in manifest["plan"]["stages"]}
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert history == pytest.approx(curve(read_metrics(run_dir), offsets))
-    stage_ends = sorted(m.step for m in client.get_metric_history(run.info.run_id, "event/stage_end"))
-    assert stage_ends == [18, 38]
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert list(content) == [metadata.SESSION_START_INFO_TAG]
+    info = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    assert values["spec.train.lr"] == manifest["spec"]["train"]["lr"]
+    assert values["spec.train.global_batch_tokens"] == manifest["spec"]["train"]["global_batch_tokens"]
+    assert values["plan.layers"] == json.dumps(manifest["plan"]["layers"])
+    assert values["spec.experiment.name"] == manifest["spec"]["experiment"]["name"]
 
 
 def test_a_missing_backend_is_refused_at_compile_time(tmp_path, monkeypatch, capsys, small_corpus):
@@ -227,7 +364,7 @@ def test_the_tracked_run_id_is_kept_per_experiment(tmp_path, small_corpus):
     again({"event": "stage_end", "stage": 2, "step": 20})
     again.close()
     assert json.loads((run_dir / "tracking.json").read_text()) == state
-    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri="sqlite:///" + str((run_dir / "mlflow.db").resolve()))
     (run,) = client.search_runs([client.get_experiment_by_name("ids").experiment_id])
     assert run.info.run_id == state["mlflow_run_id"] and run.info.status == "FINISHED"
     offset = json.loads((run_dir / "manifest.json").read_text())["plan"]["stages"][1]["data_step_offset"]

@@ -1,7 +1,7 @@
 """`stepc report RUN_DIR...`: the paper's Table 2 shape for several runs, and their loss curves.
 
 Reads only what runs wrote (manifest.json, metrics.jsonl, eval.json): peak model-state memory
-(planned and measured), validation perplexity, tokens and FLOPs, one row per run. A run that has
+(planned and measured), the process peak the runtime measured, validation perplexity, tokens and FLOPs, one row per run. A run that has
 not finished is marked so and reports what it actually trained; damaged inputs are named (exit 2).
 """
 
@@ -17,6 +17,7 @@ from stepc.atomic import atomic_write_bytes
 from stepc.rundir import manifest_path, read_regular_file, RunDir
 from stepc.runtime.guard import is_exported
 from stepc.schema.manifest import load_manifest
+from stepc.schema.units import MODEL_STATE, PROCESS_PEAK, UNIT_NOTE, format_bytes
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if finished and eval_json.is_file():
         final_eval.update(read_eval_json(eval_json))
     measured = [r["model_state_bytes"] for r in records if r["event"] == "train" and _number(r.get("model_state_bytes"))]
+    process = [r["peak_memory_bytes"] for r in records if r["event"] == "train" and _number(r.get("peak_memory_bytes"))]
     if finished:
         status = "finished"
     else:
@@ -57,6 +59,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "name": manifest.spec.experiment.name, "method": plan.method, "layers": plan.layers,
         "run_dir": paths.root, "init_from": origin.run_dir if origin else None, "from": origin.experiment if origin else None,
         "peak_bytes": plan.peak_bytes, "measured_peak_bytes": max(measured) if measured else None,
+        "process_peak_bytes": max(process) if process else None,
         "finished": finished, "status": status,
         "steps": sum(done.values()), "planned_steps": sum(s.steps for s in stages.values()),
         # tokens and FLOPs of the steps actually trained (each stage's are linear in its steps)
@@ -154,18 +157,28 @@ def markdown_table(runs: list[dict[str, Any]], columns: dict[str, dict[str, str]
     sets = sorted({name for run in runs for name in run["perplexity"]})
     extra = list(dict.fromkeys(c for cells in (columns or {}).values() for c in cells))
     lineage = any(run["from"] for run in runs)  # an SFT run: the run it tuned, beside it
-    head = ["run", *extra, "method", *(["tuned from"] if lineage else []), "layout", "status", "steps", "peak (plan)",
-            "peak (measured)", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
+    head = ["run", *extra, "method", *(["tuned from"] if lineage else []), "layout", "status", "steps", "model state (plan)",
+            "model state (measured)", "process peak", "tokens", "FLOPs"] + [f"ppl {s}" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
-        measured = f"{run['measured_peak_bytes'] / 1e6:.2f} MB" if run["measured_peak_bytes"] else "-"
         steps = f"{run['steps']:,}" if run["finished"] else f"{run['steps']:,} of {run['planned_steps']:,}"
         cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"],
                  *([run["from"] or "-"] if lineage else []), "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
-                 f"{run['peak_bytes'] / 1e6:.2f} MB", measured, f"{run['tokens']:,}", f"{run['flops']:.3e}"]
+                 _bytes(run["peak_bytes"]), _bytes(run["measured_peak_bytes"]), _bytes(run["process_peak_bytes"]),
+                 f"{run['tokens']:,}", f"{run['flops']:.3e}"]
         cells += [f"{run['perplexity'][s]:.2f}" if s in run["perplexity"] else "-" for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# under every report table: what its memory columns are
+LEGEND = (f"Memory ({UNIT_NOTE}): {MODEL_STATE}, planned (the plan's peak stage, by its memory.accounting) and "
+          f"measured (the largest over the run's train records, summed over ranks); {PROCESS_PEAK}, the largest "
+          "of the run's train records.")
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else format_bytes(n)
 
 
 def _cumulative(layers: list[int]) -> list[int]:
@@ -206,7 +219,7 @@ def write_report(run_dirs: list[Path], out: Path, columns: dict[str, dict[str, s
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise UserError(f"{out} exists and is not a directory", key="--out", fix="pass --out a directory (created if missing)")
     runs = with_lineage([read_run(d) for d in run_dirs])
-    table = markdown_table(runs, columns)
+    table = markdown_table(runs, columns) + "\n\n" + LEGEND
     note = ""
     if any(not run["finished"] for run in runs):
         note = ("\nUnfinished runs show the steps, tokens and FLOPs trained so far, and the perplexity of their last "

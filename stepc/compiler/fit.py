@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from stepc.errors import UserError
 from stepc.schema.plan import Plan
 from stepc.schema.spec import Spec
-from stepc.schema.units import format_bytes, parse_bytes
+from stepc.schema.units import DEVICE_PEAK, UNIT_NOTE, format_bytes, parse_bytes
 
 # Memory one process can allocate, as CUDA reports it (torch.cuda.get_device_properties().total_memory,
 # rounded down to 0.1 GiB): a little under the marketed size. CUDA context and NCCL buffers are extra.
@@ -117,7 +117,7 @@ def gpu_capacity(gpu: str | None, memory: str | None) -> tuple[str, int]:
         if key not in GPUS:
             raise UserError(f"unknown GPU {gpu!r}", fix=f"use one of {', '.join(GPUS)}, or give --gpu-memory 80GB")
         name, capacity = GPUS[key]
-        return f"{key} ({name}, {capacity / GiB:.1f} GiB usable)", capacity
+        return f"{key} ({name}, {format_bytes(capacity)} usable)", capacity
     assert memory is not None
     try:
         capacity = parse_bytes(memory)
@@ -183,7 +183,7 @@ def fit_table(spec: Spec, results: list[StageFit], label: str, headroom: Headroo
     lines = ["  ".join(c.ljust(w) if i == len(row) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"needs = {headroom.describe()} (--headroom, --overhead)", error_bound_note()]
+    notes = [f"{DEVICE_PEAK}; {UNIT_NOTE}", f"needs = {headroom.describe()} (--headroom, --overhead)", error_bound_note()]
     speed = padding_note(spec)
     return "\n".join([head, *lines, *notes, *([speed] if speed else [])])
 

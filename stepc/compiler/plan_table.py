@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stepc.schema.plan import Plan
-from stepc.schema.units import format_bytes
+from stepc.schema.units import MODEL_STATE, UNIT_NOTE, format_bytes
 
 COLUMNS = ("stage", "layers", "new", "trainable", "frozen", "peak", "steps", "tokens", "FLOPs")
 
@@ -25,7 +25,12 @@ def plan_table(plan: Plan) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([*lines, peak_legend(plan)])
+
+
+def peak_legend(plan: Plan) -> str:
+    """What a plan's "peak" is: model-state bytes, not what a device holds (`stepc plan --gpu` predicts that)."""
+    return f"peak: {MODEL_STATE}, memory.accounting \"{plan.accounting}\"; {UNIT_NOTE}"
 
 
 def plan_summary(plan: Plan) -> str:
@@ -62,4 +67,4 @@ def compare_plans(plans: list[tuple[str, Plan]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([*lines, f"peak: {MODEL_STATE}, each by its spec's memory.accounting; {UNIT_NOTE}"])

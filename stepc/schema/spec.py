@@ -323,7 +323,7 @@ class Log(Section):
     wandb_entity: OneLine | None = None
     """W&B entity (user or team). Default: the logged-in user's default entity."""
     mlflow_tracking_uri: OneLine | None = None
-    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: a local file store in RUN_DIR/mlruns (`mlflow ui --backend-store-uri RUN_DIR/mlruns`)."""
+    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: an SQLite store in RUN_DIR/mlflow.db (artifacts in RUN_DIR/mlartifacts); each stage prints the `mlflow ui --backend-store-uri ...` command that opens it. A directory is a file store (MLflow 3 serves it only with MLFLOW_ALLOW_FILE_STORE=true)."""
 
     @field_validator("backends")
     @classmethod

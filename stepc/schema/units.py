@@ -59,5 +59,13 @@ def _at_most_max(n: int, given: int | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Decimal gigabytes with three decimals, the unit the paper reports (5.899 GB)."""
+    """Decimal gigabytes with three decimals, the unit the paper reports (5.899 GB): the one way every
+    memory figure is shown (console, report.md, plan.md, `stepc plan --gpu`), so they compare as printed."""
     return f"{n / 1e9:.3f} GB"
+
+
+# What each memory figure is, in the words every table's legend uses (README "Memory figures").
+UNIT_NOTE = "GB = 10^9 bytes"
+MODEL_STATE = "model state = parameters + gradients + optimizer state of the whole model"
+PROCESS_PEAK = "process peak = rank 0's peak memory (CUDA max allocated on a GPU, peak RSS on a CPU)"
+DEVICE_PEAK = "estimate/GPU = predicted device peak per GPU (device accounting: model state, activations, buffers)"

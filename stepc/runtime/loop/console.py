@@ -1,10 +1,11 @@
 """The live console of a training stage (rank 0 only).
 
 On a terminal: one tqdm bar per stage, redrawn in place, with step, the ETA of the stage and of the
-whole run, loss, lr, tokens/s, MFU (where the GPU's peak is known) and memory, in that order of
-importance: a narrow terminal (80 columns) drops fields from the end, never the ETA. Anywhere else
-(SLURM logs, pipes, files): one plain line per update with every field and never a carriage return,
-so log files stay greppable. Messages (evals, resumes, exports) go above the bar without breaking it.
+whole run, loss, lr, tokens/s, MFU (where the GPU's peak is known) and the process peak ("proc peak":
+CUDA max allocated on a GPU, peak RSS on a CPU, in format_bytes' GB), in that order of importance:
+a narrow terminal (80 columns) drops fields from the end, never the ETA. Anywhere else (SLURM logs,
+pipes, files): one plain line per update with every field and never a carriage return, so log files
+stay greppable. Messages (evals, resumes, exports) go above the bar without breaking it.
 
 The ETAs are RunEta's (eta.py): measured step time, start-up, warm-up, evaluations, checkpoints
 and the stage's wind-down, not tqdm's smoothed rate.
@@ -16,6 +17,8 @@ import os
 import sys
 from datetime import timedelta
 from typing import Any, Sequence, TextIO
+
+from stepc.schema.units import format_bytes
 
 _active: "Console | None" = None  # the bar messages must be written around
 
@@ -31,10 +34,6 @@ def echo(message: str) -> None:
 
 def _duration(seconds: float) -> str:
     return str(timedelta(seconds=round(max(0.0, seconds))))
-
-
-def _bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f} GB"
 
 
 def quiet_library_bars_unless_tty() -> None:
@@ -125,7 +124,7 @@ class Console:
         out += [f"loss {loss:.4f}", f"{tokens_per_s:,.0f} tok/s", f"lr {lr:.2e}"]
         if mfu is not None:
             out.append(f"MFU {100 * mfu:.1f}%")
-        out.append(f"mem {_bytes(memory_bytes)}")
+        out.append(f"proc peak {'-' if memory_bytes is None else format_bytes(memory_bytes)}")
         return out
 
     def update(self, done: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None,

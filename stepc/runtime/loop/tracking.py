@@ -10,7 +10,12 @@ the stages of a run form one curve) and fans it out:
     others   -> event/<name> = stage index (stage_start, stage_end, merge, checkpoint,
                 nonfinite_loss), plus their numeric fields as <name>/<field>
 
-The run's config is the normalised spec, the plan and the manifest hash. A run directory is ONE
+The run's config is the normalised spec, the plan and the manifest hash (TensorBoard: text and the
+HParams tab; W&B: the run config; MLflow: params). Where each tracker wrote and the one command that
+opens it (`Tracking.where`) is printed at every stage start and at the end of the run. MLflow's
+default store is an SQLite database, RUN_DIR/mlflow.db (artifacts in RUN_DIR/mlartifacts), which
+`mlflow ui --backend-store-uri sqlite:///...` of the full mlflow package (`stepc[mlflow]`) serves as
+it is; MLflow 3 serves a file store only with MLFLOW_ALLOW_FILE_STORE=true. A run directory is ONE
 tracked run: its ids are kept in RUN_DIR/tracking.json (keyed by the manifest hash), so later
 stages and resumed stages continue it rather than start new runs. A resumed TensorBoard writer
 purges the steps after the checkpoint it resumed from; W&B and MLflow key points by the global step.
@@ -28,12 +33,14 @@ import atexit
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 from stepc.errors import UserError
+from stepc.rundir import RunDir
 
 # backend -> (module that must be importable, pip extra)
 BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
@@ -57,19 +64,23 @@ PROBE_TIMEOUT_S = 10.0  # an MLflow server must answer the preflight within this
 
 
 def mlflow_store(uri: str | None, run_dir: Path | None) -> tuple[str, Any]:
-    """("file", directory) for a file store (the default: RUN_DIR/mlruns; None when run_dir is None and the
-    URI is unset), ("database", scheme), ("server", uri) or ("other", scheme). A scheme MLflow has no store
-    for is a UserError naming log.mlflow_tracking_uri."""
+    """("sqlite", database file) for an SQLite store (the default: RUN_DIR/mlflow.db; None when run_dir is
+    None and the URI is unset, or for an in-memory database), ("file", directory) for a file store,
+    ("database", scheme) for the other SQLAlchemy stores, ("server", uri) or ("other", scheme). A scheme
+    MLflow has no store for is a UserError naming log.mlflow_tracking_uri."""
     from urllib.parse import unquote, urlparse
 
     if uri is None:
-        return "file", None if run_dir is None else run_dir / "mlruns"
+        return "sqlite", None if run_dir is None else RunDir(run_dir).mlflow_db
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower().split("+", 1)[0]
     if len(scheme) == 1:  # a Windows drive letter, C:/mlruns
         scheme = ""
     if scheme in FILE_SCHEMES:
         return "file", Path(unquote(parsed.path) if scheme == "file" else uri).expanduser()
+    if scheme == "sqlite":  # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db, sqlite:// in memory
+        path = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+        return "sqlite", Path(unquote(path)).expanduser() if path else None
     if scheme in DATABASE_SCHEMES:
         return "database", scheme
     if scheme in SERVER_SCHEMES and parsed.netloc:
@@ -79,46 +90,63 @@ def mlflow_store(uri: str | None, run_dir: Path | None) -> tuple[str, Any]:
     raise UserError(f"MLflow cannot track to {uri!r}: {'no host in the URL' if scheme in SERVER_SCHEMES else f'unknown scheme {scheme!r}'}",
                     key="log.mlflow_tracking_uri",
                     fix='write a server URL ("http://host:5000"), a database URI ("sqlite:///mlflow.db") or a directory '
-                        '(a file store); or leave it unset for RUN_DIR/mlruns')
+                        '(a file store); or leave it unset for RUN_DIR/mlflow.db')
 
 
 def check_log(log, file: str | None = None) -> None:
     """Compile time: every selected backend is installed, and the MLflow URI names a store this MLflow
-    can write (a database store needs SQLAlchemy, which mlflow-skinny lacks; a file store must be a
-    directory, not a file)."""
+    can write (a database store, the default SQLite one included, needs SQLAlchemy, which mlflow-skinny
+    lacks; a file store must be a directory, an SQLite database a file)."""
     check_installed(log.backends, file)
-    if "mlflow" not in log.backends or log.mlflow_tracking_uri is None:
+    if "mlflow" not in log.backends:
         return
     try:
         kind, where = mlflow_store(log.mlflow_tracking_uri, None)
     except UserError as err:
         err.file = file
         raise
-    if kind == "database" and importlib.util.find_spec("sqlalchemy") is None:
-        raise UserError(f"log.mlflow_tracking_uri is a {where} database, which needs SQLAlchemy (not installed: "
-                        "mlflow-skinny has no database stores)", file=file, key="log.mlflow_tracking_uri",
-                        fix="pip install mlflow (the full package), or track to a server URL or a directory")
+    key = "log.mlflow_tracking_uri" if log.mlflow_tracking_uri else "log.backends"
+    if kind in ("sqlite", "database") and any(importlib.util.find_spec(m) is None for m in ("sqlalchemy", "alembic")):
+        store = "the default SQLite store (RUN_DIR/mlflow.db)" if log.mlflow_tracking_uri is None else f"a {kind} database"
+        raise UserError(f"MLflow tracks to {store}, which needs SQLAlchemy and Alembic (not installed: mlflow-skinny "
+                        "has no database stores)", file=file, key=key,
+                        fix="pip install 'stepc[mlflow]' (the full mlflow package, which also serves `mlflow ui`), "
+                            "or track to a server URL or a directory")
     if kind == "file" and where.exists() and not where.is_dir():
         raise UserError(f"the MLflow file store {where} is a file, not a directory", file=file,
-                        key="log.mlflow_tracking_uri", fix=f"name a directory (it is created if missing), or move {where} away")
+                        key=key, fix=f"name a directory (it is created if missing), or move {where} away")
+    if kind == "sqlite" and where is None and log.mlflow_tracking_uri is not None:
+        raise UserError(f"{log.mlflow_tracking_uri!r} is an in-memory SQLite database: nothing would be kept", file=file,
+                        key=key, fix='name a database file, e.g. "sqlite:///mlflow.db", or leave it unset for RUN_DIR/mlflow.db')
+    if kind == "sqlite" and where is not None and where.is_dir():
+        raise UserError(f"the MLflow SQLite database {where} is a directory, not a file", file=file, key=key,
+                        fix=f"name a database file (it is created if missing), or move {where} away")
 
 
 def check_targets(run_dir: Path, log, file: str) -> None:
     """Stage preflight (before torchrun): every tracker's local directory is a directory this process can
-    write (it is created if missing), and an MLflow server answers. Raises UserError (exit 2)."""
-    backends = log.backends
+    write (it is created if missing), an SQLite database is not a directory, and an MLflow server answers.
+    Raises UserError (exit 2)."""
+    backends, paths = log.backends, RunDir(run_dir)
     dirs: list[tuple[str, Path, str]] = []
     if "tensorboard" in backends:
-        dirs.append(("TensorBoard", run_dir / "tensorboard", "log.backends"))
+        dirs.append(("TensorBoard", paths.tensorboard, "log.backends"))
     if "wandb" in backends:
-        dirs.append(("W&B", run_dir / "wandb", "log.backends"))
+        dirs.append(("W&B", paths.wandb, "log.backends"))
     if "mlflow" in backends:
         kind, where = mlflow_store(log.mlflow_tracking_uri, run_dir)
         key = "log.mlflow_tracking_uri" if log.mlflow_tracking_uri else "log.backends"
         if kind == "file":
             dirs.append(("the MLflow file store", where, key))
+        elif kind == "sqlite" and where is not None:
+            if where.is_dir():
+                raise UserError(f"the MLflow SQLite database {where} is a directory, not a file", file=file, key=key,
+                                fix=f"remove or move {where} (stepc creates the database file), or drop mlflow from log.backends")
+            dirs.append(("the MLflow SQLite database", where.parent, key))
         elif kind == "server":
             _probe_server(where, file)
+        if kind in ("sqlite", "database"):
+            dirs.append(("MLflow's artifacts", paths.mlflow_artifacts, key))
     for what, path, key in dirs:
         _writable_dir(what, path, key, file)
 
@@ -166,6 +194,10 @@ class Tracker:
     def close(self, finished: bool) -> None:
         raise NotImplementedError
 
+    def where(self) -> str:
+        """Where this backend wrote, and the one command that opens it (printed at each stage start and the run's end)."""
+        raise NotImplementedError
+
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """{"train.lr": 3e-3, ...} for a nested dict (lists stay whole)."""
@@ -189,15 +221,29 @@ def scalars_of(record: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
     return event, {f"event/{event}": float(record.get("stage", 0)), **{f"{event}/{k}": v for k, v in numeric.items()}}
 
 
+def hparams_of(config: dict[str, Any]) -> dict[str, float | str]:
+    """The run's hyperparameters as the HParams plugin takes them (numbers and strings; bools as numbers by
+    torch's hparams): the spec's keys, the plan's scalars and the manifest hash; lists as JSON, None left out."""
+    values = flatten({"spec": config["spec"], "plan": {k: v for k, v in config["plan"].items() if k != "stages"}})
+    values["manifest_hash"] = config["manifest_hash"]
+    return {k: v if isinstance(v, (int, float, str)) else json.dumps(v) for k, v in sorted(values.items()) if v is not None}
+
+
 class TensorBoard(Tracker):
     def __init__(self, log_dir: Path, config: dict[str, Any], first: bool, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
 
+        self.log_dir = log_dir
         # purge_step: a resumed stage hides what a crashed attempt logged after the resumed checkpoint
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1, flush_secs=30)
         if first:
             for name, value in config.items():
                 self.writer.add_text(f"config/{name}", "```\n" + json.dumps(value, indent=2, sort_keys=True) + "\n```", 0)
+            # the HParams tab: this run's session start info, in the run's own directory (add_hparams would
+            # start a second run in a subdirectory); TensorBoard infers the metric columns from the scalars
+            _, session_start, _ = hparams(hparams_of(config), {})
+            self.writer.file_writer.add_summary(session_start, 0)
 
     def log(self, step, scalars, event, record):
         for tag, value in scalars.items():
@@ -208,6 +254,12 @@ class TensorBoard(Tracker):
 
     def close(self, finished):
         self.writer.close()
+
+    def where(self):
+        # the run directory, not RUN_DIR/tensorboard: as a logdir of its own the run is named "." and the HParams
+        # tab (TensorBoard 2.21) shows no metric values for it; this way it is "tensorboard", as it is
+        # "<run>/tensorboard" under `tensorboard --logdir runs` comparing runs
+        return f"tensorboard: {self.log_dir}; open: tensorboard --logdir {shlex.quote(str(self.log_dir.parent))}"
 
 
 class Wandb(Tracker):
@@ -222,6 +274,7 @@ class Wandb(Tracker):
                                   x_save_requirements=False)
         self.run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", dir=str(run_dir),
                               mode=mode, config=config, settings=settings)
+        self.mode, self.files, self.run_id = mode, RunDir(run_dir).wandb, run_id
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 
@@ -230,6 +283,13 @@ class Wandb(Tracker):
 
     def close(self, finished):
         self.run.finish(exit_code=0 if finished else 1)
+
+    def where(self):
+        if self.mode == "online":
+            return f"wandb: online, run {self.run_id}; open: {self.run.url}"
+        # each stage (and each resumed attempt) is one offline directory of the same run id; sync uploads them all
+        return (f"wandb: offline, run {self.run_id} in {self.files}; upload: "
+                f"wandb sync {shlex.quote(str(self.files))}/offline-run-*-{self.run_id}")
 
 
 def _wandb_logged_in() -> bool:
@@ -249,23 +309,35 @@ class MLflow(Tracker):
     def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str | None, experiment: str, name: str,
                  uri: str | None) -> None:
         kind, where = mlflow_store(uri, run_dir)
+        artifacts = None
         if kind == "file":
             # the file store is in maintenance mode in MLflow 3 and refused unless opted in; the user chose it
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = where.resolve().as_uri()
+        elif kind == "sqlite" and where is not None:
+            uri = "sqlite:///" + str(where.resolve())  # absolute: the printed `mlflow ui` command works from anywhere
+        if kind in ("sqlite", "database"):
+            # a new experiment's artifacts in the run directory, not under the working directory (MLflow's ./mlruns)
+            artifacts = RunDir(run_dir).mlflow_artifacts.resolve().as_uri()
+        self.kind, self.uri, self.experiment = kind, uri, experiment
         # MLflow retries a server that does not answer for minutes (7 retries, 120 s timeouts): a bounded
         # wait, after which Tracking turns it off with one warning and training goes on
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(PROBE_TIMEOUT_S)))
+        import logging
+
+        # creating a database store logs its schema migrations at INFO on every rank-0 start
+        for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifacts)
             run = self.client.create_run(experiment_id, run_name=name, tags={"stepc.manifest_hash": config["manifest_hash"]})
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, experiment_id
             params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flatten(
                 {"spec": config["spec"], "plan": {k: v for k, v in config["plan"].items() if k != "stages"}}).items()}
             params["manifest_hash"] = config["manifest_hash"]
@@ -275,7 +347,18 @@ class MLflow(Tracker):
             self.client.log_dict(self.run_id, config, "stepc/config.json")
         else:
             self.run_id = run_id
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
+
+    def where(self):
+        run = f"experiment {self.experiment!r}, run {self.run_id}"
+        if self.kind == "server":
+            return f"mlflow: {self.uri} ({run}); open: {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.kind == "other":
+            return f"mlflow: {self.uri} ({run}); open it in the workspace that URI names"
+        store = self.uri if self.kind != "database" else _without_password(self.uri)
+        prefix = "MLFLOW_ALLOW_FILE_STORE=true " if self.kind == "file" else ""  # MLflow 3 refuses file stores otherwise
+        return f"mlflow: {store} ({run}); open: {prefix}mlflow ui --backend-store-uri {shlex.quote(store)}"
 
     def log(self, step, scalars, event, record):
         import time
@@ -287,6 +370,17 @@ class MLflow(Tracker):
 
     def close(self, finished):
         self.client.set_terminated(self.run_id, "FINISHED" if finished else "FAILED")
+
+
+def _without_password(uri: str) -> str:
+    """A database URI as printed: user@host kept, the password (if the spec has one) masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Tracking:
@@ -307,6 +401,10 @@ class Tracking:
                 print(f"warning: {name} tracking failed ({exc}); it is off for the rest of this stage, "
                       "metrics.jsonl keeps every record", file=sys.stderr, flush=True)
                 del self.trackers[name]
+
+    def where(self) -> list[str]:
+        """One line per open tracker: where it wrote and the command that opens it."""
+        return [tracker.where() for tracker in self.trackers.values()]
 
     def close(self) -> None:
         trackers, self.trackers = self.trackers, {}
@@ -343,8 +441,12 @@ def open_tracking(run_dir: Path, stage: int, start_step: int) -> Tracking | None
                 state.setdefault("wandb_id", uuid.uuid4().hex[:12])
                 trackers[backend] = Wandb(run_dir, config, state["wandb_id"], project, name, log.wandb_entity, log.wandb_mode)
             elif backend == "mlflow":
-                tracker = MLflow(run_dir, config, state.get("mlflow_run_id"), project, name, log.mlflow_tracking_uri)
-                state["mlflow_run_id"] = tracker.run_id
+                # the run id belongs to one store (a run directory tracked before the default became SQLite
+                # has its run in RUN_DIR/mlruns): another store starts a new run there
+                same_store = state.get("mlflow_store") == repr(log.mlflow_tracking_uri)
+                tracker = MLflow(run_dir, config, state.get("mlflow_run_id") if same_store else None, project, name,
+                                 log.mlflow_tracking_uri)
+                state["mlflow_run_id"], state["mlflow_store"] = tracker.run_id, repr(log.mlflow_tracking_uri)
                 trackers[backend] = tracker
         except Exception as exc:  # noqa: BLE001 - each library raises its own types; the preflight catches the usual ones
             for opened in trackers.values():

@@ -78,6 +78,8 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
     found = ckpt.newest_complete(st.dir)  # (step, path) to resume from, or None
     start = found[0] if found else 0
     tracking = open_tracking(st.run_dir, st.index, start) if st.rank == 0 else None
+    for line in tracking.where() if tracking is not None else []:
+        echo(f"tracking {line}")
     eta = None
     if st.rank == 0:  # the console's ETA, from what earlier stages recorded and what this one writes
         eta = run_eta(st.plan.stages, st.spec.eval.every_steps, st.spec.train.checkpoint_every,
@@ -98,6 +100,9 @@ def train_stage(st: Stage, prev_export: Path | None, allow: set[str]) -> None:
             checkpoints.save_for_next_stage(trainee)
             evaluator.run(trainee.model, st.stage.steps)
             _finish(st, trainee, data, metrics)
+            if st.last and tracking is not None:  # the end of the run: where to look at it
+                for line in tracking.where():
+                    echo(f"tracked {line}")
     finally:
         if tracking is not None:
             tracking.close()
