@@ -171,7 +171,7 @@ def _compile(path: str, sets: list[str] | None, emit: bool):
     """
     from stepc.compiler import compile_spec, plan_spec
     from stepc.compiler.overrides import blamed, recorded, resolve
-    from stepc.runtime.loop.tracking import check_log
+    from stepc.schema.trackers import check_log
 
     text, overrides = resolve(path, sets)
     with blamed(overrides):

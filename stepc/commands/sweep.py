@@ -109,7 +109,7 @@ def point_name(base: str, values: list[Override]) -> str:
 
 def compile_sweep(spec_path: str, grid_items: list[str], set_items: list[str] | None) -> tuple[str, list[Point]]:
     """(base name, the compiled points); writes nothing."""
-    from stepc.runtime.loop.tracking import check_log
+    from stepc.schema.trackers import check_log
 
     sets = parse_overrides(set_items)
     axes = parse_grid(grid_items, sets)
