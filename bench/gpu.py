@@ -615,7 +615,8 @@ def table(result: dict) -> str:
         lines.append(f"{ceiling}: {probe_part[ceiling]} TFLOP/s; loss check {probe_part.get('loss_check')}")
         for row in probe_part.get("gemm_tflops", []):
             lines.append("  gemm " + ", ".join(f"{k} {v}" for k, v in row.items()))
-    lines.append(f"{'part':26} {'ok':>3} {'s':>6} {'tok/s':>10} {'mfu':>6} {'peak GB':>8} {'resv GB':>8} {'pred GB':>8} {'err':>7} {'syncs':>5}")
+    lines.append(f"{'part':26} {'ok':>3} {'s':>6} {'tok/s':>10} {'mfu':>6} {'peak GB':>8} {'resv GB':>8} {'pred GB':>8} "
+                 f"{'err':>7} {'syncs':>5}")
     for name, p in result["parts"].items():
         if name == "probe":
             continue

@@ -67,7 +67,8 @@ def main() -> None:
         if r["stage"] == "peak":
             paper_pct = f" (paper: {r['paper_reports_pct']}%)" if r["paper_reports_pct"] else ""
             print(f"{r['spec']:24} {'peak':>5} {r.layers:>10} {r['paper_eq2_bytes'] / 1e9:10.3f}  vanilla "
-                  f"{r['paper_vanilla_bytes'] / 1e9:.3f} GB, reduction {r['reduction_pct']}%{paper_pct}, exact accounting {r['exact_reduction_pct']}%")
+                  f"{r['paper_vanilla_bytes'] / 1e9:.3f} GB, reduction {r['reduction_pct']}%{paper_pct}, exact accounting "
+                  f"{r['exact_reduction_pct']}%")
         else:
             print(f"{r['spec']:24} {r['stage']:>5} {r.layers:>10} {r['paper_eq2_bytes'] / 1e9:10.3f} "
                   f"{r['exact_predicted_bytes'] / 1e9:16.3f} {r['counted_bytes'] / 1e9:13.3f} {str(r['match']):>5}")

@@ -139,7 +139,8 @@ def step_dir_name(step: int) -> str:
 
 
 CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint directory, listing its files
-EXPORT_MARKER = "EXPORT_COMPLETE"  # written last into an export, listing its files' sizes and sha256s (runtime/model/export_seal.py)
+# written last into an export, listing its files' sizes and sha256s (runtime/model/export_seal.py)
+EXPORT_MARKER = "EXPORT_COMPLETE"
 
 
 # --- manifests -----------------------------------------------------------------------------------
@@ -212,7 +213,8 @@ def entry_problem(run_dir: Path, name: str) -> str | None:
     except OSError as exc:
         return f"{name}: cannot be read ({exc.strerror})"
     if stat.S_ISLNK(info.st_mode):
-        return f"{name}: is a symbolic link (to {os.readlink(path)!r}); a compiled file is never a link, and verify does not follow one"
+        return (f"{name}: is a symbolic link (to {os.readlink(path)!r}); a compiled file is never a link, "
+                "and verify does not follow one")
     if stat.S_ISDIR(info.st_mode):
         return f"{name}: is a directory, not the compiled file"
     if not stat.S_ISREG(info.st_mode):

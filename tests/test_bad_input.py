@@ -150,7 +150,8 @@ BOUNDS = [
                      "model__intermediate_size": 16 * 65536,
                      "memory__budget": DELETE}, "model.hidden_size", "parameter model"),
     ("galore-rank-above-hidden", {"experiment__method": "galore", "memory__stages": 1, "memory__budget": DELETE,
-                                  "launch__nproc_per_node": 1, "step__galore_rank": 4096}, "step.galore_rank", "exceeds hidden_size"),
+                                  "launch__nproc_per_node": 1, "step__galore_rank": 4096},
+     "step.galore_rank", "exceeds hidden_size"),
     ("lora-rank-1e6", {"step__lora_rank": 10**6}, "step.lora_rank", "less than or equal to 65536"),
     ("micro-batch-1e6", {"train__micro_batch_size": 10**6}, "train.micro_batch_size", "less than or equal to 65536"),
     ("global-batch-2**40", {"train__global_batch_tokens": 2**40}, "train.global_batch_tokens", "less than or equal to"),
@@ -431,8 +432,8 @@ def test_sbatch_options_stepc_does_not_write_are_accepted_as_extra(tmp_path, cap
     extra = ["--mem=0", "--exclusive", "--gpus=2", "--constraint=a100", "-C a100", "--mail-type=END"]
     code, err, _, out = compile_text(tmp_path, spec_text(launch__slurm__extra=extra), capsys)
     assert code == 0, err
-    assert [line for line in (out / "bad-input" / "run.sbatch").read_text().splitlines() if line.startswith("#SBATCH -")][-6:] == \
-        [f"#SBATCH {line}" for line in extra]
+    options = [line for line in (out / "bad-input" / "run.sbatch").read_text().splitlines() if line.startswith("#SBATCH -")]
+    assert options[-6:] == [f"#SBATCH {line}" for line in extra]
 
 
 def test_a_set_naming_only_a_sources_weight_blames_the_missing_files(tmp_path, capsys):

@@ -19,7 +19,8 @@ from stepc.runtime.loop.console import Console, echo, fit
 from stepc.runtime.loop.eta import RunEta
 
 # stage 2 costs twice stage 1's FLOPs
-STAGES = [SimpleNamespace(index=1, steps=20, flops=1e12, tokens=10**6), SimpleNamespace(index=2, steps=20, flops=2e12, tokens=10**6)]
+STAGES = [SimpleNamespace(index=1, steps=20, flops=1e12, tokens=10**6), SimpleNamespace(index=2, steps=20, flops=2e12,
+                                                                                        tokens=10**6)]
 
 
 def started_eta() -> RunEta:
@@ -62,7 +63,8 @@ def test_terminal_gets_a_bar_redrawn_in_place():
     assert re.search(r"stage 1/2 10/20 \|[^|]+\| eta stage 0:00:02 run 0:00:15 loss 3.2000 5,000 tok/s lr 1.00e-03 "
                      r"MFU 41.0% proc peak 2.500 GB", out), out
     assert "eval stage 1 step 10: heldout ppl 24.50" in out
-    assert re.search(r"stage 1/2 20/20 \|[^|]+\| eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 proc peak 2.500 GB", out)
+    assert re.search(r"stage 1/2 20/20 \|[^|]+\| eta stage 0:00:00 run 0:00:13 loss 3.1000 5,000 tok/s lr 5.00e-04 proc peak "
+                     r"2.500 GB", out)
 
 
 def test_a_pipe_gets_whole_lines_only():

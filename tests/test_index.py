@@ -32,3 +32,11 @@ def test_every_test_file_is_listed():
     listed = set(re.findall(r"test_\w+\.py", text))
     files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     assert sorted(files - listed) == []
+
+
+def test_no_source_line_is_longer_than_the_projects_limit():
+    """130 characters (the project's limit; docstrings and error texts included, wrapped where they are written)."""
+    sources = [p for folder in ("stepc", "tests", "bench", "scripts") for p in (ROOT / folder).rglob("*.py")]
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1)
+            if len(line) > 130]
+    assert long == []

@@ -74,7 +74,8 @@ def _preflight(run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
 
 
 def _refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, f"expected a refusal (exit 2), got {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 2, \
+        f"expected a refusal (exit 2), got {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     for needle in needles:
         assert needle in proc.stderr, f"{needle!r} not in the refusal:\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]

@@ -246,7 +246,8 @@ def test_scancel_mid_stage_then_resubmit_resumes_from_the_signalled_step(cluster
     third = cluster.sbatch(script, wait=True, cwd=root, env=job_env(cluster))
     assert third.returncode == 0, f"{third!r}\n{logs(run_dir)}"
     assert_finished(run_dir)
-    resumed = f"resumed stage {stage} from {run_dir.resolve()}/checkpoints/stage-{stage}/step-{stopped['step']:08d} at step {stopped['step']}"
+    step = stopped["step"]
+    resumed = f"resumed stage {stage} from {run_dir.resolve()}/checkpoints/stage-{stage}/step-{step:08d} at step {step}"
     assert resumed in stage_log(run_dir, stage)
     assert [m["stage"] for m in metrics(run_dir) if m.get("event") == "stage_start"] == [1, 2]
     assert_same_export(uninterrupted[1], run_dir)

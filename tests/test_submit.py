@@ -48,7 +48,8 @@ def test_submit_one_job_or_a_chain(tmp_path: Path, monkeypatch, capsys):
     script = str(run_dir.resolve() / "run.sbatch")
     out = f"--output={run_dir.resolve()}/logs/slurm-%x-%j.out"
     assert lines[0] == f"--parsable --export=ALL {out} {script} | STAGES=all RUN_DIR={run_dir.resolve()}"
-    assert lines[1] == f"--parsable --export=ALL {out} --job-name=tiny-cpu-stage-1 {script} | STAGES=1 RUN_DIR={run_dir.resolve()}"
+    assert lines[1] == (f"--parsable --export=ALL {out} --job-name=tiny-cpu-stage-1 {script} | "
+                        f"STAGES=1 RUN_DIR={run_dir.resolve()}")
     assert lines[2] == (f"--parsable --export=ALL {out} --job-name=tiny-cpu-stage-2 --dependency=afterok:102 "
                         f"--kill-on-invalid-dep=yes {script} | STAGES=2 RUN_DIR={run_dir.resolve()}")
     assert not list(run_dir.glob("logs/*"))  # nothing added to the run directory

@@ -1,1 +1,2 @@
-"""One module per `stepc` subcommand that is more than a compiler pass (diff, verify, run, submit, eval, report, corpus, data, generate, instructions)."""
+"""One module per `stepc` subcommand that is more than a compiler pass (diff, verify, run, submit, sweep, eval,
+report, corpus, data, generate, instructions)."""

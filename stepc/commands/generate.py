@@ -28,7 +28,8 @@ from stepc.atomic import atomic_write_text
 from stepc.rundir import manifest_path, RunDir
 from stepc.schema.templates import Conversation, render
 
-QUESTIONS_FIX = 'write one JSON object per line: {"question_id": 81, "turns": ["first question", "follow-up"]} (FastChat\'s question.jsonl)'
+QUESTIONS_FIX = ('write one JSON object per line: {"question_id": 81, "turns": ["first question", "follow-up"]} '
+                 "(FastChat's question.jsonl)")
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """`stepc report RUN_DIR...`: the paper's Table 2 shape for several runs, and their loss curves.
 
-Reads only what runs wrote (manifest.json, metrics.jsonl, eval.json): peak model-state memory
-(planned and measured), the process peak the runtime measured, validation perplexity, tokens and FLOPs, one row per run. A run that has
-not finished is marked so and reports what it actually trained; damaged inputs are named (exit 2).
+Reads only what runs wrote (manifest.json, metrics.jsonl, eval.json): peak model-state memory (planned
+and measured), the process peak the runtime measured, validation perplexity, tokens and FLOPs, one row
+per run. A run that has not finished is marked so and reports what it actually trained; damaged inputs
+are named (exit 2).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def read_metrics(path: Path, stage_indices: set[int]) -> list[dict[str, Any]]:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             if lineno == len(lines):  # no trailing newline: a partial last write
                 break
-            raise UserError(f"line {lineno} is not a JSON record ({exc.__class__.__name__})", file=f"{path}:{lineno}", fix=fix) from None
+            raise UserError(f"line {lineno} is not a JSON record ({exc.__class__.__name__})", file=f"{path}:{lineno}",
+                            fix=fix) from None
         problem = _record_problem(record, stage_indices)
         if problem:
             raise UserError(f"line {lineno}: {problem}", file=f"{path}:{lineno}", fix=fix)
@@ -162,8 +164,9 @@ def markdown_table(runs: list[dict[str, Any]], columns: dict[str, dict[str, str]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         steps = f"{run['steps']:,}" if run["finished"] else f"{run['steps']:,} of {run['planned_steps']:,}"
+        layout = "->".join(map(str, _cumulative(run["layers"])))
         cells = [run["name"], *[(columns or {}).get(run["name"], {}).get(c, "-") for c in extra], run["method"],
-                 *([run["from"] or "-"] if lineage else []), "->".join(map(str, _cumulative(run["layers"]))), run["status"], steps,
+                 *([run["from"] or "-"] if lineage else []), layout, run["status"], steps,
                  _bytes(run["peak_bytes"]), _bytes(run["measured_peak_bytes"]), _bytes(run["process_peak_bytes"]),
                  f"{run['tokens']:,}", f"{run['flops']:.3e}"]
         cells += [f"{run['perplexity'][s]:.2f}" if s in run["perplexity"] else "-" for s in sets]
@@ -227,7 +230,8 @@ def write_report(run_dirs: list[Path], out: Path, columns: dict[str, dict[str, s
     png = loss_curves_png(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "report.md", ("# stepc report\n\n" + table + "\n" + note + "\n![loss curves](loss.png)\n").encode())
+        atomic_write_bytes(out / "report.md",
+                           ("# stepc report\n\n" + table + "\n" + note + "\n![loss curves](loss.png)\n").encode())
         atomic_write_bytes(out / "loss.png", png)
     except OSError as exc:
         raise UserError(f"cannot write the report: {exc.strerror}", file=str(out), key="--out",

@@ -57,7 +57,8 @@ def _sbatch(script: Path, args: list[str], env: dict[str, str]) -> str:
     if result.returncode != 0 or match is None:
         detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
         raise UserError(f"sbatch rejected {script}: {detail}",
-                        fix="check launch.slurm (partition, time, account, cpus_per_task) against `sinfo`, recompile and resubmit")
+                        fix="check launch.slurm (partition, time, account, cpus_per_task) against `sinfo`, "
+                            "recompile and resubmit")
     return match.group(1)
 
 

@@ -229,7 +229,8 @@ def padding_note(spec: Spec) -> str | None:
     if not odd:
         return None
     return ("speed-up: set " + " and ".join(odd) + ": GEMMs of these widths ran 2.9-5.9x slower than padded ones on an "
-            "H200, whole 368M and 1.2B steps 2.2-2.3x (bench/gpu.py); it adds parameters, so leave it off to reproduce the paper's counts")
+            "H200, whole 368M and 1.2B steps 2.2-2.3x (bench/gpu.py); it adds parameters, so leave it off to reproduce the "
+            "paper's counts")
 
 
 def error_bound_note() -> str:
@@ -237,4 +238,5 @@ def error_bound_note() -> str:
         return ("error bound: not measured yet (bench/gpu.py has not been run on a GPU); the peak is an "
                 "unverified estimate, and CUDA context / NCCL buffers are not included")
     gpu, error, what = MEASURED_ERROR
-    return f"error bound: the estimate is within {100 * error:.1f}% of the peak allocated measured on an {gpu} ({what}; bench/gpu.py)"
+    return (f"error bound: the estimate is within {100 * error:.1f}% of the peak allocated measured on an {gpu} "
+            f"({what}; bench/gpu.py)")

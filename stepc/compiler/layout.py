@@ -38,7 +38,8 @@ def solve_layout(costs: Costs, num_layers: int, stages: int, solver: str, multip
     if stages == 1:
         return Layout([num_layers], costs.stage_bytes(num_layers, 0), solver)
     if not layout_feasible(num_layers, stages, multiple):
-        raise ValueError(f"{stages} stages of whole {multiple}-layer blocks need at least {stages * multiple} layers, got {num_layers}")
+        raise ValueError(f"{stages} stages of whole {multiple}-layer blocks need at least {stages * multiple} layers, got "
+                         f"{num_layers}")
     raw = _solve_ilp(costs, num_layers, stages, solver, multiple)
     peak = max(layout_peaks(costs, raw))
     layers = canonical_layout(costs, num_layers, stages, peak, multiple)

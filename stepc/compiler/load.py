@@ -167,7 +167,10 @@ def _describe(key: str, errs: list[dict[str, Any]]) -> str:
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else f"; known keys here: {', '.join(known)}"
+        if close:
+            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?"
+        else:
+            hint = f"; known keys here: {', '.join(known)}"
         return f"[{key}] unknown key{hint}"
     if err["type"] == "missing":
         return f"[{key}] is required but missing"

@@ -15,7 +15,8 @@ def format_tokens(tokens: int) -> str:
 
 def plan_table(plan: Plan) -> str:
     rows = [COLUMNS]
-    rows.append(("vanilla", str(sum(plan.layers)), "", "", "", format_bytes(plan.vanilla_peak_bytes), "", "", f"{plan.flops_budget:.3e}"))
+    rows.append(("vanilla", str(sum(plan.layers)), "", "", "", format_bytes(plan.vanilla_peak_bytes), "", "",
+                 f"{plan.flops_budget:.3e}"))
     for s in plan.stages:
         rows.append((
             str(s.index), str(s.total_layers), str(s.new_layers), f"{s.trainable_params / 1e6:.2f}M",

@@ -33,7 +33,8 @@ MAX_PARAMETERS = 10**14
 
 def runtime_facing_problems(spec: Spec) -> Iterator[Problem]:
     m, data = spec.model, spec.data
-    params = m.num_layers * (4 * m.hidden_size**2 + 3 * m.hidden_size * (m.intermediate_size or 0)) + 2 * m.embedding_rows * m.hidden_size
+    per_layer = 4 * m.hidden_size**2 + 3 * m.hidden_size * (m.intermediate_size or 0)
+    params = m.num_layers * per_layer + 2 * m.embedding_rows * m.hidden_size
     if params > MAX_PARAMETERS:
         yield ("model.hidden_size", f"hidden_size {m.hidden_size} x num_layers {m.num_layers} (vocab {m.vocab_size}) is a "
                f"{params:.2e}-parameter model, more than any machine trains (limit {MAX_PARAMETERS:.0e})",

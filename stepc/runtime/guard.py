@@ -85,8 +85,9 @@ def preflight(manifest_path: Path, stage_index: int, allow: set[str], data: bool
     check_multi_node(nnodes, os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("RDZV_ENDPOINT"))
     from stepc.runtime.init_from import starting_export
 
-    starting_export(manifest_path.parent, manifest, stage_index,
-                    hashes=data)  # refuses when stage i-1 (or [sft] init_from) has not finished or its export is damaged or changed (the script's preflight hashes it; the ranks check sizes)
+    # refuses when stage i-1 (or [sft] init_from) has not finished or its export is damaged or changed
+    # (the script's preflight hashes it; the ranks check sizes)
+    starting_export(manifest_path.parent, manifest, stage_index, hashes=data)
     check_carry_source(manifest_path.parent, manifest, stage_index)
     if data and manifest.spec.method.objective == "instructions":
         from stepc.runtime.data.instructions import check_prepared
@@ -117,7 +118,8 @@ def check_outputs(run_dir: Path) -> None:
                     f"a symbolic link to {os.readlink(path)!r}, which does not exist" if exc.errno == errno.ENOENT else
                     f"unreadable ({exc.strerror})")
             raise UserError(f"{path.name} is {what}", file=str(path),
-                            fix=f"remove {path} or point it at {want} (a symlink to a directory on another disk is fine)") from None
+                            fix=f"remove {path} or point it at {want} "
+                                "(a symlink to a directory on another disk is fine)") from None
         ok = stat.S_ISDIR(info.st_mode) if want == "a directory" else stat.S_ISREG(info.st_mode)
         if not ok:
             raise UserError(f"{path.name} is not {want}", file=str(path), fix=f"move {path} away; the stage creates it")

@@ -39,10 +39,12 @@ def init_from_export(manifest: Manifest, hashes: bool) -> Path:
         check_export(export, hashes)
     except ExportDamaged as exc:
         raise RuntimeFailure(f"[sft] init_from {source}: its export is damaged: {exc}. Restore it, or move {export} aside "
-                             f"and rerun that run's last stage (it re-exports from its last checkpoint), then {recompile}") from None
+                             "and rerun that run's last stage (it re-exports from its last checkpoint), "
+                             f"then {recompile}") from None
     sealed = export_seal_files(export) or {}
     if sealed != record.export:
         changed = sorted(n for n in set(sealed) | set(record.export) if sealed.get(n) != record.export.get(n))
-        raise RuntimeFailure(f"[sft] init_from {source}: its export changed since this run was compiled ({', '.join(changed[:4])} "
-                             f"differ from the sha256s manifest.json records). Restore the original export, or {recompile}")
+        raise RuntimeFailure(f"[sft] init_from {source}: its export changed since this run was compiled "
+                             f"({', '.join(changed[:4])} differ from the sha256s manifest.json records). "
+                             f"Restore the original export, or {recompile}")
     return export

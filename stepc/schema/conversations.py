@@ -70,7 +70,8 @@ def read_examples(path: Path, fmt: str) -> Iterator[tuple[int, Conversation]]:
                 raise UserError(f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)", file=where,
                                 key="sft.train", fix="save the file as UTF-8") from None
             except json.JSONDecodeError as exc:
-                hint = " (the file looks like one JSON array, not JSON lines)" if lineno == 1 and raw.lstrip().startswith(b"[") else ""
+                array = lineno == 1 and raw.lstrip().startswith(b"[")
+                hint = " (the file looks like one JSON array, not JSON lines)" if array else ""
                 raise UserError(f"line {lineno} is not JSON: {exc.msg}{hint}", file=where, key="sft.train",
                                 fix=FORMAT_FIX[fmt] if not hint else
                                 "convert it to JSON lines: `jq -c '.[]' alpaca_data.json > alpaca.jsonl`") from None
@@ -121,7 +122,8 @@ def _messages(record: dict[str, Any]) -> tuple[str | None, Any]:
             continue
         expected = "user" if len(users) == len(answers) else "assistant"
         if role != expected:
-            return f"messages[{i}] has role {role!r}; expected {expected!r} (one optional \"system\" first, then user and assistant alternating)", None
+            return (f"messages[{i}] has role {role!r}; expected {expected!r} "
+                    "(one optional \"system\" first, then user and assistant alternating)"), None
         if not content.strip():
             return f"messages[{i}] ({role}) is empty", None
         (users if role == "user" else answers).append(content)

@@ -119,7 +119,8 @@ SBATCH_OWNED = {
     "--output": "run.sbatch (RUN_DIR/logs)", "-o": "run.sbatch (RUN_DIR/logs)",
     "--array": "stepc sweep (the job array)", "-a": "stepc sweep (the job array)",
     "--wrap": "run.sbatch (the script is the job)",
-    "--chdir": "the submit directory (data paths are relative to it)", "-D": "the submit directory (data paths are relative to it)",
+    "--chdir": "the submit directory (data paths are relative to it)", "-D": "the submit directory (data paths are relative to "
+                                                                             "it)",
 }
 
 

@@ -39,14 +39,25 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, frozen=True)
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        """A docstring wrapped over several source lines is one paragraph to its readers (help-spec, errors)."""
+        super().__pydantic_init_subclass__(**kwargs)
+        for field in cls.model_fields.values():
+            if field.description:
+                field.description = " ".join(field.description.split())
+
 
 class Experiment(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=100)
-    """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is runs/<name>."""
+    """Run name: lower-case letters, digits, '.', '_' and '-', starting with a letter or digit; the run directory is
+    runs/<name>."""
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed for model initialisation, data order, adapter initialisation and random layer positions."""
     method: MethodName = "step"
-    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), "growth" (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin memory.layers), or "sft" (instruction tuning of a finished run's export, Section 4.2: see [sft])."""
+    """Training method: "step" (staged growth + adapters), "vanilla", "relora" or "galore" (the paper's baselines), "growth"
+    (staged growth that trains the whole grown model every stage, no adapters: G_stack, MIDAS and LLaMA-Pro as published; pin
+    memory.layers), or "sft" (instruction tuning of a finished run's export, Section 4.2: see [sft])."""
 
 
 class Model(Section):
@@ -67,9 +78,11 @@ class Model(Section):
     tie_embeddings: bool = False
     """Share the input embedding and the output head (LLaMA does not)."""
     vocab_multiple_of: int = Field(default=1, gt=0, le=4096)
-    """Give the embedding and the head a multiple of this many rows, e.g. 128 (50257 -> 50304): GEMMs with an odd width run several times slower on GPUs. The extra rows are never a token. 1 (the default) keeps the paper's parameter counts."""
+    """Give the embedding and the head a multiple of this many rows, e.g. 128 (50257 -> 50304): GEMMs with an odd width run
+    several times slower on GPUs. The extra rows are never a token. 1 (the default) keeps the paper's parameter counts."""
     intermediate_multiple_of: int = Field(default=1, gt=0, le=4096)
-    """Round the MLP width up to a multiple of this, e.g. 128 (round(8/3 d) = 4267 -> 4352 for d = 1600), for the same reason. 1 (the default) keeps the paper's width."""
+    """Round the MLP width up to a multiple of this, e.g. 128 (round(8/3 d) = 4267 -> 4352 for d = 1600), for the same reason. 1
+    (the default) keeps the paper's width."""
 
     @property
     def embedding_rows(self) -> int:
@@ -88,13 +101,17 @@ class Model(Section):
 
 class Memory(Section):
     budget: int | str | None = None
-    """Memory budget per model: an int of bytes or a string with a unit, B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB (powers of 1024); the paper's "G" is 1e9; a lower-case "b" (bits) is refused. Binds every method: STEP's layout is solved to fit it, and a baseline (fixed layout) over it is an error. Required when stages = "auto"."""
+    """Memory budget per model: an int of bytes or a string with a unit, B KB MB GB TB (powers of 1000) or KiB MiB GiB TiB
+    (powers of 1024); the paper's "G" is 1e9; a lower-case "b" (bits) is refused. Binds every method: STEP's layout is solved
+    to fit it, and a baseline (fixed layout) over it is an error. Required when stages = "auto"."""
     stages: PositiveInt | Literal["auto"] | None = None
-    """Number of stages K (an int >= 1, at most num_layers) or "auto" (the fewest stages whose optimum fits the budget). Default: 2 for method "step", 1 otherwise."""
+    """Number of stages K (an int >= 1, at most num_layers) or "auto" (the fewest stages whose optimum fits the budget). Default:
+    2 for method "step", 1 otherwise."""
     solver: Literal["glpk", "highs"] = "glpk"
     """ILP solver: "glpk" (Pyomo + glpsol, apt package glpk-utils) or "highs" (Pyomo appsi_highs, pip package highspy)."""
     accounting: Literal["paper", "exact", "device"] = "paper"
-    """Memory accounting: "paper" (Eq. 1-5 exactly), "exact" (parameter counts of the real model incl. embeddings, GQA and optimizer step scalars), "device" (per-GPU peak: exact model states sharded by FSDP plus activations)."""
+    """Memory accounting: "paper" (Eq. 1-5 exactly), "exact" (parameter counts of the real model incl. embeddings, GQA and
+    optimizer step scalars), "device" (per-GPU peak: exact model states sharded by FSDP plus activations)."""
     layers: list[PositiveInt] | None = None
     """Optional: pin the number of new layers per stage, e.g. [7, 5]; the solver is skipped but the layout is still checked."""
 
@@ -106,25 +123,39 @@ class Memory(Section):
 
 class Step(Section):
     growth_operator: Literal["interpolation-mean", "interpolation-copy", "stack", "stack-middle"] = "interpolation-mean"
-    """How new layers are made: "interpolation-mean" (mean of the two neighbours, Appendix A), "interpolation-copy" (copy of the lower neighbour), "stack" (G_stack: copies of the top block of the current model, placed on top; n_i = current depth stacks the whole model) or "stack-middle" (MIDAS: copies of the middle block, placed right above it). The stacking operators place layers themselves: do not set position."""
+    """How new layers are made: "interpolation-mean" (mean of the two neighbours, Appendix A), "interpolation-copy" (copy of the
+    lower neighbour), "stack" (G_stack: copies of the top block of the current model, placed on top; n_i = current depth
+    stacks the whole model) or "stack-middle" (MIDAS: copies of the middle block, placed right above it). The stacking
+    operators place layers themselves: do not set position."""
     position: Literal["upper", "intermediate", "lower", "random", "spread"] = "upper"
-    """Where interpolated layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower", "random" (seeded) or "spread" (evenly, one after each of n_i equal groups: LLaMA-Pro's block expansion with interpolation-copy and fpi = true)."""
+    """Where interpolated layers are inserted: "upper" (the paper's best, Table 4), "intermediate", "lower", "random" (seeded) or
+    "spread" (evenly, one after each of n_i equal groups: LLaMA-Pro's block expansion with interpolation-copy and fpi = true)."""
     stack_block: PositiveInt | None = None
-    """growth_operator = "stack"/"stack-middle" only: copy a block of this many layers, repeated n_i / stack_block times; the layout solver then makes every growth a multiple of it (and the first stage at least this deep). Default: the block is min(n_i, current depth) layers, no constraint."""
+    """growth_operator = "stack"/"stack-middle" only: copy a block of this many layers, repeated n_i / stack_block times; the
+    layout solver then makes every growth a multiple of it (and the first stage at least this deep). Default: the block is
+    min(n_i, current depth) layers, no constraint."""
     fpi: bool = False
-    """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same function."""
+    """Function-preserving initialisation: zero the output projections of new layers so the grown model computes the same
+    function."""
     carry_optimizer_state: bool = False
-    """Carry the AdamW moments and step counts of parameters that survive a growth (method "step": embeddings, final norm, head; method "growth": also every old layer, matched through its new index) into the next stage instead of restarting them; new layers (copies included) and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
+    """Carry the AdamW moments and step counts of parameters that survive a growth (method "step": embeddings, final norm, head;
+    method "growth": also every old layer, matched through its new index) into the next stage instead of restarting them; new
+    layers (copies included) and re-initialised adapters start empty, frozen layers hold none. Each stage but the last then
+    writes a checkpoint at its final step. Default false: every stage starts a fresh optimizer, as in the paper."""
     grow_at: float = Field(default=0.75, gt=0.0, le=1.0)
     """Fraction (0, 1] of a stage's nominal steps after which the next stage starts (the paper uses 0.75, Table 10)."""
     grow_at_tokens: list[Annotated[int, Field(gt=0, le=MAX_STEPS * 2**32)]] | None = None
-    """Alternative to grow_at: the cumulative training-token counts at which each growth happens, one per growth (stages - 1 entries), strictly increasing, e.g. [2_000_000_000] grows after 2B tokens. Each is rounded down to whole optimizer steps of train.global_batch_tokens; a stage's cosine spans max(reference_steps, its steps). The last stage still gets the rest of the FLOPs budget, which these must leave room for."""
+    """Alternative to grow_at: the cumulative training-token counts at which each growth happens, one per growth (stages - 1
+    entries), strictly increasing, e.g. [2_000_000_000] grows after 2B tokens. Each is rounded down to whole optimizer steps
+    of train.global_batch_tokens; a stage's cosine spans max(reference_steps, its steps). The last stage still gets the rest
+    of the FLOPs budget, which these must leave room for."""
     lora_rank: int = Field(default=128, gt=0, le=65536)
     """Rank r of the ReLoRA adapters on frozen layers (Table 6: 128)."""
     lora_alpha: float = Field(default=32.0, gt=0.0, le=1e6, allow_inf_nan=False)
     """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B A."""
     relora_reset_every: Steps = 5000
-    """Merge adapters into the frozen weights and re-initialise them every this many steps (Table 6: 5000); at most the length of every stage with adapters."""
+    """Merge adapters into the frozen weights and re-initialise them every this many steps (Table 6: 5000); at most the length of
+    every stage with adapters."""
     restart_warmup_steps: StepCount = 500
     """Steps of linear LR re-warm after each adapter merge, the jagged cosine (Table 6: 500); fewer than relora_reset_every."""
     optimizer_reset: Literal["zero", "magnitude"] = "zero"
@@ -167,11 +198,14 @@ class Train(Section):
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass to save memory."""
     compile: bool = False
-    """torch.compile each decoder layer (before FSDP sharding): faster steps after a one-off compilation of a minute or two per stage; needs a C++ compiler (and Triton on GPUs)."""
+    """torch.compile each decoder layer (before FSDP sharding): faster steps after a one-off compilation of a minute or two per
+    stage; needs a C++ compiler (and Triton on GPUs)."""
     deterministic: bool = False
-    """Bit-reproducible kernels (torch.use_deterministic_algorithms, and on GPUs CUBLAS_WORKSPACE_CONFIG and the math attention backward instead of flash attention); slower, and an operation without a deterministic kernel stops the run with an error."""
+    """Bit-reproducible kernels (torch.use_deterministic_algorithms, and on GPUs CUBLAS_WORKSPACE_CONFIG and the math attention
+    backward instead of flash attention); slower, and an operation without a deterministic kernel stops the run with an error."""
     flops_accounting: Literal["paper", "backprop"] = "paper"
-    """FLOPs per token of a frozen parameter: "paper" counts 2 (Appendix E); "backprop" counts 4, because a frozen layer with adapters still back-propagates activations."""
+    """FLOPs per token of a frozen parameter: "paper" counts 2 (Appendix E); "backprop" counts 4, because a frozen layer with
+    adapters still back-propagates activations."""
     checkpoint_every: Steps = 1000
     """Write a resumable checkpoint every this many steps (and at the end of every stage)."""
     keep_checkpoints: int = Field(default=2, gt=0, le=1000)
@@ -188,11 +222,13 @@ class Train(Section):
 
 class Source(Section):
     files: list[NonEmpty] = Field(min_length=1)
-    """Files of this source: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are launched from."""
+    """Files of this source: parquet, jsonl or txt paths or globs, relative to the directory the stage scripts are
+    launched from."""
     weight: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     """Relative share of training samples drawn from this source (normalised over all sources), e.g. 0.7 and 0.3."""
     stage_weights: list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None
-    """Optional: this source's weight in stage 1, 2, ... (a different blend per stage); the last value holds for later stages. Default: weight in every stage."""
+    """Optional: this source's weight in stage 1, 2, ... (a different blend per stage); the last value holds for later stages.
+    Default: weight in every stage."""
 
     def weight_at(self, stage: int) -> float:
         """The weight in stage ``stage`` (1-based)."""
@@ -201,19 +237,26 @@ class Source(Section):
 
 class Data(Section):
     train: list[NonEmpty] = Field(default=["data/corpus/train/*.txt"], min_length=1)
-    """Training files: at least one parquet, jsonl or txt path or glob, relative to the directory the stage scripts are launched from. One source of weight 1; use [data.sources] for a weighted blend instead."""
+    """Training files: at least one parquet, jsonl or txt path or glob, relative to the directory the stage scripts are launched
+    from. One source of weight 1; use [data.sources] for a weighted blend instead."""
     sources: dict[str, Source] = {}
-    """Weighted training sources (a blend), e.g. [data.sources.web] files = ["data/web/*.parquet"], weight = 0.7. Replaces data.train; each source is packed on its own and samples are drawn from the sources in proportion to their weights, deterministically from the seed."""
+    """Weighted training sources (a blend), e.g. [data.sources.web] files = ["data/web/*.parquet"], weight = 0.7. Replaces
+    data.train; each source is packed on its own and samples are drawn from the sources in proportion to their weights,
+    deterministically from the seed."""
     text_field: str = Field(default="text", min_length=1)
     """Column (parquet) or key (jsonl) that holds the document text."""
     tokenizer: str = Field(default="gpt2", min_length=1)
-    """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files, 512 <= N <= vocab_size, ASCII digits), or a local Hugging Face tokenizer directory or tokenizer.json (write "./bpe-x" for a directory whose name starts with "bpe-")."""
+    """"gpt2" (offline GPT-2 vocabulary), "bpe-<N>" (a byte-level BPE of N tokens trained on the training files, 512 <= N <=
+    vocab_size, ASCII digits), or a local Hugging Face tokenizer directory or tokenizer.json (write "./bpe-x" for a directory
+    whose name starts with "bpe-")."""
     holdout_fraction: float = Field(default=0.01, ge=0.0, lt=0.5, allow_inf_nan=False)
     """Fraction of training blocks held out as the "heldout" validation set (of every source, for a blend: "heldout-<source>")."""
     validation: dict[str, NonEmpty] = {}
-    """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"; names are ASCII letters, digits, '_' or '-' (not "heldout")."""
+    """Named validation sets, name = path or glob, e.g. fineweb = "data/fineweb-val.parquet"; names are ASCII letters, digits,
+    '_' or '-' (not "heldout")."""
     cache_dir: str = ".cache/stepc"
-    """Where `stepc data prepare` keeps token shards and tokenizers, shared by every run that uses the same files and tokenizer (keyed by file content and tokenizer hash); relative to the directory the stage scripts are launched from."""
+    """Where `stepc data prepare` keeps token shards and tokenizers, shared by every run that uses the same files and tokenizer
+    (keyed by file content and tokenizer hash); relative to the directory the stage scripts are launched from."""
 
     @model_validator(mode="after")
     def _train_or_sources(self) -> Data:
@@ -240,26 +283,39 @@ class Eval(Section):
 
 class Sft(Section):
     init_from: NonEmpty
-    """The finished run whose exported model is tuned: its run directory, e.g. "runs/paper-1.2b-step2", relative to the directory the stage scripts are launched from. Its model (so [model] may be left out; given, it must match), weights and tokenizer are the starting point. `stepc compile` records the sha256 of every file of its export; a stage refuses (exit 2) an export that is unfinished or changed since."""
+    """The finished run whose exported model is tuned: its run directory, e.g. "runs/paper-1.2b-step2", relative to the directory
+    the stage scripts are launched from. Its model (so [model] may be left out; given, it must match), weights and tokenizer
+    are the starting point. `stepc compile` records the sha256 of every file of its export; a stage refuses (exit 2) an export
+    that is unfinished or changed since."""
     train: list[NonEmpty] = Field(min_length=1)
-    """Instruction data: jsonl files or globs, relative to the directory the stage scripts are launched from, one example per line in sft.format. `stepc compile` counts the examples (and records each file's sha256): steps = ceil(epochs x examples / batch_size)."""
+    """Instruction data: jsonl files or globs, relative to the directory the stage scripts are launched from, one example per
+    line in sft.format. `stepc compile` counts the examples (and records each file's sha256): steps = ceil(epochs x examples /
+    batch_size)."""
     format: Literal["alpaca", "messages"] = "alpaca"
-    """"alpaca": {"instruction": ..., "input": ... (may be empty or absent), "output": ...} per line, as Stanford Alpaca's alpaca_data.json; "messages": {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}, user and assistant alternating and ending with the assistant (multi-turn chats; a first "system" message replaces the system text)."""
+    """"alpaca": {"instruction": ..., "input": ... (may be empty or absent), "output": ...} per line, as Stanford Alpaca's
+    alpaca_data.json; "messages": {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...},
+    ...]}, user and assistant alternating and ending with the assistant (multi-turn chats; a first "system" message replaces
+    the system text)."""
     template: Literal["alpaca", "vicuna"] = "alpaca"
-    """Prompt template around the turns: "alpaca" (Stanford Alpaca's "### Instruction:" / "### Response:" prompt; later turns repeat the pair) or "vicuna" (FastChat's vicuna_v1.1, "USER: ... ASSISTANT: ..."). The tokenizer's end-of-text token follows every response; `stepc generate` prompts with the same template."""
+    """Prompt template around the turns: "alpaca" (Stanford Alpaca's "### Instruction:" / "### Response:" prompt; later turns
+    repeat the pair) or "vicuna" (FastChat's vicuna_v1.1, "USER: ... ASSISTANT: ..."). The tokenizer's end-of-text token
+    follows every response; `stepc generate` prompts with the same template."""
     system: str | None = None
-    """System text at the start of every conversation. Default: the template's own (Alpaca's "Below is an instruction that describes a task. ..."); "" for none, e.g. for a small model with a short seq_len."""
+    """System text at the start of every conversation. Default: the template's own (Alpaca's "Below is an instruction that
+    describes a task. ..."); "" for none, e.g. for a small model with a short seq_len."""
     epochs: int = Field(default=2, gt=0, le=1000)
     """Passes over the training examples (Table 8: 2). The last step fills its batch from the next pass's order."""
     batch_size: int = Field(default=128, gt=0, le=2**20)
-    """Examples per optimizer step across all ranks (Stanford Alpaca's 128); a multiple of train.micro_batch_size x ranks. Each example is one row padded to model.seq_len, so train.global_batch_tokens is resolved to batch_size x seq_len."""
+    """Examples per optimizer step across all ranks (Stanford Alpaca's 128); a multiple of train.micro_batch_size x ranks. Each
+    example is one row padded to model.seq_len, so train.global_batch_tokens is resolved to batch_size x seq_len."""
 
 
 class Slurm(Section):
     partition: OneLine = "gpu"
     """SLURM partition (#SBATCH --partition)."""
     time: str = Field(default="24:00:00", max_length=40)  # checked against SLURM's grammar in stepc/schema/rules.py
-    """Wall-clock limit (#SBATCH --time) in one of SLURM's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds (e.g. "24:00:00", "2-00:00:00"), or "UNLIMITED"."""
+    """Wall-clock limit (#SBATCH --time) in one of SLURM's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds (e.g. "24:00:00", "2-00:00:00"), or "UNLIMITED"."""
 
     @field_validator("time")
     @classmethod
@@ -291,15 +347,22 @@ class Launch(Section):
     nproc_per_node: int = Field(default=8, gt=0, le=1024)
     """Processes (ranks) per node: one per GPU, or per CPU slot for CPU runs."""
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
-    """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
+    """First TCP port of the torchrun c10d rendezvous on the head node. Under SLURM the port is rdzv_port + (job id mod
+    rdzv_ports), so jobs sharing a head node do not share a rendezvous; a local multi-node launch sets RDZV_ENDPOINT itself."""
     rdzv_ports: int = Field(default=1000, ge=1, le=64512)
-    """Size of the rendezvous port range (see rdzv_port): rdzv_ports consecutive job ids get distinct ports. rdzv_port + rdzv_ports - 1 must be at most 65535."""
+    """Size of the rendezvous port range (see rdzv_port): rdzv_ports consecutive job ids get distinct ports. rdzv_port +
+    rdzv_ports - 1 must be at most 65535."""
     network_interface: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,15}(,[A-Za-z0-9_.:-]{1,15})*$")
-    """Multi-node jobs: the network interface(s) gloo and NCCL use between nodes, e.g. "eth0" or "ib0" (exported as GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless already set). Default: the address each node's host name resolves to; a loopback one (Debian's 127.0.1.1) is refused before the launch, since the job would hang."""
+    """Multi-node jobs: the network interface(s) gloo and NCCL use between nodes, e.g. "eth0" or "ib0" (exported as
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless already set). Default: the address each node's host name resolves to; a
+    loopback one (Debian's 127.0.1.1) is refused before the launch, since the job would hang."""
     sharding: Literal["full", "hybrid"] = "full"
-    """How FSDP2 spreads model states: "full" shards them over every rank; "hybrid" (HSDP) shards within each node and replicates across nodes, so parameters are all-gathered over a node's own links only and gradients cross nodes once per step (all-reduce), at the cost of each GPU holding its node's share rather than the whole job's."""
+    """How FSDP2 spreads model states: "full" shards them over every rank; "hybrid" (HSDP) shards within each node and replicates
+    across nodes, so parameters are all-gathered over a node's own links only and gradients cross nodes once per step
+    (all-reduce), at the cost of each GPU holding its node's share rather than the whole job's."""
     collective_timeout: PositiveInt = 1800
-    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to write an export or a checkpoint while the others wait."""
+    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error; long enough for rank 0 to
+    write an export or a checkpoint while the others wait."""
     slurm: Slurm = Slurm()
     """SLURM settings for run.sbatch."""
 
@@ -313,17 +376,23 @@ class Launch(Section):
 
 class Log(Section):
     every_steps: Steps = 10
-    """Write a train record (loss, lr, pre-clip gradient norm, tokens/s, MFU, memory) to metrics.jsonl, the console and the trackers every this many steps, and at each stage's last step; each record reads the losses back from the GPU once."""
+    """Write a train record (loss, lr, pre-clip gradient norm, tokens/s, MFU, memory) to metrics.jsonl, the console and the
+    trackers every this many steps, and at each stage's last step; each record reads the losses back from the GPU once."""
     backends: list[Literal["tensorboard", "wandb", "mlflow"]] = []
-    """Experiment trackers fed beside the always-written metrics.jsonl, any of "tensorboard" (RUN_DIR/tensorboard), "wandb" and "mlflow"; each is an optional extra, e.g. pip install 'stepc[wandb]'. One tracked run per run directory: stages and resumes continue it."""
+    """Experiment trackers fed beside the always-written metrics.jsonl, any of "tensorboard" (RUN_DIR/tensorboard), "wandb" and
+    "mlflow"; each is an optional extra, e.g. pip install 'stepc[wandb]'. One tracked run per run directory: stages and
+    resumes continue it."""
     project: OneLine | None = None
     """W&B project and MLflow experiment name. Default: the experiment name."""
     wandb_mode: Literal["auto", "offline", "online"] = "auto"
-    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online when WANDB_API_KEY is set or `wandb login` stored a key, and offline otherwise."""
+    """"offline" writes RUN_DIR/wandb only (upload later with `wandb sync`), "online" streams to the W&B server, "auto" is online
+    when WANDB_API_KEY is set or `wandb login` stored a key, and offline otherwise."""
     wandb_entity: OneLine | None = None
     """W&B entity (user or team). Default: the logged-in user's default entity."""
     mlflow_tracking_uri: OneLine | None = None
-    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: an SQLite store in RUN_DIR/mlflow.db (artifacts in RUN_DIR/mlartifacts); each stage prints the `mlflow ui --backend-store-uri ...` command that opens it. A directory is a file store (MLflow 3 serves it only with MLFLOW_ALLOW_FILE_STORE=true)."""
+    """MLflow tracking URI, e.g. "http://mlflow:5000" or "sqlite:///mlflow.db". Default: an SQLite store in RUN_DIR/mlflow.db
+    (artifacts in RUN_DIR/mlartifacts); each stage prints the `mlflow ui --backend-store-uri ...` command that opens it. A
+    directory is a file store (MLflow 3 serves it only with MLFLOW_ALLOW_FILE_STORE=true)."""
 
     @field_validator("backends")
     @classmethod
@@ -334,7 +403,8 @@ class Log(Section):
 
 
 class Spec(Section):
-    """A whole experiment. Only [experiment] name, [model] and [memory] are required (method "sft": [experiment] and [sft]; its [model] is init_from's)."""
+    """A whole experiment. Only [experiment] name, [model] and [memory] are required (method "sft": [experiment] and [sft]; its
+    [model] is init_from's)."""
 
     experiment: Experiment
     """Name, seed and method of the experiment."""

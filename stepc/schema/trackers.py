@@ -59,7 +59,8 @@ def mlflow_store(uri: str | None, run_dir: Path | None) -> tuple[str, Any]:
         return "server", uri
     if scheme in OTHER_SCHEMES:
         return "other", scheme
-    raise UserError(f"MLflow cannot track to {uri!r}: {'no host in the URL' if scheme in SERVER_SCHEMES else f'unknown scheme {scheme!r}'}",
+    why = "no host in the URL" if scheme in SERVER_SCHEMES else f"unknown scheme {scheme!r}"
+    raise UserError(f"MLflow cannot track to {uri!r}: {why}",
                     key="log.mlflow_tracking_uri",
                     fix='write a server URL ("http://host:5000"), a database URI ("sqlite:///mlflow.db") or a directory '
                         '(a file store); or leave it unset for RUN_DIR/mlflow.db')

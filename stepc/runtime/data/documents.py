@@ -5,12 +5,12 @@ groups, a byte range of a jsonl file (cut at line starts), or a whole txt file. 
 on the file's bytes, so the worker count never changes them, and each holds a bounded amount of
 text in memory at a time (one row-group batch, a few MB of lines, or one txt chunk).
 
-Every reader yields *pieces* ``(text, ends_document)``: parquet and jsonl pieces are whole
-documents; a large txt file (one document), and any document longer than TXT_CHUNK_BYTES, arrives
-in pieces cut where the byte-level BPE pre-tokenizer would split anyway (see `_CUT`), so cut and
-whole encoding give the same ids and memory stays bounded however long a line is. Every bad input is a :class:`stepc.errors.UserError` naming the file, the byte
-offset where it helps, and the fix. Hand-written because no library streams these three formats
-with that error reporting.
+Every reader yields *pieces* ``(text, ends_document)``: parquet and jsonl pieces are whole documents; a
+large txt file (one document), and any document longer than TXT_CHUNK_BYTES, arrives in pieces cut where
+the byte-level BPE pre-tokenizer would split anyway (see `_CUT`), so cut and whole encoding give the same
+ids and memory stays bounded however long a line is. Every bad input is a :class:`stepc.errors.UserError`
+naming the file, the byte offset where it helps, and the fix. Hand-written because no library streams
+these three formats with that error reporting.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def peak_memory(device: torch.device) -> dict[str, int | None]:
     """GPU: peak allocated and reserved bytes since reset_peak_memory, the caching allocator's
     retries (each one a cudaFree of cached blocks and a retried cudaMalloc: a sign of running at
     the edge), and the device memory in use now by the driver's count (mem_get_info) beside the
-    allocator's reserved bytes now: their difference is the memory outside the allocator. CPU: the process's peak resident set; no reserved bytes or retries."""
+    allocator's reserved bytes now: their difference is the memory outside the allocator. CPU: the
+    process's peak resident set; no reserved bytes or retries."""
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
         free, total = torch.cuda.mem_get_info(device)

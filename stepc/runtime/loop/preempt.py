@@ -1,10 +1,11 @@
 """Stop at a step boundary when the job is told to stop: lose at most the optimizer step in flight.
 
-SIGTERM (scancel, preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's time-limit warning) only
-set a flag here (as does the stage script's STOP_REQUEST file, for a signal that came too early). At the end of every optimizer step all ranks agree on it with one tiny all_reduce
-(MAX of the flag), so every rank stops after the same step even when the signal reached them a step
-apart; the loop then writes a checkpoint at that step, `record_stop` writes STOPPED (RunDir.stop_record) in the
-stage's checkpoint directory, and the worker exits 0.
+SIGTERM (scancel, preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's time-limit warning) only set
+a flag here (as does the stage script's STOP_REQUEST file, for a signal that came too early). At the end
+of every optimizer step all ranks agree on it with one tiny all_reduce (MAX of the flag), so every rank
+stops after the same step even when the signal reached them a step apart; the loop then writes a
+checkpoint at that step, `record_stop` writes STOPPED (RunDir.stop_record) in the stage's checkpoint
+directory, and the worker exits 0.
 
 Why a marker file and not an exit code: torchrun turns any worker's exit code into 1, and a rank
 killed mid-collective gives 1 as well. The stage script removes STOPPED before torchrun starts and

@@ -81,7 +81,8 @@ def _writable_dir(what: str, path: Path, key: str, file: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        kind = "is not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else f"cannot be written ({exc.strerror})"
+        kind = "is not a directory" if isinstance(exc, (FileExistsError,
+                                                        NotADirectoryError)) else f"cannot be written ({exc.strerror})"
         raise UserError(f"{what} writes to {path}, which {kind}", file=file, key=key,
                         fix=fix if kind.startswith("is not") else f"make {path} writable (a read-only or full disk?), "
                                                                     "or drop the tracker from log.backends") from None
@@ -254,7 +255,8 @@ class MLflow(Tracker):
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifacts)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment,
+                                                                                            artifact_location=artifacts)
             run = self.client.create_run(experiment_id, run_name=name, tags={"stepc.manifest_hash": config["manifest_hash"]})
             self.run_id, self.experiment_id = run.info.run_id, experiment_id
             params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flatten(
@@ -272,7 +274,8 @@ class MLflow(Tracker):
     def where(self):
         run = f"experiment {self.experiment!r}, run {self.run_id}"
         if self.kind == "server":
-            return f"mlflow: {self.uri} ({run}); open: {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            page = f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            return f"mlflow: {self.uri} ({run}); open: {page}"
         if self.kind == "other":
             return f"mlflow: {self.uri} ({run}); open it in the workspace that URI names"
         store = self.uri if self.kind != "database" else _without_password(self.uri)
