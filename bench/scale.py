@@ -139,6 +139,17 @@ def _ranks(root: psutil.Process) -> dict[int, int]:
     return out
 
 
+def _cpu_seconds(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _new_records(path: Path, offset: int) -> tuple[list[dict], int]:
     if not path.exists():
         return [], offset
@@ -183,6 +194,10 @@ def run_stage(run_dir: Path, index: int, work: Path, env: dict, log: Path, kill_
                     old = rss.get(rank, (0, 0))
                     rss[rank] = (max(old[0], s["VmRSS"]), max(old[1], s["RssAnon"]))
             fresh, offset = _new_records(metrics, offset)
+            if fresh:  # the ranks' CPU seconds when each record appeared: per-step CPU cost, robust to other load
+                cpu = _cpu_seconds(ranks.values())
+                for record in fresh:
+                    record["_cpu_s"] = cpu
             records += fresh
             mine = [r for r in fresh if r.get("stage") == index]
             nxt = phase
@@ -294,10 +309,13 @@ for label, m, k, n in json.loads(sys.argv[2]):
     a, b = torch.randn(m, k), torch.randn(k, n)
     for _ in range(2):
         a @ b
-    times = []
+    wall, cpu = [], []
     for _ in range(5):
-        t = time.perf_counter(); a @ b; times.append(time.perf_counter() - t)
-    rates[label] = 2 * m * k * n / statistics.median(times)
+        t, c = time.perf_counter(), time.process_time()
+        a @ b
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    rates[label] = [2 * m * k * n / statistics.median(wall), 2 * m * k * n / statistics.median(cpu)]
 print(json.dumps(rates))
 """
 
@@ -314,12 +332,26 @@ def matmul_peak(model, threads: int, env: dict) -> dict:
     procs = [subprocess.Popen([sys.executable, "-c", MATMUL, str(threads), json.dumps(shapes)], env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(RANKS)]
     results = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs]
-    per_shape = {label: sum(r[label] for r in results) for label in results[0]}
-    return {"per_shape_flops": per_shape, "peak_flops": max(per_shape.values()), "threads_per_process": threads,
-            "processes": RANKS}
+    per_shape = {label: sum(r[label][0] for r in results) for label in results[0]}  # wall: both processes at once
+    per_cpu_s = {label: statistics.median(r[label][1] for r in results) for label in results[0]}  # FLOPs per CPU-second
+    return {"per_shape_flops": per_shape, "peak_flops": max(per_shape.values()), "per_shape_flops_per_cpu_s": per_cpu_s,
+            "peak_flops_per_cpu_s": max(per_cpu_s.values()), "threads_per_process": threads, "processes": RANKS}
 
 
-def stage_figures(run_dir: Path, index: int, run: dict, baseline: int, peak_flops: float | None) -> dict:
+def step_cpu_seconds(records: list[dict]) -> list[float | None]:
+    """CPU seconds of both ranks for each train record's step: since the record before it (a merge belongs
+    to its step; a checkpoint, eval, stage start or resume ends the previous span)."""
+    out, last = [], None
+    for record in records:
+        if record["event"] == "merge":
+            continue
+        if record["event"] == "train":
+            out.append(record["_cpu_s"] - last if last is not None else None)
+        last = record.get("_cpu_s")
+    return out
+
+
+def stage_figures(run_dir: Path, index: int, run: dict, baseline: int, matmul: dict) -> dict:
     from stepc.schema.manifest import load_manifest
     from stepc.schema.shapes import model_flops_per_token
 
@@ -328,6 +360,10 @@ def stage_figures(run_dir: Path, index: int, run: dict, baseline: int, peak_flop
     train = [r for r in run["records"] if r["event"] == "train"]
     steady = train[1:] or train  # the first step pays one-time costs (allocations, first-touch pages)
     tps = statistics.median(r["tokens_per_s"] for r in steady) if steady else None
+    cpu = step_cpu_seconds(run["records"])
+    per_cpu = [spec.train.global_batch_tokens / c for c in cpu[1:] or cpu if c]  # tokens per CPU-second, steady steps
+    tpc = statistics.median(per_cpu) if per_cpu else None
+    peak_flops, peak_cpu = matmul["peak_flops"], matmul["peak_flops_per_cpu_s"]
     terms = cpu_device_terms(spec, stage)
     predicted = sum(v for _, v in terms)
     peaks = run["peak_rss_by_phase"]
@@ -346,6 +382,8 @@ def stage_figures(run_dir: Path, index: int, run: dict, baseline: int, peak_flop
         "tokens_per_s_each_step": [r["tokens_per_s"] for r in train], "tokens_per_s": tps,
         "model_flops_per_token": per_token, "achieved_flops": tps * per_token if tps else None,
         "cpu_mfu": tps * per_token / peak_flops if tps and peak_flops else None,
+        "cpu_seconds_each_step": cpu, "tokens_per_cpu_s": tpc,
+        "cpu_mfu_per_cpu_s": tpc * per_token / peak_cpu if tpc else None,  # both sides in CPU-seconds: load-robust
         "peak_rss_by_phase": peaks, "sampled_max_rss": run["sampled_max_rss"],  # VmHWM by phase; sampled every 0.1 s
         "sampled_max_rss_anon": run["sampled_max_rss_anon"],
         "runtime_peak_memory_bytes_rank0": max((r["peak_memory_bytes"] for r in train), default=None),
@@ -358,6 +396,7 @@ def stage_figures(run_dir: Path, index: int, run: dict, baseline: int, peak_flop
         "checkpoint_write_s": [r.get("seconds") for r in checkpoints],
         "checkpoint_bytes": dir_bytes(step_dirs[0]) if step_dirs else None,
         "losses": [r["loss"] for r in train], "events": [r["event"] for r in run["records"]],
+        "load_average_after": os.getloadavg(),
     }
     predicted_states = out["predicted_model_state_bytes"]
     out["model_state_bytes_equal"] = bool(train) and all(b == predicted_states for b in out["model_state_bytes"])
@@ -386,9 +425,9 @@ def plain_loop(run_dir: Path, steps: int, threads: int) -> dict:
     tr = spec.train
     opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, foreach=True)
     rows = tr.global_batch_tokens // spec.model.seq_len
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):  # +1: the first step is warm-up, as the runtime's first record is left out
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         x = torch.from_numpy(sampler.batch(i, 0, 0, 1, rows, 1))
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -396,8 +435,11 @@ def plain_loop(run_dir: Path, steps: int, threads: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=False)
         times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)  # every thread of the process
     rates = [tr.global_batch_tokens / t for t in times[1:]]
+    per_cpu = [tr.global_batch_tokens / c for c in cpu[1:]]
     return {"tokens_per_s_each_step": rates, "tokens_per_s": statistics.median(rates), "threads": threads,
+            "tokens_per_cpu_s_each_step": per_cpu, "tokens_per_cpu_s": statistics.median(per_cpu),
             "layers": stage.total_layers}
 
 
@@ -516,7 +558,7 @@ class Bench:
         rd = RunDir(run_dir)
         for index in (1, 2):
             run = run_stage(run_dir, index, self.work, self.env, self.log)
-            out[f"stage_{index}"] = stage_figures(run_dir, index, run, self.baseline, peak["peak_flops"])
+            out[f"stage_{index}"] = stage_figures(run_dir, index, run, self.baseline, peak)
             print(f"  {part} stage {index}: {run['seconds']:.0f} s", flush=True)
         out["export_bytes"] = dir_bytes(rd.export)
         out["export_sha256"] = sha256_files(rd.export)
@@ -533,6 +575,8 @@ class Bench:
                                  "--threads", str(os.cpu_count() or 1)], self.work / "plain.json")
             out["plain"] = plain
             out["runtime_over_plain"] = stage1["tokens_per_s"] / plain["tokens_per_s"] if stage1["tokens_per_s"] else None
+            out["runtime_over_plain_per_cpu_s"] = (stage1["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"]
+                                                   if stage1["tokens_per_cpu_s"] else None)
         return out
 
     def kill_resume(self, run_dir: Path, reference: dict) -> dict:
@@ -647,9 +691,14 @@ def table(result: dict) -> str:
                      f"{_goal(worst_ratio, GOALS['rss_ratio'], True)}; growth / training peak (stage 2) = "
                      f"{_num(s2['growth_over_training_peak'], '{:.3f}')}{_goal(s2['growth_over_training_peak'], 1.1, True)}")
         mfu = min(s["cpu_mfu"] for s in (s1, s2) if s["cpu_mfu"] is not None)
-        lines.append(f"  CPU MFU (matmul peak {p['matmul']['peak_flops'] / 1e9:.1f} GFLOP/s over {RANKS} x "
+        lines.append(f"  CPU MFU, wall (matmul peak {p['matmul']['peak_flops'] / 1e9:.1f} GFLOP/s over {RANKS} x "
                      f"{p['matmul']['threads_per_process']} thread): stage 1 {s1['cpu_mfu']:.3f}, stage 2 {s2['cpu_mfu']:.3f}"
                      f"{_goal(mfu, GOALS['mfu'], False)}")
+        per_cpu = [s["cpu_mfu_per_cpu_s"] for s in (s1, s2)]
+        lines.append(f"  CPU MFU, per CPU-second (peak {p['matmul']['peak_flops_per_cpu_s'] / 1e9:.1f} GFLOP per CPU-s; "
+                     f"tokens per CPU-s {_num(s1['tokens_per_cpu_s'])}, {_num(s2['tokens_per_cpu_s'])}): stage 1 "
+                     f"{_num(per_cpu[0], '{:.3f}')}, stage 2 {_num(per_cpu[1], '{:.3f}')}"
+                     f"{_goal(min((v for v in per_cpu if v is not None), default=None), GOALS['mfu'], False)}")
         lines.append(f"  export {_gb(p['export_bytes'])} GB, AutoModelForCausalLM.from_pretrained "
                      f"{p['hf_load']['seconds']:.1f} s; peak RSS of the final eval + export (rank 0 gathers the model): "
                      f"stage 1 {_gb(s1['finish_peak_rss_max_rank'])} GB, stage 2 {_gb(s2['finish_peak_rss_max_rank'])} GB")
@@ -661,7 +710,10 @@ def table(result: dict) -> str:
         if "runtime_over_plain" in p:
             lines.append(f"  runtime / plain loop (stage 1, medians): {p['stage_1']['tokens_per_s']:.1f} / "
                          f"{p['plain']['tokens_per_s']:.1f} tok/s = {p['runtime_over_plain']:.3f}"
-                         f"{_goal(p['runtime_over_plain'], GOALS['runtime_over_plain'], False)}")
+                         f"{_goal(p['runtime_over_plain'], GOALS['runtime_over_plain'], False)}; per CPU-second "
+                         f"{_num(p['stage_1']['tokens_per_cpu_s'])} / {_num(p['plain']['tokens_per_cpu_s'])} = "
+                         f"{_num(p['runtime_over_plain_per_cpu_s'], '{:.3f}')}"
+                         f"{_goal(p['runtime_over_plain_per_cpu_s'], GOALS['runtime_over_plain'], False)}")
     return "\n".join(lines)
 
 
