@@ -445,9 +445,11 @@ def plain_loop(run_dir: Path, steps: int, threads: int) -> dict:
 
 # ------------------------------------------------------------------------------- 1.2B meta, shard, fill
 
-def meta_fill(run_dir: Path, figures: Path) -> None:
-    """Every rank (torchrun, gloo): build stage 1 on meta, shard, fill (the runtime's setup.build), write
-    its export, then grow stage 2 from it the same way; each build's peak RSS over the shard's prediction."""
+def meta_fill(run_dir: Path, index: int, figures: Path) -> None:
+    """Every rank (torchrun, gloo): build stage `index` on meta, shard, fill (the runtime's setup.build;
+    stage 2 grows from stage 1's export, as the runtime does); its peak RSS over the shard's prediction.
+    Stage 1 then writes its export (rank 0 gathers the whole model, after the measurement). One process
+    per stage, so each build starts from a clean process."""
     import torch
     import torch.distributed as dist
 
@@ -463,34 +465,28 @@ def meta_fill(run_dir: Path, figures: Path) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     manifest = load_manifest(run_dir)
     spec, plan = manifest.spec, manifest.plan
+    stage = plan.stages[index - 1]
     costs = exact_costs(spec)
-    out: dict = {"rank": rank, "world": world, "stages": []}
-    export = None
-    for stage in plan.stages:
-        st = Stage(run_dir, spec, plan, stage, rank, world, torch.device("cpu"))
-        before = _status(os.getpid())["VmRSS"]
-        _reset_hwm(os.getpid())
-        began = time.perf_counter()
-        trainee = build(st, export)
-        seconds = time.perf_counter() - began
-        peak = _status(os.getpid())["VmHWM"]
-        trained, frozen = costs.trainable_params(stage.new_layers, stage.frozen_layers), costs.frozen_params(
-            stage.new_layers, stage.frozen_layers)
-        shard = (4 * trained + costs.frozen_bytes * frozen) / world  # fp32 trained weights, frozen at the precision
-        local = sum(p.to_local().numel() * p.to_local().element_size() if hasattr(p, "to_local")
-                    else p.numel() * p.element_size() for p in trainee.model.parameters())
-        out["stages"].append({"stage": stage.index, "layers": stage.total_layers, "seconds": seconds,
-                              "rss_before": before, "peak_rss": peak, "shard_predicted_bytes": shard,
-                              "shard_measured_bytes": local, "peak_over_shard": (peak - before) / shard,
-                              "peak_with_baseline_over_shard": peak / shard})
-        if stage.index < len(plan.stages):  # stage 2 grows from stage 1's export, as the runtime does
-            state = ckpt.full_model_state(trainee.model)
-            export = RunDir(run_dir).final_export(stage.index)
-            if rank == 0:
-                write_export(state, spec, stage.total_layers, export, None)
-            del state
-            dist.barrier()
-        del trainee
+    st = Stage(run_dir, spec, plan, stage, rank, world, torch.device("cpu"))
+    before = _status(os.getpid())["VmRSS"]
+    _reset_hwm(os.getpid())
+    began = time.perf_counter()
+    trainee = build(st, RunDir(run_dir).final_export(index - 1) if index > 1 else None)
+    seconds = time.perf_counter() - began
+    peak = _status(os.getpid())["VmHWM"]
+    trained = costs.trainable_params(stage.new_layers, stage.frozen_layers)
+    frozen = costs.frozen_params(stage.new_layers, stage.frozen_layers)
+    shard = (4 * trained + costs.frozen_bytes * frozen) / world  # fp32 trained weights, frozen at the precision
+    local = sum(p.to_local().numel() * p.to_local().element_size() if hasattr(p, "to_local")
+                else p.numel() * p.element_size() for p in trainee.model.parameters())
+    out = {"rank": rank, "world": world, "stage": index, "layers": stage.total_layers, "seconds": seconds,
+           "rss_before": before, "peak_rss": peak, "shard_predicted_bytes": shard, "shard_measured_bytes": local,
+           "peak_over_shard": (peak - before) / shard, "peak_with_baseline_over_shard": peak / shard}
+    if index < len(plan.stages):
+        state = ckpt.full_model_state(trainee.model)
+        if rank == 0:
+            write_export(state, spec, stage.total_layers, RunDir(run_dir).final_export(index), None)
+        dist.barrier()
     figures.with_suffix(f".rank{rank}.json").write_text(json.dumps(out) + "\n")
     dist.destroy_process_group()
 
@@ -629,10 +625,13 @@ class Bench:
         subprocess.run([sys.executable, "-m", "stepc.cli", "data", "prepare", str(run_dir), "--quiet"], cwd=self.work,
                        env=self.env, check=True, capture_output=True)
         began = time.perf_counter()
-        ranks = self.helper(["--meta-fill", str(run_dir)], self.work / "meta.json", torchrun=True)["ranks"]
+        builds = []
+        for stage in manifest.plan.stages:
+            builds += self.helper(["--meta-fill", str(run_dir), "--stage", str(stage.index)],
+                                  self.work / f"meta-{stage.index}.json", torchrun=True)["ranks"]
         out["seconds"] = time.perf_counter() - began
-        out["ranks"] = ranks
-        out["worst_peak_over_shard"] = max(s["peak_over_shard"] for r in ranks for s in r["stages"])
+        out["builds"] = builds
+        out["worst_peak_over_shard"] = max(b["peak_over_shard"] for b in builds)
         return out
 
 
@@ -665,14 +664,12 @@ def table(result: dict) -> str:
             continue
         if part == "1.2b-meta":
             lines.append(f"{part}: {p['training']}")
-            for r in p["ranks"]:
-                for s in r["stages"]:
-                    lines.append(f"  rank {r['rank']} stage {s['stage']} ({s['layers']} layers): build+fill "
-                                 f"{s['seconds']:.0f} s, peak RSS {_gb(s['peak_rss'])} GB ({_gb(s['rss_before'])} before), "
-                                 f"shard predicted "
-                                 f"{_gb(s['shard_predicted_bytes'])} GB (held {_gb(s['shard_measured_bytes'])}); "
-                                 f"(peak - before) / shard = {s['peak_over_shard']:.3f}"
-                                 f"{_goal(s['peak_over_shard'], GOALS['meta_fill'], True)}")
+            for s in p["builds"]:
+                lines.append(f"  rank {s['rank']} stage {s['stage']} ({s['layers']} layers): build+fill {s['seconds']:.0f} s, "
+                             f"peak RSS {_gb(s['peak_rss'])} GB ({_gb(s['rss_before'])} before), shard predicted "
+                             f"{_gb(s['shard_predicted_bytes'])} GB (held {_gb(s['shard_measured_bytes'])}); "
+                             f"(peak - before) / shard = {s['peak_over_shard']:.3f}"
+                             f"{_goal(s['peak_over_shard'], GOALS['meta_fill'], True)}")
             continue
         lines.append(f"{part}: {p['spec']} --set {' '.join(p['overrides'])}")
         lines.append(f"  {'stage':>5} {'steps':>5} {'s':>5} {'states=exact':>12} {'tok/s':>7} {'MFU':>6} {'train GB':>8} "
@@ -731,13 +728,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--meta-fill", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--figures", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:
         args.figures.write_text(json.dumps(plain_loop(args.plain, args.steps, args.threads)) + "\n")
         return 0
     if args.meta_fill:
-        meta_fill(args.meta_fill, args.figures)
+        meta_fill(args.meta_fill, args.stage, args.figures)
         return 0
     import torch
 
