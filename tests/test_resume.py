@@ -66,6 +66,8 @@ def test_kill9_resume_matches_uninterrupted_run(full_run, make_run, monkeypatch)
     assert f"resumed stage 1 from {stage1}/step-" in resumed.stdout
     resumed_at = int(resumed.stdout.split(f"resumed stage 1 from {stage1}/step-")[1][:8])
     assert resumed_at >= int(first.name.split("-")[1])
+    (record,) = [m for m in read_metrics(run_b) if m["event"] == "resume"]  # the DCP read, timed (bench/scale.py reads it)
+    assert (record["stage"], record["step"]) == (1, resumed_at) and record["seconds"] > 0
     _assert_same_weights(full_run / "checkpoints" / "stage-1" / "final", stage1 / "final")
     steps1 = json.loads((run_b / "manifest.json").read_text())["plan"]["stages"][0]["steps"]
     last = [m for m in read_metrics(run_b) if m["event"] == "train" and m["stage"] == 1][-1]

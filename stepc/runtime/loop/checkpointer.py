@@ -28,8 +28,12 @@ class Checkpointer:
 
     def resume(self, trainee: Trainee, path: Path, step: int) -> None:
         """Collective: restore the complete checkpoint `path` of this stage (ckpt.newest_complete's)."""
+        began = time.perf_counter()
         ckpt.load(path, trainee.model, trainee.optimizer)
-        self._log(f"resumed stage {self.st.index} from {path} at step {step}")
+        seconds = round(time.perf_counter() - began, 3)
+        MetricsWriter(RunDir(self.st.run_dir).metrics, enabled=self.st.rank == 0).write(  # a record, not a tracked event
+            event="resume", stage=self.st.index, step=step, seconds=seconds)  # the DCP read (bench/scale.py)
+        self._log(f"resumed stage {self.st.index} from {path} at step {step} ({seconds:.1f} s)")
 
     def carry_in(self, trainee: Trainee) -> None:
         """Collective: start from stage i-1's final AdamW state for the parameters that survive the
