@@ -42,9 +42,10 @@ def drive(stream) -> None:
     stream.flush()
 
 
-def test_terminal_gets_a_bar_redrawn_in_place():
+def drive_terminal(columns: int) -> str:
+    """What drive() writes to a pseudo-terminal `columns` wide, as the terminal received it."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     with os.fdopen(slave, "w") as stream:
         drive(stream)
     chunks = []
@@ -57,7 +58,11 @@ def test_terminal_gets_a_bar_redrawn_in_place():
             break
         chunks.append(chunk)
     os.close(master)
-    out = b"".join(chunks).decode()
+    return b"".join(chunks).decode()
+
+
+def test_terminal_gets_a_bar_redrawn_in_place():
+    out = drive_terminal(200)
     assert re.search(r"\r(?!\n)", out)
     # test_the_eta_counts_what_remains_term_by_term: 15.004 s after step 10, 13.003 s after step 20
     assert re.search(r"stage 1/2 10/20 \|[^|]+\| eta stage 0:00:02 run 0:00:15 loss 3.2000 5,000 tok/s lr 1.00e-03 "
@@ -100,21 +105,7 @@ def test_the_step_line_keeps_the_run_eta_on_an_80_column_terminal():
 
 
 def test_an_80_column_terminal_gets_lines_that_fit_with_the_eta():
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
-    with os.fdopen(slave, "w") as stream:
-        drive(stream)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 1 << 16)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    redraws = [part for part in re.split(r"[\r\n]", b"".join(chunks).decode()) if "stage 1/2" in part]
+    redraws = [part for part in re.split(r"[\r\n]", drive_terminal(80)) if "stage 1/2" in part]
     redraws = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", part) for part in redraws]  # tqdm's cursor moves
     assert any("run 0:00:15" in part for part in redraws), redraws
     assert all(len(part) < 80 for part in redraws), [len(p) for p in redraws]
