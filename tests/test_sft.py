@@ -9,19 +9,17 @@ stepc.commands.instructions builds from the corpus); the kill -9 test tunes a se
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import STAGE_TIMEOUT, alive, check_ok, descendants, load_weights, run_stage, stage_env, start_stage, write_spec
+from conftest import STAGE_TIMEOUT, check_ok, load_weights, run_stage, stage_env, start_stage, write_spec
+from test_resume import _kill_when
 
 from stepc.cli import main
 
@@ -202,27 +200,6 @@ def test_tuning_raises_response_token_accuracy_on_held_out_instructions(pretrain
     assert after > before + 0.08 and after > 2 * before, (before, after)
 
 
-def _kill_group(proc, condition, what, timeout=200.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the stage exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
-    tree = descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    survivors = [pid for pid in tree if alive(pid)]
-    for pid in survivors:
-        os.kill(pid, signal.SIGKILL)
-    assert not survivors, f"workers {survivors} outlived the killed stage script"
-
-
 def test_kill9_resume_is_bit_identical(tuned, pretrained, instructions, tmp_path, monkeypatch):
     """The same SFT spec, killed with SIGKILL while both ranks are held after step 100 (checkpointed),
     then rerun: its export equals the uninterrupted run's bit for bit."""
@@ -232,7 +209,7 @@ def test_kill9_resume_is_bit_identical(tuned, pretrained, instructions, tmp_path
     monkeypatch.setenv("STEPC_FAULT_HOLD_FILE", str(held))
     proc = start_stage(run_b, 1, tmp_path / "killed.log")
     monkeypatch.delenv("STEPC_FAULT_HOLD_AFTER_STEP")
-    _kill_group(proc, lambda: all(held.with_name(f"held.rank{r}").is_file() for r in range(2)), "both ranks held after step 100")
+    _kill_when(proc, lambda: all(held.with_name(f"held.rank{r}").is_file() for r in range(2)), "both ranks held after step 100")
     assert not (run_b / "export").exists()
     resumed = check_ok(run_stage(run_b, 1))
     assert f"resumed stage 1 from {run_b / 'checkpoints' / 'stage-1' / 'step-00000100'} at step 100" in resumed.stdout
