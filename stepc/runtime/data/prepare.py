@@ -43,7 +43,7 @@ from stepc.hashing import canonical_json, file_sha256_hex
 from stepc.rundir import RunDir
 from stepc.runtime.data.index import (CachedUnit, DataIndex, Dataset, FileEntry, FileShards, ShardRef, TokenizerRef,
                                      UnitMeta, read_json_record)
-from stepc.runtime.data.prepared import current_index
+from stepc.runtime.data.prepared import current_index, dataset_key
 from stepc.runtime.data.documents import Unit, check_readable, expand_patterns, iter_documents, plan_units, read_unit
 from stepc.runtime.data.shards import SHARD_FORMAT, token_dtype
 from stepc.runtime.data.tokenizer import BPE_SAMPLE_CHARS, eos_id, id_bound, load_tokenizer
@@ -343,20 +343,13 @@ class _Datasets:
                 yield from files
 
 
-def _dataset_key(data: Data, kind: str, name: str) -> str:
-    """The TOML key a dataset comes from (for errors)."""
-    if kind == "validation":
-        return f"data.validation.{name}"
-    return f"data.sources.{name}.files" if data.sources else "data.train"
-
-
 def _identify_datasets(data: Data, cache: Path, rehash: bool) -> _Datasets:
     sets = _Datasets({"train": {}, "validation": {}}, {"train": {}, "validation": {}})
     sources = {("train", n): list(s.files) for n, s in data.training_sources().items()}
     sources.update({("validation", n): [p] for n, p in sorted(data.validation.items())})
     for (kind, name), globs in sources.items():
         sets.patterns[kind][name] = globs
-        paths = expand_patterns(globs, _dataset_key(data, kind, name))
+        paths = expand_patterns(globs, dataset_key(data, kind, name))
         sets.files[kind][name] = [identify(p, cache, rehash) for p in paths]
     return sets
 
@@ -431,7 +424,7 @@ def _prepare(data: Data, cache: Path, run_dir: Path | None, workers: int, verify
             for name, dataset in by_name.items():
                 if dataset.tokens < seq_len:
                     raise UserError(f"data too small: {dataset.tokens} tokens, fewer than one block of seq_len={seq_len}",
-                                    file=dataset.patterns[0], key=_dataset_key(data, kind, name),
+                                    file=dataset.patterns[0], key=dataset_key(data, kind, name),
                                     fix="add data or lower model.seq_len")
     if run_dir is not None:
         index.write(run_dir)

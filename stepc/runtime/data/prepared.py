@@ -40,7 +40,7 @@ def _stale(run_dir: Path, why: str) -> UserError:
                          "directory the spec's data paths are relative to")
 
 
-def _dataset_key(data: Data, kind: str, name: str) -> str:
+def dataset_key(data: Data, kind: str, name: str) -> str:
     """The TOML key a dataset comes from (for errors)."""
     if kind == "validation":
         return f"data.validation.{name}"
@@ -68,7 +68,7 @@ def current_index(run_dir: Path, data: Data) -> DataIndex:
     cache = Path(data.cache_dir)
     for kind, by_name in index.datasets().items():
         for name, entry in by_name.items():
-            key = _dataset_key(data, kind, name)
+            key = dataset_key(data, kind, name)
             now = [p.as_posix() for p in expand_patterns(entry.patterns, key)]
             if now != [f.path for f in entry.files]:
                 raise _stale(run_dir, f"the files matching [{key}] changed since preparation")
@@ -103,7 +103,7 @@ def open_prepared(run_dir: Path, data: Data, seq_len: int) -> PreparedData:
         tb = TokenBlocks(shards, np.dtype(index.dtype), seq_len)
         if tb.num_blocks < 1:
             raise UserError(f"data too small: {tb.num_tokens} tokens, fewer than one block of seq_len={seq_len}",
-                            file=entry.patterns[0], key=_dataset_key(data, kind, name), fix="add data or lower model.seq_len")
+                            file=entry.patterns[0], key=dataset_key(data, kind, name), fix="add data or lower model.seq_len")
         weights: dict[str, Any] = {}
         if kind == "train" and data.sources:
             source = data.training_sources()[name]  # every stage's weight: stages share one fingerprint
