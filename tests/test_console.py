@@ -179,7 +179,9 @@ def test_the_launcher_sets_the_worker_threads_so_torchrun_prints_no_banner(tmp_p
     from stepc.runtime.device import worker_threads
 
     worker = tmp_path / "worker.py"
-    worker.write_text("import os\nprint('threads', os.environ['OMP_NUM_THREADS'], flush=True)\n")
+    # One write(2) per worker: two workers share the pipe, and print() under PYTHONUNBUFFERED writes
+    # each argument on its own, so the two lines could interleave ("threadsthreads 1 \n1").
+    worker.write_text("import os\nos.write(1, f\"threads {os.environ['OMP_NUM_THREADS']}\\n\".encode())\n")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-m", "stepc.runtime.launch", "--standalone", "--nproc_per_node=2", str(worker)],
                           env=env, capture_output=True, text=True, timeout=120)
