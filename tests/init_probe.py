@@ -2,7 +2,10 @@
 of a compiled run exactly as the runtime does - meta model, setup.prepare (FSDP2 over the ranks,
 to_empty), fill - and save rank 0's gathered full state dicts plus every rank's local bytes.
 
-usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR BUILD [BUILD ...]
+usage: torchrun --nproc_per_node N tests/init_probe.py RUN_DIR OUT_DIR [--block-bytes B] BUILD [BUILD ...]
+
+--block-bytes: fill every tensor over B bytes in row blocks of about B (materialise.BLOCK_BYTES, 16 MiB,
+is more than any tensor of the test models, so without it every tensor is filled whole).
 
 A BUILD is PRECISION (stages 1 and 2 as the run builds them: stage1-worldN-PRECISION.pt, stage2-...) or
 PRECISION:OPERATOR (stage 2 grown with that growth operator: stage2-worldN-PRECISION-OPERATOR.pt). All
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from stepc.runtime.loop import checkpoint as ckpt
-from stepc.runtime.model.materialise import init_fresh, meta_fresh_model, meta_grown_model
+from stepc.runtime.model.materialise import BLOCK_BYTES, init_fresh, meta_fresh_model, meta_grown_model
 from stepc.runtime.loop.setup import Stage
 from stepc.runtime.loop.setup import prepare as _prepare
 from stepc.schema.manifest import load_manifest
@@ -34,12 +37,15 @@ def probe_spec(spec, precision: str, operator: str | None):
 
 
 def main() -> None:
-    run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    run_dir, out, args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    block_bytes = BLOCK_BYTES
+    if args[0] == "--block-bytes":
+        block_bytes, args = int(args[1]), args[2:]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(run_dir)
     builds = []
-    for arg in sys.argv[3:]:
+    for arg in args:
         precision, _, operator = arg.partition(":")
         builds += [(precision, 2, operator)] if operator else [(precision, 1, None), (precision, 2, None)]
     for precision, index, operator in builds:
@@ -50,9 +56,9 @@ def main() -> None:
             model = meta_fresh_model(spec, info.total_layers)
 
             def fill(m):
-                init_fresh(m, spec.experiment.seed)
+                init_fresh(m, spec.experiment.seed, block_bytes=block_bytes)
         else:
-            model, _, _, fill = meta_grown_model(spec, run_dir / "checkpoints" / "stage-1" / "final", info)
+            model, _, _, fill = meta_grown_model(spec, run_dir / "checkpoints" / "stage-1" / "final", info, block_bytes)
         _prepare(model, st)
         fill(model)
         local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
